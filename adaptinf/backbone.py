@@ -1,0 +1,211 @@
+"""A small BERT-family encoder we own.
+
+Every adaptive method is applied to this module rather than to a fork of `transformers`' BERT.
+Weights load from Hugging Face BERT checkpoints (see `adaptinf.hf`) and outputs match
+`transformers.BertModel` to fp32 precision (tests/test_backbone_parity.py).
+
+Weight layout, chosen so methods can slice and split it:
+- `Attention.qkv` is one fused Linear whose rows are `[q; k; v]`, each head-major
+  (`[n_heads, head_dim]`), so keeping the first h heads keeps rows `[:h*head_dim]` of each third.
+- `FeedForward.up` / `FeedForward.down` hold the intermediate neurons on up's rows and down's
+  columns, so a neuron subset (width slice, MoE expert) is a row/column index set.
+
+Step-wise execution: `embed` -> `run_blocks(h, mask, start, end)` -> `pool`, so early exit and
+routing can stop, compact or branch between any two blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Shape of a BERT-family encoder (field names follow `transformers.BertConfig`)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int",) and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"EncoderConfig.{f.name} must be a non-negative int, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"EncoderConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"EncoderConfig.{name} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def attention_bias(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Key-padding mask [b, s] (1 = token, 0 = pad) -> boolean SDPA mask [b, 1, 1, s]."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        s = input_ids.shape[1]
+        h = self.word(input_ids) + self.position.weight[:s]  # [b, s, d]
+        if token_type_ids is None:
+            h = h + self.token_type.weight[0]
+        else:
+            h = h + self.token_type(token_type_ids)
+        return self.dropout(self.norm(h))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection and post-LayerNorm residual."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.attn_dropout = cfg.attention_probs_dropout_prob
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, s, _ = h.shape
+        q, k, v = self.qkv(h).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x[b, nh, s, hd]
+        p = self.attn_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # [b, nh, s, hd]
+        a = a.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
+        return self.norm(h + self.dropout(self.out(a)))
+
+
+class FeedForward(nn.Module):
+    """d -> intermediate (GELU, erf form) -> d, post-LayerNorm residual."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h + self.dropout(self.down(F.gelu(self.up(h)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.attention(h, bias))
+
+
+class Pooler(nn.Module):
+    """BERT pooler: tanh(Linear(h[:, 0]))."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+class Encoder(nn.Module):
+    """Embeddings, a stack of blocks and the pooler, runnable block by block."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.pooler = Pooler(cfg)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # BERT's initialisation, so a randomly initialised encoder behaves like a fresh BERT.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embeddings(input_ids, token_type_ids)
+
+    def run_blocks(self, h: torch.Tensor, bias: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run blocks `start..end-1` on hidden states h [b, s, d] with SDPA mask `bias` [b, 1, 1, s]."""
+        end = self.num_layers if end is None else end
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"block range {start}..{end} outside 0..{self.num_layers}")
+        for block in self.blocks[start:end]:
+            h = block(h, bias)
+        return h
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        return self.pooler(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Returns (last hidden state [b, s, d], pooled [b, d], hidden states per layer incl. embeddings)."""
+        bias = attention_bias(attention_mask)
+        h = self.embed(input_ids, token_type_ids)
+        states = [h] if output_hidden_states else []
+        for block in self.blocks:
+            h = block(h, bias)
+            if output_hidden_states:
+                states.append(h)
+        return h, self.pool(h), states
+

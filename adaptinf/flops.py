@@ -1,0 +1,62 @@
+"""Per-sample FLOPs of the work that actually ran: one convention for every method.
+
+Convention (the same for dense and every adaptive method):
+- 2 FLOPs per multiply-add of a matrix product (Linear layers, attention scores Q·Kᵀ and the
+  weighted sum P·V). Biases, LayerNorm, GELU, softmax, tanh and residual adds are not counted
+  (they are O(s·d) against the O(s·d²) matmuls; `torch.utils.flop_counter` ignores them too).
+- Embedding lookups cost 0.
+- Padding is excluded: every sample is counted at its own real length L (tokens with mask 1),
+  whatever the padded batch length was.
+- The pooler (d→d on the first token) and every classifier / exit head / router / gate that ran
+  are counted.
+
+All functions take lengths as tensors and return tensors, so a model can compute its cost inside
+`forward` without a host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaptinf.backbone import EncoderConfig
+
+
+def linear(tokens: torch.Tensor | int, d_in: int, d_out: int) -> torch.Tensor | int:
+    """A Linear d_in -> d_out applied to `tokens` tokens."""
+    return 2 * tokens * d_in * d_out
+
+
+def attention_core(length: torch.Tensor | int, d_attn: int) -> torch.Tensor | int:
+    """Q·Kᵀ and P·V over all heads for a sequence of `length` tokens (d_attn = heads × head_dim)."""
+    return 2 * 2 * length * length * d_attn
+
+
+def attention_block(length, d: int, d_attn: int | None = None):
+    """Fused q/k/v projection, scores, weighted sum and output projection."""
+    d_attn = d if d_attn is None else d_attn
+    return linear(length, d, 3 * d_attn) + attention_core(length, d_attn) + linear(length, d_attn, d)
+
+
+def ffn_block(length, d: int, d_ff: int):
+    return linear(length, d, d_ff) + linear(length, d_ff, d)
+
+
+def block(length, cfg: EncoderConfig):
+    """One full-width transformer block at real length `length`."""
+    return attention_block(length, cfg.hidden_size) + ffn_block(length, cfg.hidden_size, cfg.intermediate_size)
+
+
+def head(cfg: EncoderConfig, num_labels: int) -> int:
+    """Pooler (first token, d -> d) plus the classifier d -> num_labels."""
+    return linear(1, cfg.hidden_size, cfg.hidden_size) + linear(1, cfg.hidden_size, num_labels)
+
+
+def dense_model(lengths: torch.Tensor, cfg: EncoderConfig, num_labels: int, layers: int | None = None) -> torch.Tensor:
+    """Per-sample FLOPs of the dense classifier: `layers` blocks (default all) + pooler + classifier."""
+    n = cfg.num_hidden_layers if layers is None else layers
+    return n * block(lengths, cfg) + head(cfg, num_labels)
+
+
+def lengths_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Real length of every sample [b] (int64) from a [b, s] padding mask."""
+    return attention_mask.sum(dim=1, dtype=torch.int64)

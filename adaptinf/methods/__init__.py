@@ -1,0 +1,3 @@
+"""One file per method. Importing this package registers every built-in method."""
+
+from adaptinf.methods import dense  # noqa: F401

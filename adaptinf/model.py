@@ -1,0 +1,156 @@
+"""What every adaptive model is: a classifier with a typed output, a cost per sample and a knob.
+
+`AdaptiveClassifier` is the base of the dense model and of every method's model. A method
+subclasses it, declares its `Config` dataclass (a `MethodConfig`), registers itself
+(`adaptinf.registry.register`) and so becomes subject to the contract tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptinf.backbone import EncoderConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a classifier is for: its backbone shape, its label set and its input length."""
+
+    encoder: EncoderConfig
+    labels: tuple[str, ...]
+    max_length: int = 128
+    base_model: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2:
+            raise ValueError(f"ModelSpec.labels needs at least 2 labels, got {list(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"ModelSpec.labels has duplicates: {list(self.labels)}")
+        if not 2 <= self.max_length <= self.encoder.max_position_embeddings:
+            raise ValueError(
+                f"ModelSpec.max_length must be in [2, {self.encoder.max_position_embeddings}] "
+                f"(the backbone's max_position_embeddings), got {self.max_length}"
+            )
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict:
+        return {
+            "encoder": self.encoder.to_dict(),
+            "labels": list(self.labels),
+            "max_length": self.max_length,
+            "base_model": self.base_model,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        try:
+            return cls(
+                encoder=EncoderConfig.from_dict(d["encoder"]),
+                labels=tuple(str(x) for x in d["labels"]),
+                max_length=int(d["max_length"]),
+                base_model=str(d.get("base_model", "")),
+            )
+        except KeyError as e:
+            raise ValueError(f"model spec is missing field {e}") from e
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config: a validated, JSON-serialisable dataclass."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the fix. Subclasses extend this."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MethodConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)} (known: {sorted(known)})")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**kwargs)
+
+
+@dataclass
+class ClassifierOutput:
+    """What a forward pass returns.
+
+    logits: [b, num_labels] final prediction logits.
+    flops: [b] FLOPs each sample actually spent (see adaptinf.flops for the convention).
+    aux_loss: method-specific training loss term to add to the task loss (or None).
+    extras: method-specific tensors (exit logits, router probabilities, chosen widths, ...).
+    """
+
+    logits: torch.Tensor
+    flops: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class AdaptiveClassifier(nn.Module):
+    """Base class: subclasses set `method`, `Config`, and implement `forward` and `from_dense`."""
+
+    method: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    knob_name: ClassVar[str | None] = None  # e.g. "threshold"; None when the method has no knob
+    description: ClassVar[str] = ""
+
+    def __init__(self, spec: ModelSpec, config: MethodConfig):
+        super().__init__()
+        if not isinstance(config, self.Config):
+            raise ValueError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.spec = spec
+        self.config = config
+        self.knob: float | None = None
+        self.tokenizer = None  # attached by adaptinf.load / the CLI
+
+    # --- to implement -------------------------------------------------------------------------
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> ClassifierOutput:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dense(cls, dense: AdaptiveClassifier, config: MethodConfig) -> AdaptiveClassifier:
+        """Build this method's model from a (fine-tuned) dense classifier, before any method training."""
+        raise NotImplementedError
+
+    # --- knob -----------------------------------------------------------------------------------
+    def knob_values(self) -> list[float | None]:
+        """The knob values `evaluate` sweeps to trace the accuracy/cost curve."""
+        return [None]
+
+    def set_knob(self, value: float | None) -> None:
+        if self.knob_name is None and value is not None:
+            raise ValueError(f"method {self.method!r} has no inference-time knob; got {value!r}")
+        self.knob = value
+
+    # --- training -------------------------------------------------------------------------------
+    def loss(self, out: ClassifierOutput, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Task loss (+ the method's auxiliary loss). `reduction='sum'` is used by distributed training."""
+        loss = F.cross_entropy(out.logits, labels, reduction=reduction)
+        if out.aux_loss is not None:
+            loss = loss + (out.aux_loss * labels.shape[0] if reduction == "sum" else out.aux_loss)
+        return loss
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
