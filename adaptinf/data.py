@@ -288,17 +288,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def train_batches(
     enc: Encoded, batch_size: int, seed: int, epoch: int, start_step: int = 0, rank: int = 0, world: int = 1, pad_id: int = 0
-) -> Iterator[tuple[Batch, int]]:
-    """Shuffled global batches of `batch_size`; with several processes each takes its share of every
-    global batch. Yields (local batch, size of the global batch) from `start_step` on (resuming)."""
+) -> Iterator[tuple[Batch, int, bool]]:
+    """Shuffled global batches of `batch_size`; with several processes each rank takes its share
+    (every world-th sample) of every global batch. Yields (local batch, global batch size, filler)
+    from `start_step` on (resuming). `filler` is True when a tiny last batch leaves this rank no
+    sample: it then gets one sample to run with zero loss weight, so collective ops still match."""
     order = epoch_order(len(enc), seed, epoch)
     for step in range(start_step, steps_per_epoch(len(enc), batch_size)):
         glob = order[step * batch_size : (step + 1) * batch_size]
         local = glob[rank::world]
-        if not local:  # a tiny last batch may leave a rank empty: give it nothing to add
-            yield None, len(glob)
-            continue
-        yield collate(enc, local, pad_id), len(glob)
+        if local:
+            yield collate(enc, local, pad_id), len(glob), False
+        else:
+            yield collate(enc, glob[:1], pad_id), len(glob), True
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -119,7 +119,9 @@ def copy_weights_from_hf(encoder: Encoder, hf_sd: dict[str, torch.Tensor]) -> No
 def load_encoder(name_or_path: str | os.PathLike) -> tuple[Encoder, Path]:
     """Our Encoder with the weights of a Hugging Face BERT checkpoint (directory or built-in name)."""
     from transformers import AutoConfig, BertModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = resolve_model_path(name_or_path)
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -144,3 +146,76 @@ def load_tokenizer(path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(p, local_files_only=True, use_fast=True)
     except Exception as e:
         raise ValueError(f"cannot load a tokenizer from {p}: {e}") from e
+
+
+@torch.no_grad()
+def to_hf_sequence_classifier(dense):
+    """Our dense classifier as a `transformers.BertForSequenceClassification` (SDPA attention).
+
+    The inverse of `copy_weights_from_hf`: the fused q/k/v projection is split back into
+    query/key/value, and the pooler and classifier are copied as they are. The result is in eval
+    mode on the dense model's device and dtype; `adaptinf bench --compare-hf` times it against ours.
+
+    Args:
+        dense: an `adaptinf.methods.dense.DenseClassifier`.
+
+    Returns:
+        A `transformers.BertForSequenceClassification` whose logits match `dense`'s.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from adaptinf.methods.dense import DenseClassifier
+
+    if not isinstance(dense, DenseClassifier):
+        raise ValueError(
+            f"to_hf_sequence_classifier needs a dense model (DenseClassifier), got {type(dense).__name__}; "
+            "adaptive methods have no transformers equivalent"
+        )
+    cfg = dense.spec.encoder
+    hf_config = BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act="gelu",
+        max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+        pad_token_id=cfg.pad_token_id,
+        classifier_dropout=dense.config.classifier_dropout,
+        num_labels=dense.spec.num_labels,
+        attn_implementation="sdpa",
+    )
+    enc = dense.encoder
+    e = enc.embeddings
+    sd = {
+        "bert.embeddings.word_embeddings.weight": e.word.weight,
+        "bert.embeddings.position_embeddings.weight": e.position.weight,
+        "bert.embeddings.token_type_embeddings.weight": e.token_type.weight,
+        "bert.embeddings.LayerNorm.weight": e.norm.weight,
+        "bert.embeddings.LayerNorm.bias": e.norm.bias,
+        "bert.pooler.dense.weight": enc.pooler.dense.weight,
+        "bert.pooler.dense.bias": enc.pooler.dense.bias,
+        "classifier.weight": dense.classifier.weight,
+        "classifier.bias": dense.classifier.bias,
+    }
+    for i, blk in enumerate(enc.blocks):
+        p = f"bert.encoder.layer.{i}."
+        att = blk.attention
+        for part in ("weight", "bias"):
+            q, k, v = getattr(att.qkv, part).chunk(3)  # rows are [q; k; v]
+            sd[p + f"attention.self.query.{part}"] = q
+            sd[p + f"attention.self.key.{part}"] = k
+            sd[p + f"attention.self.value.{part}"] = v
+            sd[p + f"attention.output.dense.{part}"] = getattr(att.out, part)
+            sd[p + f"attention.output.LayerNorm.{part}"] = getattr(att.norm, part)
+            sd[p + f"intermediate.dense.{part}"] = getattr(blk.ffn.up, part)
+            sd[p + f"output.dense.{part}"] = getattr(blk.ffn.down, part)
+            sd[p + f"output.LayerNorm.{part}"] = getattr(blk.ffn.norm, part)
+    ref = dense.classifier.weight
+    hf_model = BertForSequenceClassification(hf_config).to(device=ref.device, dtype=ref.dtype)
+    hf_model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    return hf_model.eval()

@@ -1,0 +1,365 @@
+"""Latency harness: the measurement protocol lives here, so every number is taken the same way.
+
+Protocol (`run_bench`):
+- Inputs are fixed batches of real test texts, sampled with a seed and dynamically padded
+  (`make_batches`), built and moved to the device before any timing.
+- Everything runs under `torch.inference_mode()`; models are in eval mode (`model_case`).
+- Per batch size, every case first runs `warmup` passes over all batches, which are discarded.
+- Then `repeats` rounds. In round r the cases run in an order rotated by r, so slow drift
+  (thermal state, other processes) hits every case alike; comparisons are ratios measured in the
+  same run. One sample = wall time (`time.perf_counter`, after a device sync) over all batches of
+  that size / number of batches, i.e. milliseconds per batch.
+- Reported per (case, batch size): median, quartiles and minimum over rounds, throughput, and the
+  speed-up against a reference case: the ratio of medians, and the paired ratio (median over rounds
+  of reference time / case time, which cancels drift between rounds).
+- Every row is stamped with machine, device, torch threads, torch and Python versions, batch shape
+  (real and padded lengths) and a UTC timestamp.
+
+Measured latency is reported on its own; analytic FLOPs live in `adaptinf.flops` and are never
+presented as speed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from adaptinf.data import Batch, Encoded, collate
+
+Case = Callable[[Batch], object]
+
+
+@dataclass
+class BenchRow:
+    """One (case, batch size) measurement with the conditions it was taken under.
+
+    Times are milliseconds per batch over `repeats` rounds; `speedup_vs_reference` is
+    reference median / this case's median and `paired_speedup_vs_reference` the median over
+    rounds of reference time / case time (both None without a reference).
+    """
+
+    case: str
+    batch_size: int
+    n_batches: int
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    min_ms: float
+    repeats: int
+    warmup: int
+    ms_per_sample: float
+    samples_per_s: float
+    reference: str | None
+    speedup_vs_reference: float | None
+    paired_speedup_vs_reference: float | None
+    mean_length: float  # real tokens per sample
+    max_length: int
+    mean_padded_length: float  # padded sequence length per batch
+    machine: str
+    device: str
+    torch_threads: int
+    torch_version: str
+    python_version: str
+    timestamp: str  # UTC, ISO 8601, start of the run
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def _move(batch: Batch, device: torch.device) -> Batch:
+    return Batch(*(t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels, batch.index)))
+
+
+def make_batches(
+    enc: Encoded, batch_size: int, n_batches: int, seed: int, pad_id: int = 0, device: str | torch.device = "cpu"
+) -> list[Batch]:
+    """`n_batches` batches of `batch_size` samples drawn at random (seeded) from `enc`.
+
+    Each batch is padded to its own longest sample, as in real serving. When `enc` holds fewer
+    than `batch_size * n_batches` samples, seeded permutations of it are concatenated, so every
+    sample is used about equally often.
+
+    Args:
+        enc: tokenised samples (usually the test split).
+        batch_size: samples per batch.
+        n_batches: number of batches.
+        seed: the same seed gives the same batches.
+        pad_id: the tokenizer's padding id.
+        device: where to put the batches (moved before timing, so copies are not timed).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+    if n_batches < 1:
+        raise ValueError(f"n_batches must be a positive int, got {n_batches}")
+    if len(enc) == 0:
+        raise ValueError("no samples to benchmark on: the encoded set is empty")
+    rng = random.Random(seed)
+    need = batch_size * n_batches
+    if len(enc) >= need:
+        order = rng.sample(range(len(enc)), need)
+    else:
+        order = []
+        while len(order) < need:
+            perm = list(range(len(enc)))
+            rng.shuffle(perm)
+            order.extend(perm)
+        order = order[:need]
+    dev = torch.device(device)
+    return [_move(collate(enc, order[i * batch_size : (i + 1) * batch_size], pad_id), dev) for i in range(n_batches)]
+
+
+# --- cases ----------------------------------------------------------------------------------------
+
+
+def model_case(model: torch.nn.Module, knob: float | None = None) -> Case:
+    """A case that runs `model(batch.input_ids, batch.attention_mask)` in eval mode.
+
+    The knob is set on every call, so several cases may share one model with different knobs
+    while rounds interleave them. `knob=None` runs the model at its default setting.
+    """
+    model.eval()
+    has_knob = hasattr(model, "set_knob")
+    if has_knob:
+        model.set_knob(knob)  # validates now: ValueError for a knob on a method without one
+    elif knob is not None:
+        raise ValueError(f"{type(model).__name__} has no set_knob(); cannot run it at knob {knob!r}")
+
+    def run(batch: Batch) -> object:
+        if has_knob:
+            model.set_knob(knob)
+        return model(batch.input_ids, batch.attention_mask)
+
+    return run
+
+
+def hf_case(hf_model: torch.nn.Module) -> Case:
+    """A case that runs a `transformers` sequence classifier (e.g. from `adaptinf.hf.to_hf_sequence_classifier`)."""
+    hf_model.eval()
+
+    def run(batch: Batch) -> torch.Tensor:
+        return hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    return run
+
+
+# --- stamps ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def machine_name() -> str:
+    """CPU model (from /proc/cpuinfo where present) and architecture, e.g. 'AMD EPYC 7R13 (x86_64)'."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or "unknown CPU"
+    return f"{cpu} ({platform.machine()})"
+
+
+def _device_name(batches: list[Batch]) -> str:
+    dev = batches[0].input_ids.device
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    return dev.type
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- protocol -------------------------------------------------------------------------------------
+
+
+def _time_once(case: Case, batches: list[Batch], device: torch.device) -> float:
+    """Milliseconds per batch for one pass over `batches`."""
+    _synchronize(device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        case(batch)
+    _synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / len(batches)
+
+
+def _check_inputs(cases: dict[str, Case], batches: dict[int, list[Batch]], repeats: int, warmup: int, reference: str | None) -> None:
+    if not cases:
+        raise ValueError("no cases to benchmark: pass a dict name -> callable(batch)")
+    if not batches:
+        raise ValueError("no batch sizes to benchmark: pass a dict batch size -> list of batches")
+    for size, bs in batches.items():
+        if not bs:
+            raise ValueError(f"batch size {size} has no batches")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be non-negative, got {warmup}")
+    if reference is not None and reference not in cases:
+        raise ValueError(
+            f"reference case {reference!r} is not among the cases {list(cases)}; "
+            "name one of them, or pass reference=None to report no speed-up"
+        )
+
+
+def run_bench(
+    cases: dict[str, Case],
+    batches: dict[int, list[Batch]],
+    repeats: int = 7,
+    warmup: int = 2,
+    reference: str | None = "dense",
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Time every case on every batch size with the interleaved protocol in the module docstring.
+
+    Args:
+        cases: name -> callable taking a `Batch` (see `model_case`, `hf_case`).
+        batches: batch size -> the batches to time at that size (see `make_batches`).
+        repeats: timed rounds per batch size; statistics are taken over these.
+        warmup: discarded passes over the batches per case before timing.
+        reference: the case speed-ups are measured against, or None.
+        progress: show a tqdm bar over rounds.
+
+    Returns:
+        One `BenchRow` per (case, batch size), batch sizes in the order given, cases in the order given.
+    """
+    _check_inputs(cases, batches, repeats, warmup, reference)
+    names = list(cases)
+    stamp = dict(
+        machine=machine_name(),
+        torch_threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        python_version=platform.python_version(),
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    rows: list[BenchRow] = []
+    bar = tqdm(total=len(batches) * repeats, desc="bench", unit="round", disable=not progress)
+    with torch.inference_mode():
+        for size, bs in batches.items():
+            device = bs[0].input_ids.device
+            bar.set_postfix(batch_size=size)
+            for _ in range(warmup):
+                for name in names:
+                    for batch in bs:
+                        cases[name](batch)
+            _synchronize(device)
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for r in range(repeats):
+                k = r % len(names)
+                for name in names[k:] + names[:k]:  # rotated order: drift hits every case alike
+                    times[name].append(_time_once(cases[name], bs, device))
+                bar.update(1)
+            rows.extend(_rows_for_size(size, bs, times, reference, warmup, _device_name(bs), stamp))
+    bar.close()
+    return rows
+
+
+def _rows_for_size(
+    size: int,
+    bs: list[Batch],
+    times: dict[str, list[float]],
+    reference: str | None,
+    warmup: int,
+    device: str,
+    stamp: dict,
+) -> list[BenchRow]:
+    lengths = torch.cat([b.attention_mask.sum(dim=1) for b in bs]).double()  # [n_samples]
+    samples_per_batch = lengths.numel() / len(bs)
+    padded = float(np.mean([b.input_ids.shape[1] for b in bs]))
+    ref_median = float(np.median(times[reference])) if reference is not None else None
+    rows = []
+    for name, ts in times.items():
+        t = np.asarray(ts)
+        median = float(np.median(t))
+        speedup = paired = None
+        if reference is not None:
+            speedup = ref_median / median
+            paired = float(np.median(np.asarray(times[reference]) / t))
+        ms_per_sample = median / samples_per_batch
+        rows.append(
+            BenchRow(
+                case=name,
+                batch_size=size,
+                n_batches=len(bs),
+                median_ms=median,
+                p25_ms=float(np.percentile(t, 25)),
+                p75_ms=float(np.percentile(t, 75)),
+                min_ms=float(t.min()),
+                repeats=len(ts),
+                warmup=warmup,
+                ms_per_sample=ms_per_sample,
+                samples_per_s=1e3 / ms_per_sample,
+                reference=reference,
+                speedup_vs_reference=speedup,
+                paired_speedup_vs_reference=paired,
+                mean_length=float(lengths.mean()),
+                max_length=int(lengths.max()),
+                mean_padded_length=padded,
+                device=device,
+                **stamp,
+            )
+        )
+    return rows
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def write_bench(rows: list[BenchRow], out_dir: Path, stem: str = "bench") -> tuple[Path, Path]:
+    """Write rows to `out_dir/<stem>.csv` (with a header; None as an empty cell) and `<stem>.json` (a list of dicts)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    dicts = [r.to_dict() for r in rows]
+    with csv_path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(BenchRow)])
+        writer.writeheader()
+        writer.writerows(dicts)
+    json_path.write_text(json.dumps(dicts, indent=2) + "\n", encoding="utf-8")
+    return csv_path, json_path
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A markdown table (case, batch, median ms, IQR, ms/sample, speed-up) and a line with the stamps."""
+    if not rows:
+        return "(no benchmark rows)"
+    ref = rows[0].reference
+    lines = [
+        f"| case | batch | median ms | IQR ms (p25–p75) | ms/sample | speed-up vs {ref or '-'} (paired) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.speedup_vs_reference is None:
+            speed = "-"
+        else:
+            speed = f"{r.speedup_vs_reference:.2f}x ({r.paired_speedup_vs_reference:.2f}x)"
+        lines.append(
+            f"| {r.case} | {r.batch_size} | {r.median_ms:.2f} | {r.p25_ms:.2f}–{r.p75_ms:.2f} "
+            f"| {r.ms_per_sample:.3f} | {speed} |"
+        )
+    r = rows[0]
+    lines.append("")
+    lines.append(
+        f"{r.machine}, {r.device}, {r.torch_threads} threads, torch {r.torch_version}, "
+        f"Python {r.python_version}; median of {r.repeats} rounds after {r.warmup} warm-up, {r.timestamp}"
+    )
+    return "\n".join(lines)

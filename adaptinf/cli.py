@@ -1,0 +1,411 @@
+"""The `adaptinf` command: finetune | convert | evaluate | bench | report.
+
+Every command takes its inputs from flags or saved model directories and writes its outputs to
+`--out`; nothing goes to the network. User errors (bad paths, unknown methods, bad data) end with
+a one-line `error: ...` message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "minilm-l6"
+DEFAULT_DATA = "rotten-tomatoes"
+
+
+# --- shared helpers -----------------------------------------------------------------------------------
+
+
+def _add_data_args(p: argparse.ArgumentParser, default_data: str | None = DEFAULT_DATA) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=default_data,
+                   help=f"built-in task name ({DEFAULT_DATA}) or a .csv/.tsv/.jsonl file"
+                        + ("" if default_data else " (default: the task recorded in the model directory)"))
+    g.add_argument("--text-column", default=None, help="text column of a user file (default: text)")
+    g.add_argument("--label-column", default=None, help="label column of a user file (default: label)")
+    g.add_argument("--group-column", default=None,
+                   help="optional column whose rows must stay on one side of the split (e.g. a document or author id)")
+    g.add_argument("--seed", type=int, default=None, help="split and training seed (default: 0, or the model's)")
+
+
+def _task_settings(args, recorded: dict | None = None) -> dict:
+    """Task settings from flags, falling back to what a model directory recorded, then defaults."""
+    rec = recorded or {}
+    return {
+        "data": args.data or rec.get("data", DEFAULT_DATA),
+        "text_column": args.text_column or rec.get("text_column", "text"),
+        "label_column": args.label_column or rec.get("label_column", "label"),
+        "group_column": args.group_column or rec.get("group_column"),
+        "seed": args.seed if args.seed is not None else rec.get("seed", 0),
+    }
+
+
+def _recorded_task(model_dir: str) -> dict | None:
+    from adaptinf.checkpoint import read_config
+
+    return read_config(model_dir).get("extra", {}).get("task")
+
+
+def _load_task(settings: dict, labels=None):
+    from adaptinf.data import load_task
+
+    return load_task(settings["data"], settings["text_column"], settings["label_column"],
+                     settings["group_column"], settings["seed"], labels=labels)
+
+
+def _encode_split(model, task, split: str, max_samples: int | None, seed: int):
+    from adaptinf.data import encode, subsample
+
+    if model.tokenizer is None:
+        raise ValueError("the model directory has no tokenizer files (tokenizer.json); re-save it with adaptinf")
+    texts, labels = subsample(task.split(split), max_samples, seed)
+    return encode(texts, labels, model.tokenizer, model.spec.max_length)
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise ValueError("--threads must be at least 1")
+        torch.set_num_threads(n)
+
+
+def _parse_floats(s: str | None) -> list[float | None] | None:
+    if s is None:
+        return None
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _parse_ints(s: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated integers, got {s!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ValueError(f"{flag} expects positive integers, got {s!r}")
+    return vals
+
+
+# --- finetune -----------------------------------------------------------------------------------------
+
+
+def cmd_finetune(args) -> int:
+    import torch
+
+    from adaptinf.checkpoint import load_model
+    from adaptinf.data import encode, subsample
+    from adaptinf.hf import load_encoder, load_tokenizer
+    from adaptinf.methods.dense import DenseClassifier, DenseConfig
+    from adaptinf.model import ModelSpec
+    from adaptinf.train import TrainConfig, accuracy, dist_info, finetune
+
+    _set_threads(args.threads)
+    rank, _ = dist_info()
+    settings = _task_settings(args)
+    task = _load_task(settings)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings["seed"],
+                      save_every=args.save_every)
+    encoder, path = load_encoder(args.model)
+    tokenizer = load_tokenizer(args.model)
+    spec = ModelSpec(encoder.cfg, task.labels, args.max_length, base_model=str(args.model))
+    torch.manual_seed(settings["seed"])
+    model = DenseClassifier(spec, DenseConfig(classifier_dropout=args.classifier_dropout))
+    model.encoder.load_state_dict(encoder.state_dict())
+    model.tokenizer = tokenizer
+    train_split = subsample(task.train, args.max_train_samples, settings["seed"])
+    train = encode(*train_split, tokenizer, args.max_length)
+    val = encode(*task.validation, tokenizer, args.max_length)
+    if rank == 0:
+        print(f"{task.summary()}; training on {len(train)} samples; model {args.model} ({path})")
+    # the task is recorded in the saved model so evaluate/bench find the same split
+    result = finetune(model, train, val, cfg, args.out, progress=not args.no_progress, restart=args.restart,
+                      save_extra={"task": settings})
+    if rank != 0:
+        return 0
+    best_dir = Path(args.out) / "best"
+    best = load_model(best_dir)
+    test = encode(*task.test, tokenizer, args.max_length)
+    test_acc, _ = accuracy(best, test)
+    summary = {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
+               "test_accuracy": test_acc, "n_train": len(train), "n_val": len(val), "n_test": len(test),
+               "steps": result.steps, "resumed_from_step": result.resumed_from_step,
+               "seconds_this_run": round(result.seconds, 1), "model_dir": str(best_dir)}
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"best validation accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
+          f"test accuracy {test_acc:.4f}; model saved to {best_dir}")
+    return 0
+
+
+# --- convert ------------------------------------------------------------------------------------------
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def cmd_convert(args) -> int:
+    from adaptinf.checkpoint import load_model, save_model
+    from adaptinf.methods.dense import DenseClassifier
+    from adaptinf.registry import get_method
+
+    cls = get_method(args.method)
+    dense = load_model(args.dense, expect_method="dense")
+    if not isinstance(dense, DenseClassifier):
+        raise ValueError(f"{args.dense} is not a dense model")
+    config = cls.Config.from_dict(_parse_sets(args.set or []))
+    model = cls.from_dense(dense, config)
+    model.tokenizer = dense.tokenizer
+    recorded = _recorded_task(args.dense)
+    save_model(model, args.out, extra={"task": recorded, "converted_from": str(args.dense)} if recorded else None)
+    print(f"converted {args.dense} with method {args.method!r} -> {args.out}")
+    return 0
+
+
+# --- evaluate -----------------------------------------------------------------------------------------
+
+
+def cmd_evaluate(args) -> int:
+    from adaptinf.bench import make_batches, model_case, run_bench
+    from adaptinf.checkpoint import load_model
+    from adaptinf.evaluate import add_reductions, evaluate_model, write_points
+
+    _set_threads(args.threads)
+    models = [(d, load_model(d)) for d in args.models]
+    dense_dir = args.dense or next((d for d, m in models if m.method == "dense"), None)
+    splits = ["validation", "test"] if args.split == "both" else [args.split]
+    first = models[0][1]
+    settings = _task_settings(args, _recorded_task(models[0][0]))
+    task = _load_task(settings, labels=first.spec.labels)
+    points = []
+    for d, model in models:
+        if model.spec.labels != first.spec.labels:
+            raise ValueError(f"{d} has labels {list(model.spec.labels)}, {models[0][0]} has {list(first.spec.labels)}")
+        name = args.name or f"{model.method} ({Path(d).name})"
+        for split in splits:
+            enc = _encode_split(model, task, split, args.max_samples, settings["seed"])
+            pts = evaluate_model(model, enc, split, name=name, batch_size=args.batch_size,
+                                 knobs=_parse_floats(args.knobs), progress=not args.no_progress)
+            for p in pts:
+                p.model_dir = str(d)
+            points += pts
+    dense_pts = [p for p in points if p.method == "dense" and p.split == splits[-1]]
+    if dense_pts:
+        add_reductions(points, dense_pts[0].gflops)
+    if args.latency:
+        _measure_latency(args, points, models, dense_dir, task, settings, make_batches, model_case, run_bench)
+    csv_path, json_path = write_points(points, Path(args.out))
+    for p in points:
+        lat = "" if p.latency_ms_b1 is None else f", {p.latency_ms_b1:.1f} ms @b1, {p.latency_ms_b32:.1f} ms @b32"
+        knob = "" if p.knob is None else f" {p.knob_name}={p.knob:g}"
+        print(f"{p.split:10s} {p.model}{knob}: accuracy {p.accuracy:.4f}, {p.gflops:.3f} GFLOPs/sample{lat}")
+    print(f"points written to {csv_path} and {json_path}")
+    return 0
+
+
+def _measure_latency(args, points, models, dense_dir, task, settings, make_batches, model_case, run_bench) -> None:
+    """Latency of every test point at batch 1 and 32, interleaved with the dense model in one run."""
+    from adaptinf.checkpoint import load_model
+
+    if dense_dir is None:
+        raise ValueError("--latency needs the dense model for the speed-up ratios: pass --dense DIR")
+    dense = next((m for d, m in models if str(d) == str(dense_dir)), None) or load_model(dense_dir, expect_method="dense")
+    enc = _encode_split(dense, task, "test", None, settings["seed"])
+    batches = {b: make_batches(enc, b, max(1, args.latency_samples // b), settings["seed"]) for b in (1, 32)}
+    by_dir = {str(d): m for d, m in models}
+    cases = {"dense": model_case(dense)}
+    keys = {}
+    test_points = [p for p in points if p.split == "test"]
+    for i, p in enumerate(test_points):
+        key = "dense" if p.method == "dense" and p.knob is None else f"p{i}:{p.model}:{p.knob}"
+        if key != "dense":
+            cases[key] = model_case(by_dir[p.model_dir], p.knob)
+        keys[id(p)] = key
+    rows = run_bench(cases, batches, repeats=args.repeats, warmup=2, reference="dense", progress=not args.no_progress)
+    by = {(r.case, r.batch_size): r for r in rows}
+    for p in test_points:
+        k = keys[id(p)]
+        p.latency_ms_b1, p.latency_ms_b32 = by[(k, 1)].median_ms, by[(k, 32)].median_ms
+        p.speedup_b1, p.speedup_b32 = by[(k, 1)].speedup_vs_reference, by[(k, 32)].speedup_vs_reference
+        if p.flops_reduction:
+            p.realisation_b32 = p.speedup_b32 / p.flops_reduction
+
+
+# --- bench --------------------------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> int:
+    from adaptinf.bench import format_table, hf_case, make_batches, model_case, run_bench, write_bench
+    from adaptinf.checkpoint import load_model
+    from adaptinf.hf import to_hf_sequence_classifier
+
+    _set_threads(args.threads)
+    models = [(d, load_model(d)) for d in args.models]
+    ref_dir, ref = models[0]
+    settings = _task_settings(args, _recorded_task(ref_dir))
+    task = _load_task(settings, labels=ref.spec.labels)
+    enc = _encode_split(ref, task, "test", None, settings["seed"])
+    sizes = _parse_ints(args.batch_sizes, "--batch-sizes")
+    batches = {b: make_batches(enc, b, max(1, args.samples // b), settings["seed"]) for b in sizes}
+    knobs = _parse_floats(args.knob)
+    cases = {}
+    for i, (d, m) in enumerate(models):
+        name = "dense" if i == 0 and m.method == "dense" else f"{m.method}:{Path(d).name}"
+        for k in (knobs if knobs and m.knob_name else [None]):
+            cases[name if k is None else f"{name}@{k:g}"] = model_case(m, k)
+    reference = next(iter(cases))
+    if args.compare_hf:
+        if ref.method != "dense":
+            raise ValueError("--compare-hf needs a dense model as the first model")
+        cases["transformers"] = hf_case(to_hf_sequence_classifier(ref))
+    rows = run_bench(cases, batches, repeats=args.repeats, warmup=args.warmup, reference=reference,
+                     progress=not args.no_progress)
+    csv_path, json_path = write_bench(rows, Path(args.out))
+    print(format_table(rows))
+    print(f"results written to {csv_path} and {json_path}")
+    return 0
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def cmd_report(args) -> int:
+    from adaptinf.evaluate import read_points
+    from adaptinf.report import write_report
+
+    points = read_points([Path(p) for p in args.points])
+    paths = write_report(points, Path(args.out), title=args.title, split=args.split)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adaptinf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="adaptinf",
+        description="Make transformer classifiers cheaper at inference: convert a model with an adaptive "
+        "method, train what it needs, and measure accuracy against FLOPs and wall-clock latency.",
+        epilog="Typical flow: finetune -> convert -> evaluate --latency -> report. Run `adaptinf CMD --help` for details.",
+    )
+    parser.add_argument("--version", action="version", version=f"adaptinf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("finetune", help="fine-tune the dense baseline on a task",
+                       description="Fine-tune a Hugging Face BERT-family checkpoint (or the built-in MiniLM-L6) "
+                       "on a classification task. Resumable: rerun the same command after an interruption. "
+                       "Runs unchanged under `torchrun --nproc_per_node=N` (DDP, gloo on CPU).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model name or HF checkpoint directory (default {DEFAULT_MODEL})")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="output directory (best/, last/, metrics.csv, summary.json)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (split across processes under torchrun)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per text; longer texts are truncated")
+    p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
+    p.add_argument("--classifier-dropout", type=float, default=0.1)
+    p.add_argument("--save-every", type=int, default=50, help="steps between resume checkpoints")
+    p.add_argument("--restart", action="store_true", help="discard a previous run in --out instead of resuming it")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("convert", help="convert a fine-tuned dense model with an adaptive method",
+                       description="Build a method's model from a dense model directory (from `adaptinf finetune`). "
+                       "Method settings are passed as --set key=value (values parsed as JSON when possible).")
+    p.add_argument("dense", help="dense model directory (e.g. runs/dense/best)")
+    p.add_argument("--method", required=True, help="method name (registered methods: adaptinf.list_methods())")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method config field (repeatable)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("evaluate", help="accuracy, GFLOPs and (optionally) latency of saved models at every knob value",
+                       description="Evaluate saved models on a split; every knob value becomes an operating point. "
+                       "With --latency, each test point is timed at batch 1 and 32 against the dense model in the same run.")
+    p.add_argument("models", nargs="+", help="model directories")
+    _add_data_args(p, default_data=None)
+    p.add_argument("--split", choices=["validation", "test", "both"], default="both")
+    p.add_argument("--knobs", default=None, help="comma-separated knob values (default: each method's own sweep)")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate on a seeded subset")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--latency", action="store_true", help="also measure latency at batch 1 and 32 vs dense")
+    p.add_argument("--dense", default=None, help="dense model directory for latency ratios (default: the dense one among MODELS)")
+    p.add_argument("--latency-samples", type=int, default=128, help="test samples per timing repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats (median reported)")
+    p.add_argument("--name", default=None, help="display name of the model(s) in reports")
+    p.add_argument("--out", required=True, help="output directory for points.csv / points.json")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="wall-clock latency of models, interleaved, as ratios against the first",
+                       description="Latency harness: real test texts at each batch size, warm-up discarded, median and "
+                       "quartiles of repeats, cases interleaved in each repeat; every row is stamped with machine, "
+                       "threads, torch version, batch size and sequence lengths. The first model is the reference.")
+    p.add_argument("models", nargs="+", help="model directories; the first is the reference (normally dense)")
+    _add_data_args(p, default_data=None)
+    p.add_argument("--knob", default=None, help="comma-separated knob values to time for adaptive models")
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--samples", type=int, default=128, help="test samples per timing repeat (per batch size)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also time transformers' BertForSequenceClassification with the same weights")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="output directory for bench.csv / bench.json")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="markdown table and trade-off plots from points files",
+                       description="Merge points.json files (or directories holding one) into report.md, "
+                       "points.csv/json and tradeoff.png (accuracy vs GFLOPs and vs latency, all methods on one plot).")
+    p.add_argument("points", nargs="+", help="points.json files or directories")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="adaptinf report")
+    p.add_argument("--split", default="test", choices=["validation", "test"])
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Accuracy and cost of a model at every knob value: one `OperatingPoint` per (model, knob, split).
+
+`evaluate_model` sweeps a model's knob over an encoded split and records accuracy and mean analytic
+GFLOPs per sample. Latency columns are filled by the benchmark harness (`adaptinf.bench`), FLOPs
+reductions by `add_reductions`; FLOPs are never presented as speed.
+
+Per-sample integer extras a model returns (e.g. `extras["exit_layer"]`, a [b] int tensor) are
+summarised in `OperatingPoint.extras["shares"][key]` as the share of samples per value.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from adaptinf.data import Encoded, eval_batches
+from adaptinf.model import AdaptiveClassifier
+
+PARETO_AXES = ("gflops", "latency_ms_b1", "latency_ms_b32")
+
+
+@dataclass
+class OperatingPoint:
+    """One point of a method's accuracy/cost curve on one split.
+
+    gflops: mean analytic GFLOPs per sample (see `adaptinf.flops`).
+    latency_ms_b1 / latency_ms_b32: measured latency at batch size 1 / 32 (None until benchmarked).
+    speedup_b1 / speedup_b32: dense latency / this latency, measured in the same run.
+    flops_reduction: dense GFLOPs / this GFLOPs.
+    realisation_b32: speedup_b32 / flops_reduction (how much of the FLOPs saving shows up as speed).
+    """
+
+    method: str
+    model: str
+    knob_name: str | None
+    knob: float | None
+    split: str
+    accuracy: float
+    gflops: float
+    n: int
+    latency_ms_b1: float | None = None
+    latency_ms_b32: float | None = None
+    speedup_b1: float | None = None
+    speedup_b32: float | None = None
+    flops_reduction: float | None = None
+    realisation_b32: float | None = None
+    model_dir: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; non-finite floats become None (JSON has no NaN)."""
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OperatingPoint:
+        if not isinstance(d, dict):
+            raise ValueError(f"an operating point must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"operating point has unknown fields {sorted(unknown)} (known: {sorted(names)})")
+        required = ("method", "model", "split", "accuracy", "gflops", "n")
+        missing = [k for k in required if d.get(k) is None]
+        if missing:
+            raise ValueError(f"operating point is missing fields {missing}")
+        kw: dict[str, Any] = {}
+        try:
+            for k in ("method", "model", "split"):
+                kw[k] = str(d[k])
+            for k in ("knob_name", "model_dir"):
+                kw[k] = None if d.get(k) is None else str(d[k])
+            kw["accuracy"] = float(d["accuracy"])
+            kw["gflops"] = float(d["gflops"])
+            kw["n"] = int(d["n"])
+            for k in (
+                "knob",
+                "latency_ms_b1",
+                "latency_ms_b32",
+                "speedup_b1",
+                "speedup_b32",
+                "flops_reduction",
+                "realisation_b32",
+            ):
+                kw[k] = None if d.get(k) is None else float(d[k])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"operating point has a field of the wrong type: {e}") from e
+        extras = d.get("extras") or {}
+        if not isinstance(extras, dict):
+            raise ValueError(f"operating point field 'extras' must be an object, got {type(extras).__name__}")
+        kw["extras"] = dict(extras)
+        return cls(**kw)
+
+
+# --- running a model -------------------------------------------------------------------------------
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _run(
+    model: AdaptiveClassifier, enc: Encoded, batch_size: int, progress: bool, desc: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Counter]]:
+    """Logits [n, C] and flops [n] in the original order of `enc`, plus value counts of per-sample
+    integer extras."""
+    if len(enc) == 0:
+        raise ValueError("nothing to evaluate: the encoded split is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = _model_device(model)
+    pad_id = model.spec.encoder.pad_token_id
+    n, c = len(enc), model.spec.num_labels
+    logits = torch.empty((n, c), dtype=torch.float32)
+    cost = torch.empty((n,), dtype=torch.float64)
+    counts: dict[str, Counter] = {}
+    model.eval()
+    total = math.ceil(n / batch_size)
+    with torch.inference_mode():
+        for batch in tqdm(
+            eval_batches(enc, batch_size, pad_id=pad_id, sort_by_length=True),
+            total=total,
+            desc=desc,
+            disable=not progress,
+            leave=False,
+        ):
+            out = model(batch.input_ids.to(device), batch.attention_mask.to(device))
+            b = batch.index.shape[0]
+            for what, t, shape in (("logits", out.logits, (b, c)), ("flops", out.flops, (b,))):
+                if tuple(t.shape) != shape:
+                    raise ValueError(
+                        f"{type(model).__name__} returned {what} of shape {tuple(t.shape)}, expected {shape}"
+                    )
+            logits[batch.index] = out.logits.detach().float().cpu()
+            cost[batch.index] = out.flops.detach().to(torch.float64).cpu()
+            for key, v in out.extras.items():
+                is_int = isinstance(v, torch.Tensor) and (v.dtype == torch.bool or not v.is_floating_point())
+                if is_int and not v.is_complex() and v.shape == (b,):
+                    values, k = torch.unique(v.detach().cpu().long(), return_counts=True)
+                    counts.setdefault(key, Counter()).update(dict(zip(values.tolist(), k.tolist())))
+    return logits, cost, counts
+
+
+def predict_all(
+    model: AdaptiveClassifier, enc: Encoded, batch_size: int = 64, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [n, C] (float32, CPU) and per-sample FLOPs [n] (float64) in the original order of `enc`.
+
+    Batches are sorted by length to cut padding (no per-sample result depends on the batch) and
+    scattered back by `Batch.index`. Puts the model in eval mode.
+    """
+    logits, cost, _ = _run(model, enc, batch_size, progress, desc=f"predict {model.method}")
+    return logits, cost
+
+
+def _check_labels(enc: Encoded, num_labels: int) -> torch.Tensor:
+    y = enc.labels
+    if y.shape != (len(enc),):
+        raise ValueError(f"Encoded.labels has shape {tuple(y.shape)}, expected ({len(enc)},) (one label per sample)")
+    if (y == -1).any():
+        raise ValueError(
+            f"{int((y == -1).sum())} of {len(enc)} samples have no label (-1); accuracy needs labelled data"
+        )
+    if ((y < 0) | (y >= num_labels)).any():
+        bad = sorted(set(y[(y < 0) | (y >= num_labels)].tolist()))
+        raise ValueError(f"label ids {bad} are outside the model's {num_labels} labels")
+    return y
+
+
+def evaluate_model(
+    model: AdaptiveClassifier,
+    enc: Encoded,
+    split: str,
+    name: str | None = None,
+    batch_size: int = 64,
+    knobs: list[float | None] | None = None,
+    progress: bool = True,
+    model_dir: str | None = None,
+) -> list[OperatingPoint]:
+    """Accuracy and mean GFLOPs/sample at every knob value (default `model.knob_values()`).
+
+    Args:
+        name: display name of the model (default the method name), e.g. "ee (minilm-l6)".
+        knobs: values to sweep; the model's own knob and train/eval mode are restored afterwards.
+        model_dir: where the model was loaded from, recorded on each point.
+    """
+    y = _check_labels(enc, model.spec.num_labels)
+    values = list(model.knob_values() if knobs is None else knobs)
+    if not values:
+        raise ValueError("no knob values to evaluate (knobs is empty)")
+    name = name or model.method
+    original, was_training = model.knob, model.training
+    points = []
+    try:
+        for value in values:
+            model.set_knob(value)
+            desc = name if value is None else f"{name} {model.knob_name}={value:g}"
+            logits, cost, counts = _run(model, enc, batch_size, progress, desc)
+            acc = (logits.argmax(dim=1) == y).double().mean().item()
+            extras: dict[str, Any] = {}
+            if counts:
+                extras["shares"] = {
+                    key: {str(v): c / len(enc) for v, c in sorted(cnt.items())} for key, cnt in counts.items()
+                }
+            points.append(
+                OperatingPoint(
+                    method=model.method,
+                    model=name,
+                    knob_name=model.knob_name if value is not None else None,
+                    knob=None if value is None else float(value),
+                    split=split,
+                    accuracy=acc,
+                    gflops=cost.mean().item() / 1e9,
+                    n=len(enc),
+                    model_dir=model_dir,
+                    extras=extras,
+                )
+            )
+    finally:
+        model.set_knob(original)
+        model.train(was_training)
+    return points
+
+
+def add_reductions(points: list[OperatingPoint], dense_gflops: float) -> list[OperatingPoint]:
+    """Fill `flops_reduction` (dense GFLOPs / point GFLOPs) in place, and `realisation_b32` where the
+    measured `speedup_b32` is known. Returns the same list."""
+    if not (isinstance(dense_gflops, (int, float)) and math.isfinite(dense_gflops) and dense_gflops > 0):
+        raise ValueError(f"dense_gflops must be a positive number, got {dense_gflops!r}")
+    for p in points:
+        p.flops_reduction = dense_gflops / p.gflops if p.gflops > 0 else None
+        if p.speedup_b32 is not None and p.flops_reduction:
+            p.realisation_b32 = p.speedup_b32 / p.flops_reduction
+    return points
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def write_points(points: list[OperatingPoint], out_dir: str | Path, stem: str = "points") -> tuple[Path, Path]:
+    """Write `<stem>.csv` (extras as a JSON string) and `<stem>.json` (a list of dicts) under out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [p.to_dict() for p in points]
+    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
+    json_path.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    names = [f.name for f in dataclasses.fields(OperatingPoint)]
+    with csv_path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: ("" if v is None else v) for k, v in r.items()}, "extras": json.dumps(r["extras"])})
+    return csv_path, json_path
+
+
+def read_points(paths: list[str | Path]) -> list[OperatingPoint]:
+    """Points from JSON files (a list of point dicts) or directories holding a `points.json`."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    points: list[OperatingPoint] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            p = p / "points.json"
+            if not p.is_file():
+                raise ValueError(f"directory {raw} has no points.json (run `adaptinf evaluate` into it first)")
+        elif not p.exists():
+            raise ValueError(f"points file {p} does not exist")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p} is not a valid points JSON file ({e})") from e
+        if not isinstance(data, list):
+            raise ValueError(f"{p} must hold a JSON list of operating points, got {type(data).__name__}")
+        for i, d in enumerate(data):
+            try:
+                points.append(OperatingPoint.from_dict(d))
+            except ValueError as e:
+                raise ValueError(f"{p}: point {i}: {e}") from e
+    return points
+
+
+# --- selection -------------------------------------------------------------------------------------
+
+
+def pareto_front(points: list[OperatingPoint], x: str = "gflops") -> list[OperatingPoint]:
+    """Points no other point beats (accuracy at least as high at no more cost, better in one),
+    sorted by cost `x` (one of gflops, latency_ms_b1, latency_ms_b32). Points without `x` are skipped."""
+    if x not in PARETO_AXES:
+        raise ValueError(f"pareto_front: x must be one of {list(PARETO_AXES)}, got {x!r}")
+    usable = [p for p in points if getattr(p, x) is not None]
+    usable.sort(key=lambda p: (getattr(p, x), -p.accuracy))
+    front: list[OperatingPoint] = []
+    best = -math.inf
+    for p in usable:
+        if p.accuracy > best:
+            front.append(p)
+            best = p.accuracy
+    return front

@@ -1,0 +1,122 @@
+"""Fine-tuning: schedule, exact resume after interruption, DDP == single process, setting checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adaptinf.backbone import EncoderConfig
+from adaptinf.data import Encoded
+from adaptinf.methods.dense import DenseClassifier, DenseConfig
+from adaptinf.model import ModelSpec
+from adaptinf.train import TrainConfig, finetune, lr_at
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.0) -> DenseClassifier:
+    torch.manual_seed(seed)
+    enc = EncoderConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return DenseClassifier(ModelSpec(enc, ("a", "b"), 16), DenseConfig(classifier_dropout=dropout))
+
+
+def tiny_data(n: int, seed: int) -> Encoded:
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        length = int(torch.randint(3, 12, (1,), generator=g))
+        x = torch.randint(1, 50, (length,), generator=g).tolist()
+        ids.append(x)
+        labels.append(int(sum(x) % 2))  # a learnable-ish rule
+    return Encoded(ids, torch.tensor(labels))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "last" / "model.safetensors"))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, warmup_ratio=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.0111, abs=1e-3)
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainConfig(warmup_ratio=1.5)
+
+
+def test_training_learns_and_keeps_best(tmp_path):
+    model = tiny_model(dropout=0.1)
+    train, val = tiny_data(64, 1), tiny_data(32, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = finetune(model, train, val, TrainConfig(epochs=2, batch_size=8, lr=1e-3, save_every=3), tmp_path, progress=False)
+    assert res.steps == 16 and res.epochs_run == 2
+    assert (tmp_path / "best" / "model.safetensors").is_file() and (tmp_path / "metrics.csv").is_file()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step") and sum(",," not in r for r in rows) >= 1
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, save_every=2)
+    train, val = tiny_data(60, 1), tiny_data(16, 2)  # 8 steps per epoch, last batch of 4
+    # uninterrupted reference (dropout on, so the RNG state must be restored too)
+    finetune(tiny_model(dropout=0.1), train, val, cfg, tmp_path / "a", progress=False)
+    # interrupted mid-epoch after 5 steps, then resumed by a fresh process-like call
+    res1 = finetune(tiny_model(dropout=0.1), train, val, cfg, tmp_path / "b", progress=False, stop_after_steps=5)
+    assert res1.steps == 5
+    state = json.loads((tmp_path / "b" / "last" / "state.json").read_text())
+    assert state["global_step"] == 5 and state["step_in_epoch"] == 5
+    res2 = finetune(tiny_model(seed=123, dropout=0.1), train, val, cfg, tmp_path / "b", progress=False)
+    assert res2.resumed_from_step == 5 and res2.steps == 16
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    train, val = tiny_data(16, 1), tiny_data(8, 2)
+    finetune(tiny_model(), train, val, TrainConfig(epochs=1, batch_size=8), tmp_path, progress=False, stop_after_steps=1)
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        finetune(tiny_model(), train, val, TrainConfig(epochs=1, batch_size=8, lr=1e-3), tmp_path, progress=False)
+    # --restart discards it
+    res = finetune(tiny_model(), train, val, TrainConfig(epochs=1, batch_size=8, lr=1e-3), tmp_path, progress=False, restart=True)
+    assert res.resumed_from_step == 0
+
+
+def test_corrupt_resume_state_gives_a_clear_error(tmp_path):
+    train, val = tiny_data(16, 1), tiny_data(8, 2)
+    cfg = TrainConfig(epochs=1, batch_size=8)
+    finetune(tiny_model(), train, val, cfg, tmp_path, progress=False, stop_after_steps=1)
+    (tmp_path / "last" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot resume"):
+        finetune(tiny_model(), train, val, cfg, tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(tmp_path):
+    """torchrun with 2 gloo processes and the same global batch gives the single-process weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "single")], env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(WORKER), str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ws, wd = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    for k in ws:
+        torch.testing.assert_close(wd[k], ws[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert json.loads((tmp_path / "ddp" / "train_config.json").read_text())["world_size"] == 2
