@@ -311,30 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"adaptinf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    p = sub.add_parser("finetune", help="fine-tune the dense baseline on a task",
+    p = sub.add_parser("finetune", **fmt, help="fine-tune the dense baseline on a task",
                        description="Fine-tune a Hugging Face BERT-family checkpoint (or the built-in MiniLM-L6) "
                        "on a classification task. Resumable: rerun the same command after an interruption. "
                        "Runs unchanged under `torchrun --nproc_per_node=N` (DDP, gloo on CPU).")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model name or HF checkpoint directory (default {DEFAULT_MODEL})")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="output directory (best/, last/, metrics.csv, summary.json)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split across processes under torchrun)")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and LayerNorms)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--max-length", type=int, default=64, help="tokens per text; longer texts are truncated")
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
-    p.add_argument("--classifier-dropout", type=float, default=0.1)
+    p.add_argument("--classifier-dropout", type=float, default=0.1, help="dropout before the classifier")
     p.add_argument("--save-every", type=int, default=50, help="steps between resume checkpoints")
     p.add_argument("--restart", action="store_true", help="discard a previous run in --out instead of resuming it")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("convert", help="convert a fine-tuned dense model with an adaptive method",
+    p = sub.add_parser("convert", **fmt, help="convert a fine-tuned dense model with an adaptive method",
                        description="Build a method's model from a dense model directory (from `adaptinf finetune`). "
                        "Method settings are passed as --set key=value (values parsed as JSON when possible).")
     p.add_argument("dense", help="dense model directory (e.g. runs/dense/best)")
@@ -343,50 +344,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("evaluate", help="accuracy, GFLOPs and (optionally) latency of saved models at every knob value",
+    p = sub.add_parser("evaluate", **fmt, help="accuracy, GFLOPs and (optionally) latency of saved models at every knob value",
                        description="Evaluate saved models on a split; every knob value becomes an operating point. "
                        "With --latency, each test point is timed at batch 1 and 32 against the dense model in the same run.")
     p.add_argument("models", nargs="+", help="model directories")
     _add_data_args(p, default_data=None)
-    p.add_argument("--split", choices=["validation", "test", "both"], default="both")
+    p.add_argument("--split", choices=["validation", "test", "both"], default="both", help="split(s) to evaluate (validation is for selection, test for reporting)")
     p.add_argument("--knobs", default=None, help="comma-separated knob values (default: each method's own sweep)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate on a seeded subset")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--latency", action="store_true", help="also measure latency at batch 1 and 32 vs dense")
     p.add_argument("--dense", default=None, help="dense model directory for latency ratios (default: the dense one among MODELS)")
     p.add_argument("--latency-samples", type=int, default=128, help="test samples per timing repeat")
     p.add_argument("--repeats", type=int, default=5, help="timing repeats (median reported)")
     p.add_argument("--name", default=None, help="display name of the model(s) in reports")
     p.add_argument("--out", required=True, help="output directory for points.csv / points.json")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("bench", help="wall-clock latency of models, interleaved, as ratios against the first",
+    p = sub.add_parser("bench", **fmt, help="wall-clock latency of models, interleaved, as ratios against the first",
                        description="Latency harness: real test texts at each batch size, warm-up discarded, median and "
                        "quartiles of repeats, cases interleaved in each repeat; every row is stamped with machine, "
                        "threads, torch version, batch size and sequence lengths. The first model is the reference.")
     p.add_argument("models", nargs="+", help="model directories; the first is the reference (normally dense)")
     _add_data_args(p, default_data=None)
     p.add_argument("--knob", default=None, help="comma-separated knob values to time for adaptive models")
-    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes to time")
     p.add_argument("--samples", type=int, default=128, help="test samples per timing repeat (per batch size)")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (median and quartiles reported)")
+    p.add_argument("--warmup", type=int, default=2, help="discarded warm-up passes per case")
     p.add_argument("--compare-hf", action="store_true",
                    help="also time transformers' BertForSequenceClassification with the same weights")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="output directory for bench.csv / bench.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("report", help="markdown table and trade-off plots from points files",
+    p = sub.add_parser("report", **fmt, help="markdown table and trade-off plots from points files",
                        description="Merge points.json files (or directories holding one) into report.md, "
                        "points.csv/json and tradeoff.png (accuracy vs GFLOPs and vs latency, all methods on one plot).")
     p.add_argument("points", nargs="+", help="points.json files or directories")
-    p.add_argument("--out", required=True)
-    p.add_argument("--title", default="adaptinf report")
-    p.add_argument("--split", default="test", choices=["validation", "test"])
+    p.add_argument("--out", required=True, help="output directory (report.md, points.csv/json, tradeoff.png)")
+    p.add_argument("--title", default="adaptinf report", help="report title")
+    p.add_argument("--split", default="test", choices=["validation", "test"], help="split shown in the table and plots")
     p.set_defaults(func=cmd_report)
     return parser
 

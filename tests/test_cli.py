@@ -1,0 +1,125 @@
+"""The `adaptinf` command: help texts, clean errors, and the whole flow on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adaptinf.cli import build_parser, main
+from adaptinf.hf import resolve_model_path
+
+COMMANDS = ["finetune", "convert", "evaluate", "bench", "report"]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    """A randomly initialised 2-layer BERT saved as a Hugging Face checkpoint, with MiniLM's tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(d)
+    src = resolve_model_path("minilm-l6")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, d / f)
+    return d
+
+
+@pytest.fixture(scope="module")
+def user_csv(tmp_path_factory):
+    """A user's file (not the built-in task): 3 classes named by words, texts from the review data."""
+    from adaptinf.data import rotten_tomatoes
+
+    texts, labels = rotten_tomatoes(seed=0).train
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "review", "verdict"])
+        for i, (t, y) in enumerate(zip(texts[:90], labels[:90])):
+            w.writerow([i, t, ["bad", "good", "meh"][y if i % 5 else 2]])
+    return path
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_complete_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert f"adaptinf {command}" in text and "--out" in text or command == "convert"
+    for action in build_parser()._subparsers._group_actions[0].choices[command]._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help text"
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "adaptinf.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and all(c in out.stdout for c in COMMANDS)
+
+
+def test_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["finetune", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "points.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_full_flow_on_a_user_file(tiny_hf_dir, user_csv, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--data", str(user_csv), "--text-column", "review", "--label-column", "verdict"]
+    assert main(["finetune", "--model", str(tiny_hf_dir), *common, "--out", str(run), "--epochs", "1",
+                 "--batch-size", "16", "--max-length", "32", "--no-progress", "--threads", "1"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["steps"] == 5
+    cfg = json.loads((run / "best" / "config.json").read_text())
+    assert cfg["spec"]["labels"] == ["bad", "good", "meh"] and cfg["extra"]["task"]["text_column"] == "review"
+
+    # rerunning the finished command resumes (nothing left to do) instead of starting over
+    assert main(["finetune", "--model", str(tiny_hf_dir), *common, "--out", str(run), "--epochs", "1",
+                 "--batch-size", "16", "--max-length", "32", "--no-progress", "--threads", "1"]) == 0
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 5
+
+    # an unknown method is a clear error; dense converts to an identical copy
+    capsys.readouterr()
+    assert main(["convert", str(run / "best"), "--method", "nonsense", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown method 'nonsense'" in capsys.readouterr().err
+    assert main(["convert", str(run / "best"), "--method", "dense", "--out", str(tmp_path / "copy")]) == 0
+
+    # evaluate uses the task recorded in the model; latency is measured against dense in one run
+    pts = tmp_path / "points"
+    assert main(["evaluate", str(run / "best"), "--split", "both", "--latency", "--latency-samples", "32",
+                 "--repeats", "2", "--out", str(pts), "--no-progress", "--threads", "1"]) == 0
+    points = json.loads((pts / "points.json").read_text())
+    assert {p["split"] for p in points} == {"validation", "test"}
+    test_pt = next(p for p in points if p["split"] == "test")
+    assert test_pt["latency_ms_b1"] > 0 and test_pt["speedup_b32"] == pytest.approx(1.0)
+
+    assert main(["bench", str(run / "best"), str(tmp_path / "copy"), "--compare-hf", "--samples", "32",
+                 "--repeats", "2", "--warmup", "1", "--out", str(tmp_path / "bench"), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert {r["case"] for r in rows} == {"dense", "dense:copy", "transformers"}
+    assert all(r["torch_version"] and r["torch_threads"] >= 1 and r["machine"] for r in rows)
+
+    assert main(["report", str(pts), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "dense" in md and (tmp_path / "report" / "tradeoff.png").stat().st_size > 5000
+
+    # a file whose labels fall outside the model's label set is refused by evaluate
+    bad = tmp_path / "bad.csv"
+    bad.write_text("review,verdict\nfine film,good\nawful,terrible\nok,meh\n")
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "best"), "--data", str(bad), "--out", str(tmp_path / "p2"), "--no-progress"]) == 2
+    assert "outside the label set" in capsys.readouterr().err
