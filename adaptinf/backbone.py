@@ -69,9 +69,14 @@ class EncoderConfig:
         return cls(**d)
 
 
-def attention_bias(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Key-padding mask [b, s] (1 = token, 0 = pad) -> boolean SDPA mask [b, 1, 1, s]."""
-    return attention_mask.bool()[:, None, None, :]
+def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Key-padding mask [b, s] (1 = token, 0 = pad) -> additive SDPA mask [b, 1, 1, s].
+
+    Additive (0 / dtype min) rather than boolean: on CPU, SDPA with a boolean mask on the strided
+    q/k/v views of the fused projection runs about 2x slower (measured, torch 2.13).
+    """
+    keep = attention_mask.bool()[:, None, None, :]
+    return torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
 class Embeddings(nn.Module):
@@ -200,8 +205,8 @@ class Encoder(nn.Module):
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Returns (last hidden state [b, s, d], pooled [b, d], hidden states per layer incl. embeddings)."""
-        bias = attention_bias(attention_mask)
         h = self.embed(input_ids, token_type_ids)
+        bias = attention_bias(attention_mask, h.dtype)
         states = [h] if output_hidden_states else []
         for block in self.blocks:
             h = block(h, bias)

@@ -48,7 +48,7 @@ class DenseClassifier(AdaptiveClassifier):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
-        h = self.encoder.run_blocks(h, attention_bias(attention_mask))
+        h = self.encoder.run_blocks(h, attention_bias(attention_mask, h.dtype))
         logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
         cost = flops.dense_model(flops.lengths_of(attention_mask), self.spec.encoder, self.spec.num_labels)
         return ClassifierOutput(logits=logits, flops=cost.to(torch.float64))
