@@ -42,8 +42,16 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int",) and (not isinstance(v, int) or v < 0):
-                raise ValueError(f"EncoderConfig.{f.name} must be a non-negative int, got {v!r}")
+            if f.type in ("int",):
+                # sizes must be positive (0 heads would divide by zero below); only the pad id may be 0
+                low = 0 if f.name == "pad_token_id" else 1
+                if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                    kind = "non-negative" if low == 0 else "positive"
+                    raise ValueError(f"EncoderConfig.{f.name} must be a {kind} int, got {v!r}")
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(
+                f"EncoderConfig.pad_token_id ({self.pad_token_id}) must be below vocab_size ({self.vocab_size})"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"EncoderConfig.hidden_size ({self.hidden_size}) must be divisible by "
@@ -172,6 +180,8 @@ class Encoder(nn.Module):
         # BERT's initialisation, so a randomly initialised encoder behaves like a fresh BERT.
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])  # as BERT does; normal_ above overwrote nn.Embedding's zero row
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
         if isinstance(m, nn.LayerNorm):

@@ -77,6 +77,8 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not d.is_dir():
         raise ValueError(f"{d} is a file; pass the model directory (holding {CONFIG_FILE} and {WEIGHTS_FILE})")
     cfg = _read_json(d / CONFIG_FILE)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{d / CONFIG_FILE} holds a JSON {type(cfg).__name__}, not an object; the checkpoint is corrupt")
     if cfg.get("format") != FORMAT:
         hint = " (it looks like a Hugging Face checkpoint: use it as --model for `adaptinf finetune`)" if "model_type" in cfg else ""
         raise ValueError(f"{d} is not an adaptinf model directory{hint}")
@@ -86,9 +88,11 @@ def read_config(directory: str | os.PathLike) -> dict:
             f"{d} has checkpoint format version {version!r}; this adaptinf reads version {FORMAT_VERSION}. "
             "Re-create it with this version of adaptinf."
         )
-    for key in ("method", "method_config", "spec"):
+    for key, kind in (("method", str), ("method_config", dict), ("spec", dict)):
         if key not in cfg:
             raise ValueError(f"{d / CONFIG_FILE} is missing {key!r}; the checkpoint is corrupt")
+        if not isinstance(cfg[key], kind):
+            raise ValueError(f"{d / CONFIG_FILE}: {key!r} should be a JSON {'string' if kind is str else 'object'}; the checkpoint is corrupt")
     return cfg
 
 

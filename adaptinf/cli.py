@@ -165,7 +165,9 @@ def cmd_convert(args) -> int:
     from adaptinf.checkpoint import load_model, save_model
     from adaptinf.methods.dense import DenseClassifier
     from adaptinf.registry import get_method
+    from adaptinf.train import TrainConfig, dist_info
 
+    _set_threads(args.threads)
     cls = get_method(args.method)
     dense = load_model(args.dense, expect_method="dense")
     if not isinstance(dense, DenseClassifier):
@@ -174,7 +176,26 @@ def cmd_convert(args) -> int:
     model = cls.from_dense(dense, config)
     model.tokenizer = dense.tokenizer
     recorded = _recorded_task(args.dense)
-    save_model(model, args.out, extra={"task": recorded, "converted_from": str(args.dense)} if recorded else None)
+    extra = {"task": recorded, "converted_from": str(args.dense)} if recorded else {}
+    rank = 0
+    if cls.needs_training:
+        # the method trains what it added on the task the dense model was trained on (or --data)
+        rank, _ = dist_info()
+        settings = _task_settings(args, recorded)
+        task = _load_task(settings, labels=model.spec.labels)
+        train = _encode_split(model, task, "train", args.max_train_samples, settings["seed"])
+        val = _encode_split(model, task, "validation", None, settings["seed"])
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings["seed"],
+                          save_every=args.save_every)
+        if rank == 0:
+            print(f"{task.summary()}; training {args.method} on {len(train)} samples (state in {Path(args.out) / 'train'})")
+        summary = model.fit(train, val, cfg, Path(args.out) / "train", progress=not args.no_progress,
+                            restart=args.restart)
+        extra = {"task": settings, "converted_from": str(args.dense), **({"training": summary} if summary else {})}
+    if rank != 0:
+        return 0
+    save_model(model, args.out, extra=extra or None)
     print(f"converted {args.dense} with method {args.method!r} -> {args.out}")
     return 0
 
@@ -337,11 +358,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", **fmt, help="convert a fine-tuned dense model with an adaptive method",
                        description="Build a method's model from a dense model directory (from `adaptinf finetune`). "
-                       "Method settings are passed as --set key=value (values parsed as JSON when possible).")
+                       "Method settings are passed as --set key=value (values parsed as JSON when possible). "
+                       "Methods that train what they add (ee, sweet, multi-model) then train on the task recorded in "
+                       "the dense model directory (or --data), select on validation, and save to --out; an "
+                       "interrupted run resumes when the same command is rerun.")
     p.add_argument("dense", help="dense model directory (e.g. runs/dense/best)")
     p.add_argument("--method", required=True, help="method name (registered methods: adaptinf.list_methods())")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method config field (repeatable)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a method config field (repeatable), e.g. --set exits=[1,3,6] --set policy=entropy")
+    p.add_argument("--out", required=True,
+                   help="output model directory; a method that trains keeps its resumable state in OUT/train")
+    _add_data_args(p, default_data=None)
+    g = p.add_argument_group("training (methods that train after conversion, e.g. ee, sweet, multi-model; "
+                             "rerun the same command to resume)")
+    g.add_argument("--epochs", type=int, default=2, help="passes over the training split")
+    g.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    g.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and LayerNorms)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (over all parameters)")
+    g.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
+    g.add_argument("--save-every", type=int, default=50, help="steps between resume checkpoints")
+    g.add_argument("--restart", action="store_true", help="discard a previous training run in OUT/train instead of resuming it")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("evaluate", **fmt, help="accuracy, GFLOPs and (optionally) latency of saved models at every knob value",

@@ -120,10 +120,12 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, gro
     if not p.is_file():
         raise ValueError(f"data file {p} does not exist" if not p.exists() else f"{p} is not a file")
     suffix = "".join(p.suffixes[-1:]).lower()
+    # utf-8-sig reads plain UTF-8 and also files starting with a BOM (Excel's "CSV UTF-8"), whose
+    # first column would otherwise be named "\ufefftext".
     try:
         if suffix in (".jsonl", ".json", ".ndjson"):
             rows = []
-            with p.open(encoding="utf-8") as f:
+            with p.open(encoding="utf-8-sig") as f:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -136,7 +138,7 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, gro
                     rows.append(row)
             columns = sorted({k for r in rows for k in r})
         elif suffix in (".csv", ".tsv"):
-            with p.open(encoding="utf-8", newline="") as f:
+            with p.open(encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 rows = list(reader)
                 columns = list(reader.fieldnames or [])

@@ -6,6 +6,9 @@ reductions by `add_reductions`; FLOPs are never presented as speed.
 
 Per-sample integer extras a model returns (e.g. `extras["exit_layer"]`, a [b] int tensor) are
 summarised in `OperatingPoint.extras["shares"][key]` as the share of samples per value.
+
+A model whose `sweep_offline` returns results (early exit: every knob from one pass that stores
+all exits' logits) is evaluated from those instead of one forward pass per knob.
 """
 
 from __future__ import annotations
@@ -146,12 +149,17 @@ def _run(
                     )
             logits[batch.index] = out.logits.detach().float().cpu()
             cost[batch.index] = out.flops.detach().to(torch.float64).cpu()
-            for key, v in out.extras.items():
-                is_int = isinstance(v, torch.Tensor) and (v.dtype == torch.bool or not v.is_floating_point())
-                if is_int and not v.is_complex() and v.shape == (b,):
-                    values, k = torch.unique(v.detach().cpu().long(), return_counts=True)
-                    counts.setdefault(key, Counter()).update(dict(zip(values.tolist(), k.tolist())))
+            _count_int_extras(out.extras, b, counts)
     return logits, cost, counts
+
+
+def _count_int_extras(extras: dict[str, Any], b: int, counts: dict[str, Counter]) -> None:
+    """Add the value counts of every per-sample integer extra (a [b] int or bool tensor) to `counts`."""
+    for key, v in extras.items():
+        is_int = isinstance(v, torch.Tensor) and (v.dtype == torch.bool or not v.is_floating_point())
+        if is_int and not v.is_complex() and v.shape == (b,):
+            values, k = torch.unique(v.detach().cpu().long(), return_counts=True)
+            counts.setdefault(key, Counter()).update(dict(zip(values.tolist(), k.tolist())))
 
 
 def predict_all(
@@ -203,32 +211,51 @@ def evaluate_model(
         raise ValueError("no knob values to evaluate (knobs is empty)")
     name = name or model.method
     original, was_training = model.knob, model.training
+
+    def point(value, predictions: torch.Tensor, cost: torch.Tensor, counts: dict[str, Counter], other: dict) -> OperatingPoint:
+        extras: dict[str, Any] = dict(other)
+        if counts:
+            extras["shares"] = {
+                key: {str(v): c / len(enc) for v, c in sorted(cnt.items())} for key, cnt in counts.items()
+            }
+        return OperatingPoint(
+            method=model.method,
+            model=name,
+            knob_name=model.knob_name if value is not None else None,
+            knob=None if value is None else float(value),
+            split=split,
+            accuracy=(predictions == y).double().mean().item(),
+            gflops=cost.mean().item() / 1e9,
+            n=len(enc),
+            model_dir=model_dir,
+            extras=extras,
+        )
+
     points = []
     try:
+        # A model may compute the whole sweep from fewer passes (e.g. early exit: one pass storing
+        # every exit's logits); it promises the same predictions and FLOPs as `forward` per knob.
+        sweep = getattr(model, "sweep_offline", None)
+        swept = sweep(enc, values, batch_size=batch_size, progress=progress) if callable(sweep) else None
+        if swept is not None:
+            if [r.knob for r in swept] != values:
+                raise ValueError(f"{type(model).__name__}.sweep_offline returned knobs {[r.knob for r in swept]}, expected {values}")
+            for value, predictions, cost, extras in swept:
+                if predictions.shape != (len(enc),) or cost.shape != (len(enc),):
+                    raise ValueError(
+                        f"{type(model).__name__}.sweep_offline returned predictions {tuple(predictions.shape)} and "
+                        f"flops {tuple(cost.shape)}, expected ({len(enc)},) each"
+                    )
+                counts: dict[str, Counter] = {}
+                _count_int_extras(extras, len(enc), counts)
+                other = {k: v for k, v in extras.items() if not isinstance(v, torch.Tensor)}
+                points.append(point(value, predictions.cpu(), cost.to(torch.float64).cpu(), counts, other))
+            return points
         for value in values:
             model.set_knob(value)
             desc = name if value is None else f"{name} {model.knob_name}={value:g}"
             logits, cost, counts = _run(model, enc, batch_size, progress, desc)
-            acc = (logits.argmax(dim=1) == y).double().mean().item()
-            extras: dict[str, Any] = {}
-            if counts:
-                extras["shares"] = {
-                    key: {str(v): c / len(enc) for v, c in sorted(cnt.items())} for key, cnt in counts.items()
-                }
-            points.append(
-                OperatingPoint(
-                    method=model.method,
-                    model=name,
-                    knob_name=model.knob_name if value is not None else None,
-                    knob=None if value is None else float(value),
-                    split=split,
-                    accuracy=acc,
-                    gflops=cost.mean().item() / 1e9,
-                    n=len(enc),
-                    model_dir=model_dir,
-                    extras=extras,
-                )
-            )
+            points.append(point(value, logits.argmax(dim=1), cost, counts, {}))
     finally:
         model.set_knob(original)
         model.train(was_training)

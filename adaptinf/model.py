@@ -8,14 +8,20 @@ subclasses it, declares its `Config` dataclass (a `MethodConfig`), registers its
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adaptinf.backbone import EncoderConfig
+
+if TYPE_CHECKING:
+    from adaptinf.data import Encoded
+    from adaptinf.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class ModelSpec:
             )
         except KeyError as e:
             raise ValueError(f"model spec is missing field {e}") from e
+        except TypeError as e:  # a field of the wrong JSON type, e.g. "encoder": 3
+            raise ValueError(f"model spec is malformed: {e}") from e
 
 
 @dataclass
@@ -74,7 +82,9 @@ class MethodConfig:
         self.validate()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-native: tuples become lists, so the dict equals itself read back from JSON (a resumed
+        training run compares its saved settings with the current ones)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> MethodConfig:
@@ -106,6 +116,21 @@ class ClassifierOutput:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+class SweepPoint(NamedTuple):
+    """One knob value's result over a whole split, from `AdaptiveClassifier.sweep_offline`.
+
+    predictions: [n] predicted label ids, in the order of the split.
+    flops: [n] FLOPs each sample would spend at this knob (float64), exactly as `forward` reports.
+    extras: per-sample integer tensors [n] (summarised by `evaluate` as shares per value, like the
+        integer extras of a forward pass) and JSON-ready values (copied onto the operating point).
+    """
+
+    knob: float | None
+    predictions: torch.Tensor
+    flops: torch.Tensor
+    extras: dict[str, Any]
+
+
 class AdaptiveClassifier(nn.Module):
     """Base class: subclasses set `method`, `Config`, and implement `forward` and `from_dense`."""
 
@@ -113,6 +138,7 @@ class AdaptiveClassifier(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     knob_name: ClassVar[str | None] = None  # e.g. "threshold"; None when the method has no knob
     description: ClassVar[str] = ""
+    needs_training: ClassVar[bool] = False  # True: `adaptinf convert` calls `fit` after `from_dense`
 
     def __init__(self, spec: ModelSpec, config: MethodConfig):
         super().__init__()
@@ -154,3 +180,34 @@ class AdaptiveClassifier(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def fit(
+        self,
+        train: Encoded,
+        val: Encoded,
+        cfg: TrainConfig,
+        out_dir: str | os.PathLike,
+        progress: bool = True,
+        restart: bool = False,
+    ) -> dict | None:
+        """Train what the method needs after `from_dense` (called by `adaptinf convert` when
+        `needs_training` is set), leaving the model ready to save.
+
+        `val` is the validation split (model selection, calibration, thresholds; never the test
+        split). `out_dir` holds the resumable training state: rerunning with the same arguments
+        continues an interrupted run. Returns a JSON-ready summary (recorded in the saved model's
+        config), or None when there is nothing to train (the default).
+        """
+        return None
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def sweep_offline(
+        self, enc: Encoded, knobs: list[float | None], batch_size: int = 64, progress: bool = False
+    ) -> list[SweepPoint] | None:
+        """Results at every knob value from fewer passes than one forward per knob, or None.
+
+        `adaptinf.evaluate.evaluate_model` uses this when it returns a list (one `SweepPoint` per
+        knob, in order); a method that implements it must give exactly the predictions and FLOPs
+        its `forward` gives at each knob. The default (None) makes evaluate run `forward` per knob.
+        """
+        return None

@@ -1,0 +1,593 @@
+"""Early exit family: EE, SWEET and the Multi-Model cascade (spec: ../shared/METHODS.md section 1).
+
+A classifier ("exit") sits after chosen layers; at inference a sample stops at the first exit
+whose confidence passes the knob. The three variants share the exits, the exit decision
+(`MultiExitClassifier._exit_now`, the one place it is made), the cost accounting, calibration,
+the offline knob sweep and batched inference with compaction:
+
+- `ee` (`EarlyExitClassifier`): one backbone, an `ExitHead` after each exit layer; trained with
+  the sum of every exit's cross-entropy, so each exit's gradient reaches all layers below it.
+- `sweet` (`SweetClassifier`): the same model, but in the training forward the hidden state is
+  detached at each exit boundary, so a block is trained only by the exit right after it. Inference
+  is identical to `ee`.
+- `multi-model` (`MultiModelClassifier`): one independent model per exit depth e_i (embeddings,
+  the first e_i layers, pooler and classifier, from the dense model); at inference a cascade in
+  which an escalated sample runs the next model from scratch and pays for every model it ran.
+
+Exit policies (`EarlyExitConfig.policy`), each with its own knob:
+- "max-softmax": stop when max softmax(logits / T_i) >= threshold. Per-exit temperatures T_i are
+  fitted on the validation split (`calibrate`). A threshold above 1 never exits early.
+- "entropy": stop when the entropy of softmax(logits / T_i) < threshold (strict, as DeeBERT), so
+  threshold 0 never exits early (entropy is never negative) and log(C) exits almost everything.
+- "patience": stop when the last k exits (this one included) predict the same class, k = knob
+  (PABEE's patience t is k = t + 1); k = 1 always takes the first exit.
+The last exit takes every sample still running, so every sample gets a prediction.
+
+Cost (adaptinf.flops convention): a sample that stops at exit i paid for the blocks it ran at its
+real length plus every exit head evaluated for it (pooler d x d + classifier d x C each); for the
+cascade, the layers and head of every model it went through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaptinf import flops
+from adaptinf.backbone import Encoder, attention_bias
+from adaptinf.data import Encoded, eval_batches
+from adaptinf.methods.dense import DenseClassifier, DenseConfig
+from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
+from adaptinf.registry import register
+
+POLICIES = ("max-softmax", "entropy", "patience")
+MAX_SOFTMAX_NEVER = 1.01  # a max-softmax threshold that no probability reaches: never exit early
+ENTROPY_NEVER = 0.0  # entropy < 0 never holds: never exit early
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def _as_layers(value: Any) -> tuple[int, ...]:
+    """Exit layers from a tuple/list of ints, a single int, or a string such as "1,3,6" or "[1,3,6]"."""
+    if isinstance(value, str):
+        parts = [p for p in value.strip().strip("[]()").replace(" ", "").split(",") if p]
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"EarlyExitConfig.exits: expected layer numbers such as [1, 3, 6], got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"EarlyExitConfig.exits must hold integers (1-based layer numbers), got {list(value)}")
+        return tuple(value)
+    raise ValueError(f"EarlyExitConfig.exits must be a list of layer numbers such as [1, 3, 6], got {value!r}")
+
+
+@dataclass
+class EarlyExitConfig(MethodConfig):
+    """Settings shared by `ee`, `sweet` and `multi-model`.
+
+    exits: 1-based layer numbers after which an exit sits (sorted, unique; the last layer must be
+        one of them); empty = after every layer.
+    policy: "max-softmax" (knob: threshold), "entropy" (knob: threshold) or "patience" (knob: k).
+    classifier_dropout: dropout before each exit's classifier in training (the dense model's 0.1).
+    """
+
+    exits: tuple[int, ...] = ()
+    policy: str = "max-softmax"
+    classifier_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.exits = _as_layers(self.exits)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if any(e < 1 for e in self.exits):
+            raise ValueError(f"EarlyExitConfig.exits are 1-based layer numbers (>= 1), got {list(self.exits)}")
+        if list(self.exits) != sorted(set(self.exits)):
+            raise ValueError(
+                f"EarlyExitConfig.exits must be increasing without repeats, got {list(self.exits)}; "
+                f"did you mean {sorted(set(self.exits))}?"
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(f"EarlyExitConfig.policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"EarlyExitConfig.classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
+
+
+def resolve_exits(exits: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """The exit layers of a model with `num_layers` blocks (empty = every layer), checked against it."""
+    if not exits:
+        return tuple(range(1, num_layers + 1))
+    if exits[-1] > num_layers:
+        raise ValueError(
+            f"EarlyExitConfig.exits {list(exits)} name layer {exits[-1]}, but the model has {num_layers} layers"
+        )
+    if exits[-1] != num_layers:
+        raise ValueError(
+            f"EarlyExitConfig.exits {list(exits)} must include the last layer ({num_layers}) so that every "
+            f"sample gets a prediction: use {list(exits) + [num_layers]}"
+        )
+    return tuple(exits)
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+
+class ExitHead(nn.Module):
+    """BERT's classification head: tanh(Linear d->d) on the first token, dropout, Linear d->C."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.0):
+        super().__init__()
+        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [b, s, d] -> logits [b, C]."""
+        return self.classifier(self.dropout(torch.tanh(self.pooler(h[:, 0]))))
+
+    @torch.no_grad()
+    def copy_from(self, pooler: nn.Linear, classifier: nn.Linear) -> None:
+        """Take the weights of a dense model's pooler and classifier."""
+        for dst, src in ((self.pooler, pooler), (self.classifier, classifier)):
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+    """The temperature T minimising the mean NLL of softmax(logits / T) on (logits [n, C], labels [n]).
+
+    NLL is convex in 1/T, hence unimodal in log T: a grid over T in [0.01, 100] (T = 1 included, so
+    the result is never worse than no scaling) locates the minimum, golden-section search refines it.
+    Returns (T, NLL at T = 1, NLL at T).
+    """
+    z, y = logits.double(), labels.long()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(z / math.exp(log_t), y))
+
+    grid = math.log(100.0) * np.arange(-40, 41) / 40  # log T, step 0.115, exactly 0 in the middle
+    values = [nll(t) for t in grid]
+    k = int(np.argmin(values))
+    best_t, best = float(grid[k]), values[k]
+    lo, hi = float(grid[max(k - 1, 0)]), float(grid[min(k + 1, len(grid) - 1)])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(40):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    for t, v in ((a, fa), (b, fb)):
+        if v < best:
+            best_t, best = t, v
+    return math.exp(best_t), nll(0.0), best
+
+
+# --- what the three variants share -------------------------------------------------------------------
+
+
+class MultiExitClassifier(AdaptiveClassifier):
+    """Base of the early exit family (not registered itself).
+
+    Subclasses define the stages: `_start` (state before the first exit), `_stage` (run up to exit
+    i and return its logits) and `_compact` (keep only some rows of the state), plus
+    `_layers_per_exit` (blocks a sample stopping at exit i has run).
+
+    forward:
+    - in training mode, or with no knob set: every exit runs on every sample;
+      `extras["exit_logits"]` [n_exits, b, C], logits = the last exit's, flops = every layer and
+      head (what the training step costs).
+    - in eval mode with a knob: batched inference with compaction; logits of the exit each sample
+      took, `extras["exit"]` [b] its position in the exit list (0-based).
+    Logits are the heads' raw logits; the temperatures only enter the exit decision.
+    """
+
+    Config = EarlyExitConfig
+    knob_name = "threshold"
+    needs_training = True
+    detach_between_exits: ClassVar[bool] = False  # SWEET: each segment starts from a detached state
+
+    def __init__(self, spec: ModelSpec, config: EarlyExitConfig | None = None):
+        super().__init__(spec, config or EarlyExitConfig())
+        self.exit_layers = resolve_exits(self.config.exits, spec.encoder.num_hidden_layers)
+        if self.config.policy == "patience":
+            self.knob_name = "patience"  # the knob is k, not a threshold (shadows the class attribute)
+        # per-exit temperatures, fitted on validation by `calibrate` and saved with the weights
+        self.register_buffer("temperature", torch.ones(len(self.exit_layers)))
+        self.register_buffer(
+            "layers_run", torch.tensor(self._layers_per_exit(), dtype=torch.int64), persistent=False
+        )
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers)
+
+    # --- to define per variant ------------------------------------------------------------------
+    def _layers_per_exit(self) -> list[int]:
+        """Blocks run by a sample that stops at exit i (one entry per exit)."""
+        return list(self.exit_layers)
+
+    def _start(self, input_ids, attention_mask, token_type_ids) -> tuple:
+        raise NotImplementedError
+
+    def _stage(self, i: int, state: tuple, detach: bool = False) -> tuple[torch.Tensor, tuple]:
+        """Run from exit i-1 (or the input) to exit i: (logits [m, C], new state)."""
+        raise NotImplementedError
+
+    def _compact(self, state: tuple, rows: torch.Tensor, length: int) -> tuple:
+        """The state of rows `rows` only, cut to `length` positions (every kept row fits)."""
+        raise NotImplementedError
+
+    # --- knob -----------------------------------------------------------------------------------
+    def knob_values(self) -> list[float]:
+        c, n = self.spec.num_labels, self.num_exits
+        if self.config.policy == "patience":
+            return [float(k) for k in range(1, n + 1)]
+        u = 1.0 - np.geomspace(1.0, 1e-4, 24)  # 0 .. 0.9999, dense near 1
+        if self.config.policy == "max-softmax":
+            grid = 1.0 / c + (1.0 - 1.0 / c) * u  # 1/C (everything exits first) .. near 1
+            return sorted({round(float(v), 6) for v in grid} | {1.0, MAX_SOFTMAX_NEVER})
+        grid = math.log(c) * (1.0 - u)  # log C (nearly everything exits first) .. near 0
+        return sorted({round(float(v), 6) for v in grid} | {ENTROPY_NEVER}, reverse=True)
+
+    def set_knob(self, value: float | None) -> None:
+        self._check_knob(value)
+        super().set_knob(value)
+
+    def _check_knob(self, value) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{self.method}: the {self.knob_name} must be a number, got {value!r}")
+        if self.config.policy == "patience" and not (math.isfinite(value) and value >= 1 and value == int(value)):
+            raise ValueError(
+                f"{self.method}: with policy 'patience' the knob is the number of consecutive agreeing exits, "
+                f"an integer from 1 to {self.num_exits}; got {value!r}"
+            )
+
+    # --- the exit decision ----------------------------------------------------------------------
+    def _exit_now(
+        self, i: int, logits: torch.Tensor, knob: float, memo: tuple | None
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """Which rows stop at exit i: (done [m] bool, policy state to carry to exit i+1).
+
+        Row-wise only, so a row's decision never depends on the other rows of its batch.
+        `memo` is the patience state (previous prediction, length of the agreeing run) [m] each.
+        """
+        policy = self.config.policy
+        if policy == "patience":
+            pred = logits.argmax(dim=-1)  # [m]
+            run = torch.ones_like(pred) if memo is None else torch.where(pred == memo[0], memo[1] + 1, 1)
+            return run >= knob, (pred, run)
+        z = logits.float() / self.temperature[i]  # [m, C]
+        if policy == "max-softmax":
+            return z.softmax(dim=-1).amax(dim=-1) >= knob, None
+        logp = z.log_softmax(dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1)  # [m], >= 0
+        return entropy < knob, None
+
+    # --- cost -----------------------------------------------------------------------------------
+    def cost(self, exit_index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """FLOPs [b] (float64) of samples of real lengths [b] that stop at exits `exit_index` [b]:
+        the blocks they ran at their length plus one head per exit evaluated for them."""
+        cfg = self.spec.encoder
+        per_block = flops.block(lengths, cfg)  # [b] int64
+        heads = (exit_index + 1) * flops.head(cfg, self.spec.num_labels)
+        return (self.layers_run[exit_index] * per_block + heads).to(torch.float64)
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
+        lengths = flops.lengths_of(attention_mask)  # [b]
+        if self.training or self.knob is None:
+            exit_logits = self.all_exit_logits(input_ids, attention_mask, token_type_ids)  # [n, b, C]
+            last = torch.full_like(lengths, self.num_exits - 1)
+            extras = {"exit_logits": exit_logits, "exit": last}
+            return ClassifierOutput(logits=exit_logits[-1], flops=self.cost(last, lengths), extras=extras)
+        logits, exit_index = self._exit_early(input_ids, attention_mask, token_type_ids, lengths, self.knob)
+        return ClassifierOutput(logits=logits, flops=self.cost(exit_index, lengths), extras={"exit": exit_index})
+
+    def all_exit_logits(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Every exit's logits for every sample, [n_exits, b, C] (what training uses)."""
+        state = self._start(input_ids, attention_mask, token_type_ids)
+        out = []
+        for i in range(self.num_exits):
+            logits, state = self._stage(i, state, detach=i > 0 and self.detach_between_exits)
+            out.append(logits)
+        return torch.stack(out)
+
+    def _exit_early(self, input_ids, attention_mask, token_type_ids, lengths, knob) -> tuple[torch.Tensor, ...]:
+        """Batched inference with compaction: (logits [b, C], exit index [b]).
+
+        `active` holds the batch rows still running. After each exit every active row's logits and
+        exit index are written to the outputs by index (a row that goes on is overwritten at a
+        later exit), then the running state (hidden states, mask rows, policy state) keeps only the
+        rows that go on, cut to the longest of them. No loop over samples.
+        """
+        b = input_ids.shape[0]
+        out_exit = torch.full((b,), self.num_exits - 1, dtype=torch.int64, device=input_ids.device)
+        if b == 0:
+            return torch.zeros(0, self.spec.num_labels, device=input_ids.device), out_exit
+        state = self._start(input_ids, attention_mask, token_type_ids)
+        active = torch.arange(b, device=input_ids.device)  # [m] batch rows still running
+        active_len = lengths  # [m]
+        width = input_ids.shape[1]
+        out_logits, memo = None, None
+        for i in range(self.num_exits):
+            logits, state = self._stage(i, state)  # [m, C]
+            if out_logits is None:
+                out_logits = logits.new_zeros(b, logits.shape[1])
+            out_logits[active] = logits
+            out_exit[active] = i
+            if i == self.num_exits - 1:
+                break
+            done, memo = self._exit_now(i, logits, knob, memo)
+            keep = ~done
+            # The one host sync per exit, inherent to compaction: the size of the batch that goes
+            # on (and its longest real length, to drop padding columns no kept row needs).
+            n_keep, width_keep = torch.stack([keep.sum(), torch.where(keep, active_len, 0).amax()]).tolist()
+            if n_keep == 0:
+                break
+            if n_keep < active.shape[0] or width_keep < width:
+                # kept rows in their order, without another sync (a stable sort puts them first)
+                rows = torch.argsort(done.to(torch.int8), stable=True)[:n_keep]
+                state = self._compact(state, rows, width_keep)
+                active, active_len, width = active[rows], active_len[rows], width_keep
+                memo = None if memo is None else tuple(t[rows] for t in memo)
+        return out_logits, out_exit
+
+    # --- training -------------------------------------------------------------------------------
+    def loss(self, out: ClassifierOutput, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Sum over exits of each exit's cross-entropy (mean over the batch, or sum for 'sum').
+
+        Needs the training forward's `extras["exit_logits"]`; an output of the early-exit path
+        (eval mode with a knob) gets the plain cross-entropy of its logits.
+        """
+        exit_logits = out.extras.get("exit_logits")
+        if exit_logits is None:
+            return super().loss(out, labels, reduction)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        n, b, c = exit_logits.shape
+        ce = F.cross_entropy(exit_logits.reshape(n * b, c), labels.repeat(n), reduction="none").view(n, b)
+        loss = ce.sum() if reduction == "sum" else ce.mean(dim=1).sum()
+        if out.aux_loss is not None:
+            loss = loss + (out.aux_loss * b if reduction == "sum" else out.aux_loss)
+        return loss
+
+    def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
+        """Train every exit with `adaptinf.train.finetune` and this model's loss (resumable from
+        out_dir), keep the epoch best on validation (by the last exit's accuracy, finetune's
+        criterion), then fit the temperatures on `val`. Returns a summary."""
+        from safetensors.torch import load_file
+
+        from adaptinf.checkpoint import WEIGHTS_FILE
+        from adaptinf.train import finetune
+
+        knob = self.knob
+        self.set_knob(None)  # finetune validates with the full forward (logits = the last exit)
+        try:
+            result = finetune(self, train, val, cfg, out_dir, progress=progress, restart=restart)
+        finally:
+            self.set_knob(knob)
+        best = Path(out_dir) / "best" / WEIGHTS_FILE
+        if best.is_file():
+            self.load_state_dict(load_file(str(best)))
+        calib = self.calibrate(val, batch_size=cfg.eval_batch_size)
+        return {
+            "best_val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch,
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step,
+            "n_train": len(train),
+            **calib,
+        }
+
+    # --- calibration and the offline sweep -----------------------------------------------------
+    @torch.inference_mode()
+    def exit_logits(self, enc: Encoded, batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, ...]:
+        """Every exit's logits for a whole split from one pass: ([n_exits, n, C] float32 on CPU,
+        real lengths [n] int64), in the order of `enc`. Eval mode; the model's mode is restored."""
+        if len(enc) == 0:
+            raise ValueError("nothing to run: the encoded split is empty")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out = torch.empty(self.num_exits, len(enc), self.spec.num_labels, dtype=torch.float32)
+        lengths = torch.tensor([len(x) for x in enc.ids], dtype=torch.int64)
+        batches = eval_batches(enc, batch_size, pad_id=self.spec.encoder.pad_token_id, sort_by_length=True)
+        try:
+            for batch in tqdm(batches, total=math.ceil(len(enc) / batch_size), desc=f"{self.method} exits",
+                              disable=not progress, leave=False):
+                z = self.all_exit_logits(batch.input_ids.to(device), batch.attention_mask.to(device))
+                out[:, batch.index] = z.float().cpu()
+        finally:
+            self.train(was_training)
+        return out, lengths
+
+    def exit_decisions(self, exit_logits: torch.Tensor, knob: float | None) -> torch.Tensor:
+        """The exit [n] each sample takes at `knob`, from all exits' logits [n_exits, n, C]; the
+        same rule, row by row, as the batched forward."""
+        self._check_knob(knob)
+        n = exit_logits.shape[1]
+        exit_index = torch.full((n,), self.num_exits - 1, dtype=torch.int64)
+        if knob is None:
+            return exit_index
+        running, memo = torch.ones(n, dtype=torch.bool), None
+        with torch.no_grad():
+            for i in range(self.num_exits - 1):
+                done, memo = self._exit_now(i, exit_logits[i].to(self.temperature.device), knob, memo)
+                done = done.cpu()
+                exit_index = torch.where(running & done, i, exit_index)
+                running &= ~done
+        return exit_index
+
+    def sweep_offline(self, enc: Encoded, knobs, batch_size: int = 64, progress: bool = False) -> list[SweepPoint]:
+        """Every knob value from one pass that stores every exit's logits (see `exit_decisions`).
+
+        Extras per point: "exit" [n] (the exit each sample took) and, when every sample is
+        labelled, "exit_accuracy" (the accuracy of each exit on its own, the same at every knob).
+        """
+        for k in knobs:
+            self._check_knob(k)
+        z, lengths = self.exit_logits(enc, batch_size, progress)
+        rows = torch.arange(len(enc))
+        common: dict[str, Any] = {}
+        y = enc.labels
+        if y.shape == (len(enc),) and bool(((y >= 0) & (y < self.spec.num_labels)).all()):
+            common["exit_accuracy"] = (z.argmax(dim=-1) == y).double().mean(dim=1).tolist()
+        points = []
+        for k in knobs:
+            exit_index = self.exit_decisions(z, k)
+            cost = self.cost(exit_index.to(self.layers_run.device), lengths.to(self.layers_run.device)).cpu()
+            points.append(SweepPoint(k, z[exit_index, rows].argmax(dim=-1), cost, {"exit": exit_index, **common}))
+        return points
+
+    def calibrate(self, val: Encoded, batch_size: int = 64) -> dict[str, list[float]]:
+        """Fit each exit's temperature on `val` (the validation split, never test) by minimising
+        its NLL; returns the temperatures and the NLL before (T = 1) and after, per exit."""
+        y = val.labels
+        if y.shape != (len(val),) or bool(((y < 0) | (y >= self.spec.num_labels)).any()):
+            raise ValueError("calibration needs every validation sample labelled with one of the model's labels")
+        z, _ = self.exit_logits(val, batch_size)
+        fitted = [fit_temperature(z[i], y) for i in range(self.num_exits)]
+        with torch.no_grad():
+            self.temperature.copy_(torch.tensor([t for t, _, _ in fitted]))
+        return {
+            "temperature": [t for t, _, _ in fitted],
+            "val_nll_before": [b for _, b, _ in fitted],
+            "val_nll_after": [a for _, _, a in fitted],
+            "val_exit_accuracy": (z.argmax(dim=-1) == y).double().mean(dim=1).tolist(),
+        }
+
+
+# --- EE and SWEET: one backbone, a head after each exit layer ---------------------------------------
+
+
+@register
+class EarlyExitClassifier(MultiExitClassifier):
+    """One backbone with an exit head after each exit layer; every exit trains all layers below it."""
+
+    method = "ee"
+    description = "early exit: a classifier after chosen layers, trained with the sum of exit losses"
+
+    def __init__(self, spec: ModelSpec, config: EarlyExitConfig | None = None):
+        super().__init__(spec, config)
+        d, c = spec.encoder.hidden_size, spec.num_labels
+        self.encoder = Encoder(spec.encoder)
+        # every exit has its own pooler in its head; the encoder's would be an untrained, unused copy
+        self.encoder.pooler = None
+        self.heads = nn.ModuleList(ExitHead(d, c, self.config.classifier_dropout) for _ in self.exit_layers)
+
+    @classmethod
+    def from_dense(cls, dense: AdaptiveClassifier, config: EarlyExitConfig | None = None) -> MultiExitClassifier:
+        """Backbone from the dense model; every exit head starts as the dense pooler + classifier,
+        so the last exit of a fresh conversion is the dense model."""
+        if not isinstance(dense, DenseClassifier):
+            raise ValueError(f"conversion needs a dense model, got method {dense.method!r}")
+        model = cls(dense.spec, config or EarlyExitConfig())
+        state = {k: v for k, v in dense.encoder.state_dict().items() if not k.startswith("pooler.")}
+        model.encoder.load_state_dict(state)
+        for head in model.heads:
+            head.copy_from(dense.encoder.pooler.dense, dense.classifier)
+        return model
+
+    def _start(self, input_ids, attention_mask, token_type_ids):
+        h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
+        return h, attention_bias(attention_mask, h.dtype), 0
+
+    def _stage(self, i, state, detach=False):
+        h, bias, layer = state
+        if detach:
+            h = h.detach()
+        h = self.encoder.run_blocks(h, bias, layer, self.exit_layers[i])  # [m, s, d]
+        return self.heads[i](h), (h, bias, self.exit_layers[i])
+
+    def _compact(self, state, rows, length):
+        h, bias, layer = state
+        return h[rows, :length], bias[rows, :, :, :length], layer
+
+
+@register
+class SweetClassifier(EarlyExitClassifier):
+    """EE with the hidden state detached at each exit boundary in training (SWEET, ACL 2023)."""
+
+    method = "sweet"
+    description = "SWEET: early exit where each block of layers is trained only by the exit right after it"
+    # Each segment starts from a detached copy of the hidden state, so exit i's loss reaches only the
+    # blocks in (e_{i-1}, e_i] (and the embeddings for the first exit). Values, hence inference, unchanged.
+    detach_between_exits = True
+
+
+# --- Multi-Model: a cascade of independent models of increasing depth -------------------------------
+
+
+@register
+class MultiModelClassifier(MultiExitClassifier):
+    """One independent model per exit depth e_i, run as a cascade at inference.
+
+    Training minimises the sum of the sub-models' cross-entropies; their parameters are disjoint,
+    so each sub-model gets exactly its own gradient. Note that gradient clipping in
+    `adaptinf.train.finetune` is over the global norm of all sub-models together.
+    """
+
+    method = "multi-model"
+    description = "multi-model cascade: independent models of increasing depth; an escalated sample runs the next from scratch"
+
+    def __init__(self, spec: ModelSpec, config: EarlyExitConfig | None = None):
+        super().__init__(spec, config)
+        sub = DenseConfig(classifier_dropout=self.config.classifier_dropout)
+        depth = [dataclasses.replace(spec, encoder=dataclasses.replace(spec.encoder, num_hidden_layers=e))
+                 for e in self.exit_layers]
+        self.models = nn.ModuleList(DenseClassifier(sub_spec, sub) for sub_spec in depth)
+
+    def _layers_per_exit(self) -> list[int]:
+        return np.cumsum(self.exit_layers).tolist()  # an escalated sample re-runs every model from the input
+
+    @classmethod
+    def from_dense(cls, dense: AdaptiveClassifier, config: EarlyExitConfig | None = None) -> MultiModelClassifier:
+        """Model i = the dense embeddings, first e_i layers, pooler and classifier; the last is the
+        dense model itself."""
+        if not isinstance(dense, DenseClassifier):
+            raise ValueError(f"conversion needs a dense model, got method {dense.method!r}")
+        model = cls(dense.spec, config or EarlyExitConfig())
+        state = dense.state_dict()
+        for e, sub in zip(model.exit_layers, model.models):
+            sub.load_state_dict({k: v for k, v in state.items() if not _block_at_or_after(k, e)})
+        return model
+
+    def _start(self, input_ids, attention_mask, token_type_ids):
+        return input_ids, attention_mask, token_type_ids
+
+    def _stage(self, i, state, detach=False):
+        input_ids, attention_mask, token_type_ids = state
+        sub = self.models[i]
+        h = sub.encoder.embed(input_ids, token_type_ids)  # [m, s, d]
+        h = sub.encoder.run_blocks(h, attention_bias(attention_mask, h.dtype))
+        return sub.classifier(sub.dropout(sub.encoder.pool(h))), state
+
+    def _compact(self, state, rows, length):
+        return tuple(None if t is None else t[rows, :length] for t in state)
+
+
+def _block_at_or_after(key: str, layer: int) -> bool:
+    """Whether a dense state-dict key belongs to encoder block `layer` (0-based) or a later one."""
+    parts = key.split(".")
+    return parts[:2] == ["encoder", "blocks"] and int(parts[2]) >= layer

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny dense classifier and a padded batch for it, and the MiniLM tokenizer.
+
+The `slow` marker is declared in pyproject.toml; slow tests run by default (CI runs them too)
+and can be skipped with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptinf.backbone import EncoderConfig
+from adaptinf.methods.dense import DenseClassifier
+from adaptinf.model import ModelSpec
+
+TINY_LENGTHS = (32, 2, 17, 9)  # one full-length sample, one of length 2 ([CLS] [SEP]), others between
+
+
+@pytest.fixture
+def tiny_spec() -> ModelSpec:
+    return ModelSpec(
+        EncoderConfig(
+            vocab_size=1000,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+        labels=("neg", "pos"),
+        max_length=32,
+    )
+
+
+@pytest.fixture
+def tiny_dense(tiny_spec) -> DenseClassifier:
+    torch.manual_seed(0)
+    return DenseClassifier(tiny_spec).eval()
+
+
+def make_batch(lengths, vocab_size: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids padded (id 0, mask 0) to the longest length: [CLS]-like first token 101."""
+    g = torch.Generator().manual_seed(seed)
+    s = max(lengths)
+    input_ids = torch.zeros(len(lengths), s, dtype=torch.int64)
+    attention_mask = torch.zeros(len(lengths), s, dtype=torch.int64)
+    for i, n in enumerate(lengths):
+        input_ids[i, :n] = torch.randint(1, vocab_size, (n,), generator=g)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture
+def tiny_batch(tiny_spec) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask [4, 32] with real lengths TINY_LENGTHS."""
+    return make_batch(TINY_LENGTHS, tiny_spec.encoder.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from adaptinf.hf import load_tokenizer
+
+    return load_tokenizer("minilm-l6")
