@@ -321,6 +321,16 @@ def cmd_report(args) -> int:
 # --- parser -------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when there is one and the help text does not already state it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adaptinf import __version__
 
@@ -332,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"adaptinf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    fmt = {"formatter_class": _HelpFormatter}
 
     p = sub.add_parser("finetune", **fmt, help="fine-tune the dense baseline on a task",
                        description="Fine-tune a Hugging Face BERT-family checkpoint (or the built-in MiniLM-L6) "

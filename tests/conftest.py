@@ -13,6 +13,16 @@ from adaptinf.backbone import EncoderConfig
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import ModelSpec
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny shapes run fastest on one thread; with more, a test run beside another job (a training
+    run on the same cores) slows down ten-fold from oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY_LENGTHS = (32, 2, 17, 9)  # one full-length sample, one of length 2 ([CLS] [SEP]), others between
 
 

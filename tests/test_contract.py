@@ -12,6 +12,7 @@ from conftest import TINY_LENGTHS, make_batch
 
 import adaptinf
 from adaptinf.checkpoint import load_model, save_model
+from adaptinf.data import Encoded, collate
 from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig
 from adaptinf.registry import get_method
 
@@ -191,3 +192,24 @@ def test_eval_forward_is_deterministic(name, tiny_dense, tiny_batch):
     with torch.no_grad():
         a, b = model(**tiny_batch), model(**tiny_batch)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.flops, b.flops)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_offline_sweep_matches_forward(name, tiny_dense):
+    """A method's `sweep_offline` (when it has one) gives exactly what `forward` gives at each knob."""
+    model = build(name, tiny_dense)
+    lengths = [9, 2, 30, 14, 5, 21, 2, 12, 32, 7]
+    batch = make_batch(lengths, tiny_dense.spec.encoder.vocab_size, seed=5)
+    enc = Encoded([row[:n].tolist() for row, n in zip(batch["input_ids"], lengths)], torch.tensor([i % 2 for i in range(10)]))
+    knobs = knob_values(model)
+    swept = model.sweep_offline(enc, knobs, batch_size=3)
+    if swept is None:
+        return  # evaluate runs forward per knob: nothing to compare
+    assert [p.knob for p in swept] == knobs
+    b = collate(enc, range(len(enc)))
+    for point in swept:
+        model.set_knob(point.knob)
+        with torch.no_grad():
+            out = model(b.input_ids, b.attention_mask)
+        assert torch.equal(point.predictions, out.logits.argmax(-1)), point.knob
+        assert torch.equal(point.flops, out.flops), point.knob
