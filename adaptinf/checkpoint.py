@@ -20,6 +20,7 @@ FORMAT = "adaptinf"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 def _read_json(path: Path) -> dict:
@@ -52,6 +53,9 @@ def save_model(model: AdaptiveClassifier, directory: str | os.PathLike, extra: d
     save_tensors_atomic({k: v.clone() for k, v in state.items()}, out / WEIGHTS_FILE, metadata={"format": FORMAT})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out)
+    else:  # a tokenizer left from an earlier save would be attached to this model on load
+        for name in TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
     from adaptinf import __version__
 
     write_json_atomic(

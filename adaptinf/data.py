@@ -88,7 +88,7 @@ def _check_rows(texts: list, raw_labels: list, source: str) -> None:
         if not isinstance(t, str):
             raise ValueError(f"{source}: row {i + 1} has a non-text value {t!r} in the text column")
     for i, y in enumerate(raw_labels):
-        if y is None or (isinstance(y, float) and math.isnan(y)) or str(y).strip() == "":
+        if y is None or (isinstance(y, float) and math.isnan(y)) or str(y).strip().lower() in ("", "nan"):
             raise ValueError(f"{source}: row {i + 1} has an empty or missing label")
     if len({str(y) for y in raw_labels}) < 2:
         raise ValueError(f"{source}: only one class ({str(raw_labels[0])!r}); classification needs at least two")
@@ -123,7 +123,15 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, gro
     # utf-8-sig reads plain UTF-8 and also files starting with a BOM (Excel's "CSV UTF-8"), whose
     # first column would otherwise be named "\ufefftext".
     try:
-        if suffix in (".jsonl", ".json", ".ndjson"):
+        if suffix == ".json" and p.read_text(encoding="utf-8-sig").lstrip().startswith("["):
+            try:  # a JSON array of objects
+                rows = json.loads(p.read_text(encoding="utf-8-sig"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p} is not valid JSON ({e})") from e
+            if not all(isinstance(r, dict) for r in rows):
+                raise ValueError(f"{p}: a .json file must hold an array of objects (one per row)")
+            columns = sorted({k for r in rows for k in r})
+        elif suffix in (".jsonl", ".json", ".ndjson"):
             rows = []
             with p.open(encoding="utf-8-sig") as f:
                 for n, line in enumerate(f, 1):

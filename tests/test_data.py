@@ -327,3 +327,18 @@ def test_utf8_with_bom_is_read(tmp_path, name):
     path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # as Excel's "CSV UTF-8" writes it
     task = load_table(path)
     assert task.labels == ("0", "1") and sum(len(task.split(s)[0]) for s in SPLITS) == 3
+
+
+def test_json_array_file_and_nan_label(tmp_path):
+    import json as _json
+
+    from adaptinf.data import load_table
+
+    p = tmp_path / "rows.json"
+    p.write_text(_json.dumps([{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(12)]))
+    task = load_table(p)
+    assert task.labels == ("a", "b") and sum(len(s[0]) for s in (task.train, task.validation, task.test)) == 12
+    bad = tmp_path / "nan.csv"
+    bad.write_text("text,label\nx,a\ny,NaN\nz,b\n")
+    with pytest.raises(ValueError, match="row 2 has an empty or missing label"):
+        load_table(bad)
