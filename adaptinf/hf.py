@@ -75,6 +75,27 @@ def encoder_config_from_hf(hf_config) -> EncoderConfig:
     )
 
 
+def hf_weight_names(encoder: Encoder) -> list[tuple[torch.Tensor, str]]:
+    """(our tensor, its `transformers.BertModel` state-dict key) for every encoder weight but the pooler."""
+    e = encoder.embeddings
+    pairs = [
+        (e.word.weight, "embeddings.word_embeddings.weight"),
+        (e.position.weight, "embeddings.position_embeddings.weight"),
+        (e.token_type.weight, "embeddings.token_type_embeddings.weight"),
+        (e.norm.weight, "embeddings.LayerNorm.weight"),
+        (e.norm.bias, "embeddings.LayerNorm.bias"),
+    ]
+    for i, blk in enumerate(encoder.blocks):
+        att, ffn = blk.attention, blk.ffn
+        modules = [
+            (att.q, "attention.self.query"), (att.k, "attention.self.key"), (att.v, "attention.self.value"),
+            (att.out, "attention.output.dense"), (att.norm, "attention.output.LayerNorm"),
+            (ffn.up, "intermediate.dense"), (ffn.down, "output.dense"), (ffn.norm, "output.LayerNorm"),
+        ]
+        pairs += [(getattr(m, part), f"encoder.layer.{i}.{name}.{part}") for m, name in modules for part in ("weight", "bias")]
+    return pairs
+
+
 @torch.no_grad()
 def copy_weights_from_hf(encoder: Encoder, hf_sd: dict[str, torch.Tensor]) -> None:
     """Copy a `transformers.BertModel` state dict (keys with or without a `bert.` prefix) into `encoder`."""
@@ -91,26 +112,8 @@ def copy_weights_from_hf(encoder: Encoder, hf_sd: dict[str, torch.Tensor]) -> No
             raise ValueError(f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
         dst.copy_(src)
 
-    e = encoder.embeddings
-    copy(e.word.weight, "embeddings.word_embeddings.weight")
-    copy(e.position.weight, "embeddings.position_embeddings.weight")
-    copy(e.token_type.weight, "embeddings.token_type_embeddings.weight")
-    copy(e.norm.weight, "embeddings.LayerNorm.weight")
-    copy(e.norm.bias, "embeddings.LayerNorm.bias")
-    for i, blk in enumerate(encoder.blocks):
-        p = f"encoder.layer.{i}."
-        att = blk.attention
-        for part in ("weight", "bias"):
-            qkv = torch.cat([take(p + f"attention.self.{n}.{part}") for n in ("query", "key", "value")])
-            copy_tensor = getattr(att.qkv, part)
-            if qkv.shape != copy_tensor.shape:
-                raise ValueError(f"layer {i} q/k/v {part} has shape {tuple(qkv.shape)}, expected {tuple(copy_tensor.shape)}")
-            copy_tensor.copy_(qkv)
-            copy(getattr(att.out, part), p + f"attention.output.dense.{part}")
-            copy(getattr(att.norm, part), p + f"attention.output.LayerNorm.{part}")
-            copy(getattr(blk.ffn.up, part), p + f"intermediate.dense.{part}")
-            copy(getattr(blk.ffn.down, part), p + f"output.dense.{part}")
-            copy(getattr(blk.ffn.norm, part), p + f"output.LayerNorm.{part}")
+    for tensor, key in hf_weight_names(encoder):
+        copy(tensor, key)
     if "pooler.dense.weight" in sd:
         copy(encoder.pooler.dense.weight, "pooler.dense.weight")
         copy(encoder.pooler.dense.bias, "pooler.dense.bias")
@@ -190,31 +193,13 @@ def to_hf_sequence_classifier(dense):
         attn_implementation="sdpa",
     )
     enc = dense.encoder
-    e = enc.embeddings
-    sd = {
-        "bert.embeddings.word_embeddings.weight": e.word.weight,
-        "bert.embeddings.position_embeddings.weight": e.position.weight,
-        "bert.embeddings.token_type_embeddings.weight": e.token_type.weight,
-        "bert.embeddings.LayerNorm.weight": e.norm.weight,
-        "bert.embeddings.LayerNorm.bias": e.norm.bias,
+    sd = {f"bert.{key}": tensor for tensor, key in hf_weight_names(enc)}
+    sd.update({
         "bert.pooler.dense.weight": enc.pooler.dense.weight,
         "bert.pooler.dense.bias": enc.pooler.dense.bias,
         "classifier.weight": dense.classifier.weight,
         "classifier.bias": dense.classifier.bias,
-    }
-    for i, blk in enumerate(enc.blocks):
-        p = f"bert.encoder.layer.{i}."
-        att = blk.attention
-        for part in ("weight", "bias"):
-            q, k, v = getattr(att.qkv, part).chunk(3)  # rows are [q; k; v]
-            sd[p + f"attention.self.query.{part}"] = q
-            sd[p + f"attention.self.key.{part}"] = k
-            sd[p + f"attention.self.value.{part}"] = v
-            sd[p + f"attention.output.dense.{part}"] = getattr(att.out, part)
-            sd[p + f"attention.output.LayerNorm.{part}"] = getattr(att.norm, part)
-            sd[p + f"intermediate.dense.{part}"] = getattr(blk.ffn.up, part)
-            sd[p + f"output.dense.{part}"] = getattr(blk.ffn.down, part)
-            sd[p + f"output.LayerNorm.{part}"] = getattr(blk.ffn.norm, part)
+    })
     ref = dense.classifier.weight
     hf_model = BertForSequenceClassification(hf_config).to(device=ref.device, dtype=ref.dtype)
     hf_model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
