@@ -6,12 +6,16 @@ and can be skipped with `-m "not slow"`.
 
 from __future__ import annotations
 
+import csv
+import shutil
+
 import pytest
 import torch
 
 from adaptinf.backbone import EncoderConfig
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import ModelSpec
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
@@ -26,20 +30,25 @@ def one_torch_thread():
 TINY_LENGTHS = (32, 2, 17, 9)  # one full-length sample, one of length 2 ([CLS] [SEP]), others between
 
 
-@pytest.fixture
-def tiny_spec() -> ModelSpec:
+def make_tiny_spec(vocab_size: int = 1000, labels: tuple[str, ...] = ("neg", "pos")) -> ModelSpec:
+    """A 2-layer, hidden-32 classifier spec: the shape every fast test uses."""
     return ModelSpec(
         EncoderConfig(
-            vocab_size=1000,
+            vocab_size=vocab_size,
             hidden_size=32,
             num_hidden_layers=2,
             num_attention_heads=4,
             intermediate_size=64,
             max_position_embeddings=64,
         ),
-        labels=("neg", "pos"),
+        labels=labels,
         max_length=32,
     )
+
+
+@pytest.fixture
+def tiny_spec() -> ModelSpec:
+    return make_tiny_spec()
 
 
 @pytest.fixture
@@ -71,3 +80,37 @@ def minilm_tokenizer():
     from adaptinf.hf import load_tokenizer
 
     return load_tokenizer("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A randomly initialised 2-layer BERT saved as a Hugging Face checkpoint, with MiniLM's tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from adaptinf.hf import resolve_model_path
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(d)
+    src = resolve_model_path("minilm-l6")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, d / f)
+    return d
+
+
+@pytest.fixture(scope="session")
+def user_csv(tmp_path_factory):
+    """A user's file (not the built-in task): 3 classes named by words, texts from the review data."""
+    from adaptinf.data import rotten_tomatoes
+
+    texts, labels = rotten_tomatoes(seed=0).train
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "review", "verdict"])
+        for i, (t, y) in enumerate(zip(texts[:90], labels[:90])):
+            w.writerow([i, t, ["bad", "good", "meh"][y if i % 5 else 2]])
+    return path

@@ -9,31 +9,19 @@ import time
 
 import pytest
 import torch
+from conftest import make_tiny_spec
 
-from adaptinf.backbone import EncoderConfig
 from adaptinf.bench import BenchRow, format_table, hf_case, make_batches, model_case, run_bench, write_bench
 from adaptinf.data import Encoded, collate
 from adaptinf.hf import to_hf_sequence_classifier
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.model import ModelSpec
 
 STAMPS = ("machine", "device", "torch_threads", "torch_version", "python_version", "timestamp")
 
 
 def tiny_dense() -> DenseClassifier:
     torch.manual_seed(0)
-    spec = ModelSpec(
-        EncoderConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        ),
-        labels=("a", "b"),
-        max_length=32,
-    )
+    spec = make_tiny_spec(vocab_size=100, labels=("a", "b"))
     return DenseClassifier(spec).eval()
 
 

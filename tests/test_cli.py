@@ -2,51 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from adaptinf.cli import build_parser, main
-from adaptinf.hf import resolve_model_path
 
 COMMANDS = ["finetune", "convert", "evaluate", "bench", "report"]
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory):
-    """A randomly initialised 2-layer BERT saved as a Hugging Face checkpoint, with MiniLM's tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(d)
-    src = resolve_model_path("minilm-l6")
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / f).exists():
-            shutil.copy(src / f, d / f)
-    return d
-
-
-@pytest.fixture(scope="module")
-def user_csv(tmp_path_factory):
-    """A user's file (not the built-in task): 3 classes named by words, texts from the review data."""
-    from adaptinf.data import rotten_tomatoes
-
-    texts, labels = rotten_tomatoes(seed=0).train
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "review", "verdict"])
-        for i, (t, y) in enumerate(zip(texts[:90], labels[:90])):
-            w.writerow([i, t, ["bad", "good", "meh"][y if i % 5 else 2]])
-    return path
 
 
 @pytest.mark.parametrize("command", COMMANDS)

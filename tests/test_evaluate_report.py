@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import make_tiny_spec
 
 from adaptinf import flops
-from adaptinf.backbone import EncoderConfig
 from adaptinf.data import Encoded
 from adaptinf.evaluate import (
     OperatingPoint,
@@ -22,21 +22,10 @@ from adaptinf.evaluate import (
     write_points,
 )
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.model import ClassifierOutput, ModelSpec
+from adaptinf.model import ClassifierOutput
 from adaptinf.report import write_report
 
-SPEC = ModelSpec(
-    EncoderConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ),
-    labels=("a", "b"),
-    max_length=32,
-)
+SPEC = make_tiny_spec(vocab_size=100, labels=("a", "b"))
 LENGTHS = [5, 17, 2, 32, 9, 9, 1, 24, 13, 3, 30, 7]
 
 
