@@ -373,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the dense model directory (or --data), select on validation, and save to --out; an "
                        "interrupted run resumes when the same command is rerun.")
     p.add_argument("dense", help="dense model directory (e.g. runs/dense/best)")
-    p.add_argument("--method", required=True, help="method name (registered methods: adaptinf.list_methods())")
+    from adaptinf.registry import list_methods
+
+    p.add_argument("--method", required=True, help=f"method name, one of: {', '.join(list_methods())}")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a method config field (repeatable), e.g. --set exits=[1,3,6] --set policy=entropy")
     p.add_argument("--out", required=True,
