@@ -135,12 +135,12 @@ def cmd_finetune(args) -> int:
     best = load_model(best_dir)
     test = encode(*task.test, tokenizer, args.max_length)
     test_acc, _ = accuracy(best, test)
-    summary = {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
+    summary = {"best_val_accuracy": result.best_val_score, "best_epoch": result.best_epoch,
                "test_accuracy": test_acc, "n_train": len(train), "n_val": len(val), "n_test": len(test),
                "steps": result.steps, "resumed_from_step": result.resumed_from_step,
                "seconds_this_run": round(result.seconds, 1), "model_dir": str(best_dir)}
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"best validation accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch}); "
+    print(f"best validation accuracy {result.best_val_score:.4f} (epoch {result.best_epoch}); "
           f"test accuracy {test_acc:.4f}; model saved to {best_dir}")
     return 0
 

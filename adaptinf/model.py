@@ -178,6 +178,13 @@ class AdaptiveClassifier(nn.Module):
             loss = loss + (out.aux_loss * labels.shape[0] if reduction == "sum" else out.aux_loss)
         return loss
 
+    def selection_score(self, val: Encoded, batch_size: int = 64) -> float:
+        """Model selection on validation (higher is better): the epoch `finetune` keeps as best.
+        Default: accuracy of `logits`. Methods with several predictions per sample override it."""
+        from adaptinf.train import accuracy
+
+        return accuracy(self, val, batch_size, self.spec.encoder.pad_token_id)[0]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -72,7 +72,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    best_val_accuracy: float
+    best_val_score: float  # the model's selection_score on validation (accuracy for dense)
     best_epoch: int
     epochs_run: int
     steps: int
@@ -254,12 +254,12 @@ def finetune(
             return
         new = not metrics_path.exists()
         with metrics_path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["epoch", "step", "lr", "train_loss", "val_accuracy", "val_loss", "elapsed_s"])
+            w = csv.DictWriter(f, fieldnames=["epoch", "step", "lr", "train_loss", "val_accuracy", "val_loss", "val_score", "elapsed_s"])
             if new:
                 w.writeheader()
             w.writerow({k: row.get(k, "") for k in w.fieldnames})
         if tb is not None:
-            for k in ("train_loss", "val_accuracy", "val_loss", "lr"):
+            for k in ("train_loss", "val_accuracy", "val_loss", "val_score", "lr"):
                 if row.get(k, "") != "":
                     tb.add_scalar(k, row[k], row["step"])
 
@@ -302,12 +302,15 @@ def finetune(
             # end of epoch: validate, keep the best, move the resume point to the next epoch
             if rank == 0:
                 acc, vloss = accuracy(model, val, cfg.eval_batch_size, pad_id)
-                log({"epoch": epoch, "step": global_step, "val_accuracy": acc, "val_loss": vloss,
+                score = model.selection_score(val, cfg.eval_batch_size)  # what "best" means for this method
+                log({"epoch": epoch, "step": global_step, "val_accuracy": acc, "val_loss": vloss, "val_score": score,
                      "elapsed_s": round(time.time() - t0, 1)})
-                bar.write(f"epoch {epoch + 1}/{cfg.epochs}: validation accuracy {acc:.4f}, loss {vloss:.4f}")
-                if acc > best_acc:
-                    best_acc, best_epoch = acc, epoch
-                    save_model(model, out / "best", extra={**(save_extra or {}), "val_accuracy": acc, "epoch": epoch + 1})
+                bar.write(f"epoch {epoch + 1}/{cfg.epochs}: validation accuracy {acc:.4f}, loss {vloss:.4f}"
+                          + (f", selection score {score:.4f}" if score != acc else ""))
+                if score > best_acc:
+                    best_acc, best_epoch = score, epoch
+                    save_model(model, out / "best", extra={**(save_extra or {}), "val_accuracy": acc,
+                                                           "val_score": score, "epoch": epoch + 1})
             epoch, step_in_epoch = epoch + 1, 0
             if rank == 0:
                 _save_state(out, model, opt, {"epoch": epoch, "step_in_epoch": 0, "global_step": global_step,

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch
+from conftest import make_batch, make_tiny_spec
 
 import adaptinf
 from adaptinf.backbone import EncoderConfig
@@ -21,6 +21,7 @@ from adaptinf.methods.dense import DenseClassifier, DenseConfig
 from adaptinf.methods.early_exit import (
     ENTROPY_NEVER,
     MAX_SOFTMAX_NEVER,
+    EarlyExitClassifier,
     EarlyExitConfig,
     MultiExitClassifier,
     fit_temperature,
@@ -495,3 +496,17 @@ def test_convert_multi_model_with_patience(dense_run, tmp_path):
     points = json.loads((tmp_path / "p" / "points.json").read_text())
     assert [p["knob"] for p in points] == [1.0, 2.0] and points[0]["knob_name"] == "patience"
     assert points[0]["gflops"] < points[1]["gflops"]
+
+
+def test_selection_score_is_mean_exit_accuracy():
+    """finetune keeps the epoch best for every exit, not only the last one."""
+
+    torch.manual_seed(0)
+    dense = DenseClassifier(make_tiny_spec())
+    model = EarlyExitClassifier.from_dense(dense, EarlyExitConfig())
+    g = torch.Generator().manual_seed(0)
+    enc = Encoded([torch.randint(1, 1000, (n,), generator=g).tolist() for n in (3, 9, 17, 5, 30, 2)],
+                  torch.tensor([0, 1, 1, 0, 1, 0]))
+    logits, _ = model.exit_logits(enc)
+    per_exit = (logits.argmax(-1) == enc.labels).double().mean(dim=1)
+    assert model.selection_score(enc) == pytest.approx(float(per_exit.mean()))

@@ -392,7 +392,7 @@ class MultiExitClassifier(AdaptiveClassifier):
             self.load_state_dict(load_file(str(best)))
         calib = self.calibrate(val, batch_size=cfg.eval_batch_size)
         return {
-            "best_val_accuracy": result.best_val_accuracy,
+            "best_val_score": result.best_val_score,
             "best_epoch": result.best_epoch,
             "steps": result.steps,
             "resumed_from_step": result.resumed_from_step,
@@ -421,6 +421,12 @@ class MultiExitClassifier(AdaptiveClassifier):
         finally:
             self.train(was_training)
         return out, lengths
+
+    def selection_score(self, val: Encoded, batch_size: int = 64) -> float:
+        """Mean validation accuracy over the exits: every exit serves some samples, so the epoch
+        kept is the one best for the whole curve, not for the last exit alone."""
+        logits, _ = self.exit_logits(val, batch_size)  # [n_exits, n, C]
+        return float((logits.argmax(-1) == val.labels).double().mean())
 
     def exit_decisions(self, exit_logits: torch.Tensor, knob: float | None) -> torch.Tensor:
         """The exit [n] each sample takes at `knob`, from all exits' logits [n_exits, n, C]; the
