@@ -500,7 +500,6 @@ def test_convert_multi_model_with_patience(dense_run, tmp_path):
 
 def test_selection_score_is_mean_exit_accuracy():
     """finetune keeps the epoch best for every exit, not only the last one."""
-
     torch.manual_seed(0)
     dense = DenseClassifier(make_tiny_spec())
     model = EarlyExitClassifier.from_dense(dense, EarlyExitConfig())
