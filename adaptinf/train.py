@@ -113,10 +113,9 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:  # biases and LayerNorm gains/shifts (1-D) get no weight decay
+            (no_decay if p.ndim < 2 else decay).append(p)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )

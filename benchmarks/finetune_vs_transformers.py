@@ -46,7 +46,8 @@ def main() -> None:
     p.add_argument("--out", default="results/finetune-vs-transformers")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-train-samples", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation, dropout and batch-order seed")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
     args = p.parse_args()
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -54,7 +55,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cfg = TrainConfig(epochs=args.epochs, batch_size=32, lr=5e-5, seed=args.seed)
-    task = rotten_tomatoes(args.seed)
+    task = rotten_tomatoes(args.split_seed)
     tok = load_tokenizer("minilm-l6")
     train = encode(*subsample(task.train, args.max_train_samples, args.seed), tok, 64, warn=False)
     val, test = encode(*task.validation, tok, 64, warn=False), encode(*task.test, tok, 64, warn=False)
@@ -108,7 +109,7 @@ def main() -> None:
     results = {
         "machine": machine_name(), "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
         "python_version": platform.python_version(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "split": task.summary(), "n_train": len(train), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "split": task.summary(), "seed": args.seed, "split_seed": args.split_seed, "n_train": len(train), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
         "max_length": 64, "models": {},
     }
     for name, (m, fwd) in models.items():
