@@ -97,14 +97,40 @@ def _parse_ints(s: str, flag: str) -> list[int]:
 # --- finetune -----------------------------------------------------------------------------------------
 
 
-def cmd_finetune(args) -> int:
+def _is_model_dir(path: str) -> bool:
+    """Whether `path` is an adaptinf model directory (as opposed to a pretrained model name or an HF checkpoint)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == "adaptinf"
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return True  # let the checkpoint loader report what is wrong with it
+
+
+def _dense_from_pretrained(model_name: str, labels, max_length: int, classifier_dropout: float, seed: int):
+    """A dense classifier with the pretrained encoder of `model_name` (built-in name or HF checkpoint
+    directory), a freshly initialised (seeded) head and its tokenizer: (model, checkpoint path)."""
     import torch
 
-    from adaptinf.checkpoint import load_model
-    from adaptinf.data import encode, subsample
     from adaptinf.hf import load_encoder, load_tokenizer
     from adaptinf.methods.dense import DenseClassifier, DenseConfig
     from adaptinf.model import ModelSpec
+
+    if max_length < 2:
+        raise ValueError(f"--max-length must be at least 2 ([CLS] and [SEP]), got {max_length}")
+    encoder, path = load_encoder(model_name)
+    spec = ModelSpec(encoder.cfg, labels, max_length, base_model=str(model_name))
+    torch.manual_seed(seed)
+    model = DenseClassifier(spec, DenseConfig(classifier_dropout=classifier_dropout))
+    model.encoder.load_state_dict(encoder.state_dict())
+    model.tokenizer = load_tokenizer(model_name)
+    return model, path
+
+
+def cmd_finetune(args) -> int:
+    from adaptinf.checkpoint import load_model
+    from adaptinf.data import encode, subsample
     from adaptinf.train import TrainConfig, accuracy, dist_info, finetune
 
     _set_threads(args.threads)
@@ -114,13 +140,9 @@ def cmd_finetune(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings["seed"],
                       save_every=args.save_every)
-    encoder, path = load_encoder(args.model)
-    tokenizer = load_tokenizer(args.model)
-    spec = ModelSpec(encoder.cfg, task.labels, args.max_length, base_model=str(args.model))
-    torch.manual_seed(settings["seed"])
-    model = DenseClassifier(spec, DenseConfig(classifier_dropout=args.classifier_dropout))
-    model.encoder.load_state_dict(encoder.state_dict())
-    model.tokenizer = tokenizer
+    model, path = _dense_from_pretrained(args.model, task.labels, args.max_length, args.classifier_dropout,
+                                         settings["seed"])
+    tokenizer = model.tokenizer
     train_split = subsample(task.train, args.max_train_samples, settings["seed"])
     train = encode(*train_split, tokenizer, args.max_length)
     val = encode(*task.validation, tokenizer, args.max_length)
@@ -169,13 +191,19 @@ def cmd_convert(args) -> int:
 
     _set_threads(args.threads)
     cls = get_method(args.method)
-    dense = load_model(args.dense, expect_method="dense")
-    if not isinstance(dense, DenseClassifier):
-        raise ValueError(f"{args.dense} is not a dense model")
+    if _is_model_dir(args.dense):
+        dense = load_model(args.dense, expect_method="dense")
+        if not isinstance(dense, DenseClassifier):
+            raise ValueError(f"{args.dense} is not a dense model")
+        recorded = _recorded_task(args.dense)
+    else:
+        # a pretrained model (built-in name or HF checkpoint): the task comes from the flags
+        recorded = _task_settings(args)
+        labels = _load_task(recorded).labels
+        dense, _ = _dense_from_pretrained(args.dense, labels, args.max_length, 0.1, recorded["seed"])
     config = cls.Config.from_dict(_parse_sets(args.set or []))
     model = cls.from_dense(dense, config)
     model.tokenizer = dense.tokenizer
-    recorded = _recorded_task(args.dense)
     extra = {"task": recorded, "converted_from": str(args.dense)} if recorded else {}
     rank = 0
     if cls.needs_training:
@@ -366,13 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("convert", **fmt, help="convert a fine-tuned dense model with an adaptive method",
-                       description="Build a method's model from a dense model directory (from `adaptinf finetune`). "
+    p = sub.add_parser("convert", **fmt, help="convert a dense or pretrained model with an adaptive method",
+                       description="Build a method's model from a dense model directory (from `adaptinf finetune`) or "
+                       "from a pretrained model (built-in name or Hugging Face checkpoint). "
                        "Method settings are passed as --set key=value (values parsed as JSON when possible). "
                        "Methods that train what they add (ee, sweet, multi-model) then train on the task recorded in "
-                       "the dense model directory (or --data), select on validation, and save to --out; an "
+                       "the dense model directory (or --data; the built-in task for a pretrained source), select on "
+                       "validation, and save to --out; an "
                        "interrupted run resumes when the same command is rerun.")
-    p.add_argument("dense", help="dense model directory (e.g. runs/dense/best)")
+    p.add_argument("dense", metavar="SOURCE",
+                   help="a dense model directory (from `adaptinf finetune`, e.g. runs/dense/best), or a pretrained "
+                        "model (built-in name such as minilm-l6, or a Hugging Face checkpoint directory) to start "
+                        "from the pretrained weights with fresh heads, as the early-exit papers do")
     from adaptinf.registry import list_methods
 
     p.add_argument("--method", required=True, help=f"method name, one of: {', '.join(list_methods())}")
@@ -392,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
     g.add_argument("--save-every", type=int, default=50, help="steps between resume checkpoints")
     g.add_argument("--restart", action="store_true", help="discard a previous training run in OUT/train instead of resuming it")
+    g.add_argument("--max-length", type=int, default=64,
+                   help="tokens per text when SOURCE is a pretrained model (a dense directory keeps its own)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)

@@ -164,7 +164,7 @@ def test_knob_is_validated():
 @pytest.mark.parametrize("policy", POLICIES)
 def test_fresh_conversion_reproduces_the_dense_model(name, policy):
     dense = tiny_dense()
-    model = convert(name, dense, policy=policy)
+    model = convert(name, dense, policy=policy, pooling="cls")  # the dense model's pooling
     batch = batch_of(12, seed=2)
     never = NEVER.get(policy, float(model.num_exits))
     with torch.no_grad():
@@ -250,12 +250,13 @@ def block_flops(n: int) -> int:
     return 2 * n * D * 3 * D + 2 * 2 * n * n * D + 2 * n * D * D + 2 * n * D * FF + 2 * n * FF * D
 
 
-HEAD = 2 * D * D + 2 * D * C  # pooler + classifier on the first token
+HEAD_CLS = 2 * D * D + 2 * D * C  # pooler + classifier
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_flops_are_the_executed_layers_and_heads(name):
-    model = sharpen(convert(name, tiny_dense(), exits=(1, 2, 3)))
+def test_flops_are_the_executed_layers_and_heads(name, pooling):
+    model = sharpen(convert(name, tiny_dense(), exits=(1, 2, 3), pooling=pooling))
     batch = batch_of(24, seed=6)
     lengths = batch["attention_mask"].sum(1).tolist()
     model.set_knob(mixed_knobs(model, batch)[1])
@@ -265,12 +266,13 @@ def test_flops_are_the_executed_layers_and_heads(name):
         full = model(**batch)
     assert len(set(out.extras["exit"].tolist())) > 1
     for n, e, got, got_full in zip(lengths, out.extras["exit"].tolist(), out.flops.tolist(), full.flops.tolist()):
+        head = HEAD_CLS + (n * D if pooling == "mean" else 0)  # mean pooling: one add per token state element
         if name == "multi-model":  # every model on the way, each from the input: 1, then 2, then 3 layers
-            expected = sum((j + 1) * block_flops(n) + HEAD for j in range(e + 1))
-            expected_full = sum((j + 1) * block_flops(n) + HEAD for j in range(3))
+            expected = sum((j + 1) * block_flops(n) + head for j in range(e + 1))
+            expected_full = sum((j + 1) * block_flops(n) + head for j in range(3))
         else:
-            expected = (e + 1) * block_flops(n) + (e + 1) * HEAD
-            expected_full = 3 * block_flops(n) + 3 * HEAD
+            expected = (e + 1) * block_flops(n) + (e + 1) * head
+            expected_full = 3 * block_flops(n) + 3 * head
         assert got == expected and got_full == expected_full
     assert out.flops.dtype == torch.float64
 
@@ -509,3 +511,25 @@ def test_selection_score_is_mean_exit_accuracy():
     logits, _ = model.exit_logits(enc)
     per_exit = (logits.argmax(-1) == enc.labels).double().mean(dim=1)
     assert model.selection_score(enc) == pytest.approx(float(per_exit.mean()))
+
+
+def test_convert_from_a_pretrained_checkpoint(tiny_hf_dir, user_csv, tmp_path, capsys):
+    """The papers' setting: exits trained from the pretrained weights, task from the flags."""
+    out = tmp_path / "sweet"
+    assert main(["convert", str(tiny_hf_dir), "--method", "sweet", "--data", str(user_csv), "--text-column", "review",
+                 "--label-column", "verdict", "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                 "--max-train-samples", "16", "--max-length", "24", *QUIET]) == 0
+    model = load_model(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert model.method == "sweet" and sorted(model.spec.labels) == ["bad", "good", "meh"]
+    assert model.spec.max_length == 24 and model.exit_layers == (1, 2)
+    assert cfg["extra"]["task"]["label_column"] == "verdict" and cfg["extra"]["converted_from"] == str(tiny_hf_dir)
+    # the encoder started from the checkpoint (embeddings are not trained away in one step)
+    from adaptinf.hf import load_encoder
+
+    ref, _ = load_encoder(tiny_hf_dir)
+    assert torch.allclose(model.encoder.embeddings.position.weight, ref.embeddings.position.weight, atol=1e-3)
+    # a source that is neither a model directory nor a pretrained model is a clear error
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "nowhere"), "--method", "ee", "--out", str(tmp_path / "x"), *QUIET]) == 2
+    assert "neither a built-in model" in capsys.readouterr().err
