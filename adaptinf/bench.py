@@ -14,9 +14,11 @@ Protocol (`run_bench`):
   of reference time / case time, which cancels drift between rounds).
 - Every row is stamped with machine, device, torch threads, torch and Python versions, batch shape
   (real and padded lengths) and a UTC timestamp.
+- Before warm-up, one untimed pass per case reads the analytic FLOPs its outputs report (for the
+  samples of these very batches), so each row also carries GFLOPs per sample, the FLOPs reduction
+  vs the reference and the realisation ratio (measured speed-up / FLOPs reduction).
 
-Measured latency is reported on its own; analytic FLOPs live in `adaptinf.flops` and are never
-presented as speed.
+Measured latency and analytic FLOPs are reported side by side; FLOPs are never presented as speed.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class BenchRow:
 
     Times are milliseconds per batch over `repeats` rounds; `speedup_vs_reference` is
     reference median / this case's median and `paired_speedup_vs_reference` the median over
-    rounds of reference time / case time (both None without a reference).
+    rounds of reference time / case time (both None without a reference). FLOPs fields are None
+    for a case whose outputs carry no `flops` (e.g. a `transformers` model).
     """
 
     case: str
@@ -68,6 +71,9 @@ class BenchRow:
     mean_length: float  # real tokens per sample
     max_length: int
     mean_padded_length: float  # padded sequence length per batch
+    gflops_per_sample: float | None  # analytic, from the case's outputs on these batches (None: not reported)
+    flops_reduction_vs_reference: float | None  # reference GFLOPs / this case's
+    realisation: float | None  # speedup_vs_reference / flops_reduction_vs_reference
     machine: str
     device: str
     torch_threads: int
@@ -257,6 +263,7 @@ def run_bench(
         for size, bs in batches.items():
             device = bs[0].input_ids.device
             bar.set_postfix(batch_size=size)
+            gflops = {name: _gflops_per_sample(cases[name], bs) for name in names}  # untimed
             for _ in range(warmup):
                 for name in names:
                     for batch in bs:
@@ -268,15 +275,28 @@ def run_bench(
                 for name in names[k:] + names[:k]:  # rotated order: drift hits every case alike
                     times[name].append(_time_once(cases[name], bs, device))
                 bar.update(1)
-            rows.extend(_rows_for_size(size, bs, times, reference, warmup, _device_name(bs), stamp))
+            rows.extend(_rows_for_size(size, bs, times, gflops, reference, warmup, _device_name(bs), stamp))
     bar.close()
     return rows
+
+
+def _gflops_per_sample(case: Case, bs: list[Batch]) -> float | None:
+    """Mean analytic GFLOPs per sample a case reports for the batches (None if its output has no `flops`)."""
+    total, n = 0.0, 0
+    for batch in bs:
+        flops = getattr(case(batch), "flops", None)
+        if flops is None:
+            return None
+        total += float(flops.double().sum())
+        n += batch.input_ids.shape[0]
+    return total / n / 1e9
 
 
 def _rows_for_size(
     size: int,
     bs: list[Batch],
     times: dict[str, list[float]],
+    gflops: dict[str, float | None],
     reference: str | None,
     warmup: int,
     device: str,
@@ -295,6 +315,11 @@ def _rows_for_size(
             speedup = ref_median / median
             paired = float(np.median(np.asarray(times[reference]) / t))
         ms_per_sample = median / samples_per_batch
+        ref_gflops = gflops.get(reference) if reference is not None else None
+        reduction = realisation = None
+        if ref_gflops is not None and gflops[name]:
+            reduction = ref_gflops / gflops[name]
+            realisation = speedup / reduction
         rows.append(
             BenchRow(
                 case=name,
@@ -314,6 +339,9 @@ def _rows_for_size(
                 mean_length=float(lengths.mean()),
                 max_length=int(lengths.max()),
                 mean_padded_length=padded,
+                gflops_per_sample=gflops[name],
+                flops_reduction_vs_reference=reduction,
+                realisation=realisation,
                 device=device,
                 **stamp,
             )
@@ -344,17 +372,21 @@ def format_table(rows: list[BenchRow]) -> str:
         return "(no benchmark rows)"
     ref = rows[0].reference
     lines = [
-        f"| case | batch | median ms | IQR ms (p25–p75) | ms/sample | speed-up vs {ref or '-'} (paired) |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| case | batch | median ms | IQR ms (p25–p75) | ms/sample | speed-up vs {ref or '-'} (paired) "
+        "| GFLOPs/sample | FLOPs reduction | realisation |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.speedup_vs_reference is None:
             speed = "-"
         else:
             speed = f"{r.speedup_vs_reference:.2f}x ({r.paired_speedup_vs_reference:.2f}x)"
+        gf = "-" if r.gflops_per_sample is None else f"{r.gflops_per_sample:.4f}"
+        red = "-" if r.flops_reduction_vs_reference is None else f"{r.flops_reduction_vs_reference:.2f}x"
+        real = "-" if r.realisation is None else f"{r.realisation:.2f}"
         lines.append(
             f"| {r.case} | {r.batch_size} | {r.median_ms:.2f} | {r.p25_ms:.2f}–{r.p75_ms:.2f} "
-            f"| {r.ms_per_sample:.3f} | {speed} |"
+            f"| {r.ms_per_sample:.3f} | {speed} | {gf} | {red} | {real} |"
         )
     r = rows[0]
     lines.append("")

@@ -300,13 +300,25 @@ def _measure_latency(args, points, models, dense_dir, task, settings, make_batch
 # --- bench --------------------------------------------------------------------------------------------
 
 
+def _model_at_knob(arg: str) -> tuple[str, float | None]:
+    """`DIR` or `DIR@KNOB` (a model timed at one knob value) -> (DIR, knob or None)."""
+    if "@" in arg and not Path(arg).exists():
+        d, _, k = arg.rpartition("@")
+        try:
+            return d, float(k)
+        except ValueError:
+            raise ValueError(f"{arg!r}: expected MODEL_DIR@KNOB with a number after '@'") from None
+    return arg, None
+
+
 def cmd_bench(args) -> int:
     from adaptinf.bench import format_table, hf_case, make_batches, model_case, run_bench, write_bench
     from adaptinf.checkpoint import load_model
     from adaptinf.hf import to_hf_sequence_classifier
 
     _set_threads(args.threads)
-    models = [(d, load_model(d)) for d in args.models]
+    specs = [_model_at_knob(m) for m in args.models]  # (directory, knob fixed with DIR@KNOB or None)
+    models = [(d, load_model(d)) for d, _ in specs]
     ref_dir, ref = models[0]
     settings = _task_settings(args, _recorded_task(ref_dir))
     task = _load_task(settings, labels=ref.spec.labels)
@@ -315,9 +327,11 @@ def cmd_bench(args) -> int:
     batches = {b: make_batches(enc, b, max(1, args.samples // b), settings["seed"]) for b in sizes}
     knobs = _parse_floats(args.knob)
     cases = {}
-    for i, (d, m) in enumerate(models):
+    for i, ((d, m), (_, fixed)) in enumerate(zip(models, specs)):
         name = "dense" if i == 0 and m.method == "dense" else f"{m.method}:{Path(d).name}"
-        for k in (knobs if knobs and m.knob_name else [None]):
+        if fixed is not None and not m.knob_name:
+            raise ValueError(f"{d}@{fixed:g}: method {m.method!r} has no knob")
+        for k in ([fixed] if fixed is not None else knobs if knobs and m.knob_name else [None]):
             cases[name if k is None else f"{name}@{k:g}"] = model_case(m, k)
     reference = next(iter(cases))
     if args.compare_hf:
@@ -453,8 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", **fmt, help="wall-clock latency of models, interleaved, as ratios against the first",
                        description="Latency harness: real test texts at each batch size, warm-up discarded, median and "
                        "quartiles of repeats, cases interleaved in each repeat; every row is stamped with machine, "
-                       "threads, torch version, batch size and sequence lengths. The first model is the reference.")
-    p.add_argument("models", nargs="+", help="model directories; the first is the reference (normally dense)")
+                       "threads, torch version, batch size and sequence lengths. The first model is the reference; each row also "
+                       "gives the analytic GFLOPs per sample on the same batches, the FLOPs reduction and the realisation "
+                       "ratio (measured speed-up / FLOPs reduction).")
+    p.add_argument("models", nargs="+",
+                   help="model directories, each optionally as DIR@KNOB to time it at that knob value only; "
+                        "the first is the reference (normally dense)")
     _add_data_args(p, default_data=None)
     p.add_argument("--knob", default=None, help="comma-separated knob values to time for adaptive models")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes to time")

@@ -137,3 +137,25 @@ def test_write_bench_round_trips(tmp_path):
     assert [t["case"] for t in table] == ["a", "b"]
     assert float(table[1]["median_ms"]) == pytest.approx(rows[1].median_ms)
     assert table[0]["machine"] == rows[0].machine
+
+
+def test_rows_carry_analytic_flops_reduction_and_realisation(one_thread):
+    from adaptinf.methods.early_exit import EarlyExitClassifier, EarlyExitConfig
+
+    dense = tiny_dense()
+    ee = EarlyExitClassifier.from_dense(dense, EarlyExitConfig()).eval()
+    batches = {4: make_batches(tiny_encoded(20), 4, n_batches=3, seed=0)}
+    cases = {"dense": model_case(dense), "ee": model_case(ee, 0.5),  # 2 labels: max-softmax >= 0.5 always
+             "hf": hf_case(to_hf_sequence_classifier(dense))}
+    rows = {r.case: r for r in run_bench(cases, batches, repeats=2, warmup=0, progress=False)}
+    with torch.inference_mode():
+        expect = {name: sum(float(m(b.input_ids, b.attention_mask).flops.sum()) for b in batches[4]) / 12 / 1e9
+                  for name, m in (("dense", dense), ("ee", ee))}
+    for name in ("dense", "ee"):
+        assert rows[name].gflops_per_sample == pytest.approx(expect[name], rel=1e-12)
+    assert rows["dense"].flops_reduction_vs_reference == 1.0
+    red = rows["ee"].flops_reduction_vs_reference
+    assert red == pytest.approx(expect["dense"] / expect["ee"]) and red > 1.5  # 1 of 2 layers + one head
+    assert rows["ee"].realisation == pytest.approx(rows["ee"].speedup_vs_reference / red)
+    assert rows["hf"].gflops_per_sample is None and rows["hf"].realisation is None  # reports no FLOPs
+    assert "FLOPs reduction" in format_table(list(rows.values()))

@@ -487,6 +487,16 @@ def test_convert_trains_then_evaluate_sweeps(dense_run, tmp_path):
             out = model(batch["input_ids"], batch["attention_mask"])
         assert out.logits.shape == (2, 3) and out.extras["exit"].shape == (2,)
 
+    # bench times a model at one knob with DIR@KNOB, next to the dense reference, with FLOPs columns
+    bench = tmp_path / "bench"
+    assert main(["bench", str(run / "best"), f"{ee}@0.2", "--batch-sizes", "2", "--samples", "4", "--repeats", "1",
+                 "--warmup", "0", "--out", str(bench), *quiet]) == 0
+    rows = json.loads((bench / "bench.json").read_text())
+    assert [r["case"] for r in rows] == ["dense", "ee:ee@0.2"]
+    assert rows[1]["flops_reduction_vs_reference"] > 1 and rows[1]["realisation"] is not None
+    assert main(["bench", str(run / "best"), f"{ee}@high", "--out", str(bench), *quiet]) == 2
+    assert main(["bench", str(run / "best"), f"{run / 'best'}@0.5", "--out", str(bench), *quiet]) == 2  # no knob
+
 
 def test_convert_multi_model_with_patience(dense_run, tmp_path):
     run, mm, quiet = dense_run, tmp_path / "mm", QUIET
