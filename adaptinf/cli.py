@@ -354,7 +354,9 @@ def cmd_report(args) -> int:
     from adaptinf.report import write_report
 
     points = read_points([Path(p) for p in args.points])
-    paths = write_report(points, Path(args.out), title=args.title, split=args.split)
+    if not 0 <= args.max_drop <= 100:
+        raise ValueError(f"--max-drop is in accuracy points (0-100), got {args.max_drop}")
+    paths = write_report(points, Path(args.out), title=args.title, split=args.split, max_drop=args.max_drop / 100)
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
@@ -493,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (report.md, points.csv/json, tradeoff.png)")
     p.add_argument("--title", default="adaptinf report", help="report title")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="split shown in the table and plots")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="accuracy points below dense for the table of each model's cheapest point within that drop "
+                        "(chosen on validation, shown on test)")
     p.set_defaults(func=cmd_report)
     return parser
 

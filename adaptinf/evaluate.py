@@ -337,3 +337,33 @@ def pareto_front(points: list[OperatingPoint], x: str = "gflops") -> list[Operat
             front.append(p)
             best = p.accuracy
     return front
+
+
+def cheapest_within_drop(
+    points: list[OperatingPoint], max_drop: float, select_split: str = "validation", report_split: str = "test"
+) -> list[tuple[OperatingPoint, OperatingPoint, OperatingPoint]]:
+    """Per adaptive model, the cheapest point (mean GFLOPs) whose accuracy on `select_split` is at
+    most `max_drop` (a fraction, 0.01 = one point) below the dense model's on that split.
+
+    Thresholds are chosen on validation and reported on test: returns one (selected point on
+    `select_split`, the same model and knob on `report_split`, the dense point on `report_split`)
+    per model that has a qualifying point, in the order the models first appear. Raises ValueError
+    when the points hold no single dense model on both splits.
+    """
+    if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
+        raise ValueError(f"max_drop must be a non-negative number, got {max_drop!r}")
+    dense = {s: [p for p in points if p.method == "dense" and p.split == s] for s in (select_split, report_split)}
+    for s, found in dense.items():
+        if len(found) != 1:
+            raise ValueError(f"choosing points within a drop needs exactly one dense point on split {s!r}, "
+                             f"found {len(found)}")
+    floor = dense[select_split][0].accuracy - max_drop
+    twins = {(p.method, p.model, p.knob): p for p in points if p.split == report_split}
+    chosen: dict[tuple[str, str], OperatingPoint] = {}
+    for p in points:
+        if p.split != select_split or p.method == "dense" or p.accuracy < floor - 1e-12:
+            continue
+        key = (p.method, p.model)
+        if (p.method, p.model, p.knob) in twins and (key not in chosen or p.gflops < chosen[key].gflops):
+            chosen[key] = p
+    return [(p, twins[(p.method, p.model, p.knob)], dense[report_split][0]) for p in chosen.values()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaptinf.evaluate import OperatingPoint, pareto_front, write_points
+from adaptinf.evaluate import OperatingPoint, cheapest_within_drop, pareto_front, write_points
 
 # Stable style per method: known methods first, in this order; others follow alphabetically.
 KNOWN_METHODS = ("dense", "ee", "sweet", "multi-model", "sharcs", "acm", "planer")
@@ -125,11 +125,57 @@ def _front_table(points: list[OperatingPoint]) -> list[str]:
     return _table(header, rows)
 
 
+def _within_drop_table(points: list[OperatingPoint], max_drop: float) -> list[str]:
+    """The cheapest point per model within `max_drop` of dense, chosen on validation, shown on test."""
+    try:
+        picked = cheapest_within_drop(points, max_drop)
+    except ValueError:
+        return []
+    header = ["method", "model", "knob", "val acc (%)", "test acc (%)", "test drop vs dense (pt)", "GFLOPs/sample",
+              "FLOPs reduction", "speed-up b1", "speed-up b32", "realisation b32"]
+    rows = [
+        [t.method, t.model, _knob(t), f"{100 * v.accuracy:.2f}", f"{100 * t.accuracy:.2f}",
+         f"{100 * (d.accuracy - t.accuracy):+.2f}", f"{t.gflops:.3f}", _num(d.gflops / t.gflops if t.gflops else None, ".2f", "×"),
+         _num(t.speedup_b1, ".2f", "×"), _num(t.speedup_b32, ".2f", "×"), _num(t.realisation_b32, ".2f")]
+        for v, t, d in picked
+    ]
+    return [
+        f"## Cheapest point within {100 * max_drop:g} accuracy point(s) of dense",
+        "",
+        "Chosen on the validation split (the knob with the fewest GFLOPs whose validation accuracy is at most "
+        f"{100 * max_drop:g} point(s) below dense's), reported on test.",
+        "",
+        *(_table(header, rows) if rows else ["No model has a point within this drop on validation."]),
+        "",
+    ]
+
+
+def _exit_accuracy_table(points: list[OperatingPoint]) -> list[str]:
+    """Each individual exit's accuracy, for models whose points carry `extras["exit_accuracy"]`."""
+    seen: dict[tuple[str, str], OperatingPoint] = {}
+    for p in points:
+        if isinstance(p.extras.get("exit_accuracy"), list):
+            seen.setdefault((p.method, p.model), p)
+    if not seen:
+        return []
+    n = max(len(p.extras["exit_accuracy"]) for p in seen.values())
+    header = ["method", "model", "exit layers", *[f"exit {i + 1} (%)" for i in range(n)]]
+    rows = []
+    for p in seen.values():
+        acc = [f"{100 * a:.2f}" for a in p.extras["exit_accuracy"]]
+        layers = p.extras.get("exit_layers")
+        rows.append([p.method, p.model, ",".join(map(str, layers)) if layers else "-", *acc, *[""] * (n - len(acc))])
+    return ["## Accuracy of each exit on its own", "", *_table(header, rows), ""]
+
+
 def render_markdown(
-    points: list[OperatingPoint], title: str, split: str, notes: list[str] | None = None, plot: str | None = None
+    points: list[OperatingPoint], title: str, split: str, notes: list[str] | None = None, plot: str | None = None,
+    max_drop: float = 0.01,
 ) -> str:
-    """The report's markdown: the points of `split` (sorted by method, model, GFLOPs) and their Pareto
-    front; `plot` is the relative path of a figure to embed."""
+    """The report's markdown: the points of `split` (sorted by method, model, GFLOPs), their Pareto
+    front, each exit's own accuracy (early-exit models) and, when the points cover validation and
+    test, the cheapest point per model within `max_drop` of dense; `plot` is the relative path of a
+    figure to embed."""
     shown = sorted((p for p in points if p.split == split), key=_sort_key)
     sizes = sorted({p.n for p in shown})
     lines = [f"# {title}", ""]
@@ -154,6 +200,8 @@ def render_markdown(
         "",
         *_front_table(pareto_front(shown, x="gflops")),
         "",
+        *_exit_accuracy_table(shown),
+        *(_within_drop_table(points, max_drop) if split == "test" else []),
     ]
     return "\n".join(lines)
 
@@ -262,6 +310,7 @@ def write_report(
     title: str = "adaptinf report",
     split: str = "test",
     notes: list[str] | None = None,
+    max_drop: float = 0.01,
 ) -> dict[str, Path]:
     """Write report.md and tradeoff.png for the points of `split`, and points.csv/points.json with all
     points (every split). Returns {"report": ..., "csv": ..., "json": ..., "plot": ...}."""
@@ -275,7 +324,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = write_points(points, out, stem="points")
     plot_path = plot_tradeoff(shown, out / "tradeoff.png", title=f"{title} ({split})")
-    md = render_markdown(points, title, split, notes, plot=plot_path.name)
+    md = render_markdown(points, title, split, notes, plot=plot_path.name, max_drop=max_drop)
     md_path = out / "report.md"
     md_path.write_text(md, encoding="utf-8")
     return {"report": md_path, "csv": csv_path, "json": json_path, "plot": plot_path}

@@ -15,6 +15,7 @@ from adaptinf.data import Encoded
 from adaptinf.evaluate import (
     OperatingPoint,
     add_reductions,
+    cheapest_within_drop,
     evaluate_model,
     pareto_front,
     predict_all,
@@ -181,6 +182,32 @@ def test_read_points_errors(tmp_path):
         read_points([bad])
 
 
+def both_splits() -> list[OperatingPoint]:
+    """Validation and test points of dense and two ee models (test accuracy differs from validation)."""
+    val = [pt("dense", 4.0, 0.80, split="validation"),
+           pt("ee", 1.0, 0.70, split="validation", knob=0.5), pt("ee", 2.0, 0.791, split="validation", knob=0.8),
+           pt("ee", 3.0, 0.80, split="validation", knob=0.9),
+           OperatingPoint("ee", "other", "threshold", 0.9, "validation", 0.60, 3.0, 100)]
+    test = [pt("dense", 4.0, 0.82), pt("ee", 1.0, 0.75, knob=0.5), pt("ee", 2.0, 0.79, knob=0.8, speedup_b32=1.6),
+            pt("ee", 3.0, 0.83, knob=0.9), OperatingPoint("ee", "other", "threshold", 0.9, "test", 0.61, 3.0, 100)]
+    return val + test
+
+
+def test_cheapest_within_drop_is_chosen_on_validation_and_reported_on_test():
+    points = both_splits()
+    picked = cheapest_within_drop(points, 0.01)
+    assert len(picked) == 1  # model "other" has no point within one point of dense
+    val, test, dense = picked[0]
+    assert (val.split, val.knob, test.split, test.knob) == ("validation", 0.8, "test", 0.8)
+    assert test.accuracy == 0.79 and dense.accuracy == 0.82  # reported on test even though it drops 3 points there
+    assert [v.knob for v, _, _ in cheapest_within_drop(points, 0.0)] == [0.9]
+    assert len(cheapest_within_drop(points, 0.25)) == 2
+    with pytest.raises(ValueError, match="exactly one dense point on split 'test'"):
+        cheapest_within_drop([p for p in points if not (p.method == "dense" and p.split == "test")], 0.01)
+    with pytest.raises(ValueError, match="max_drop"):
+        cheapest_within_drop(points, -0.1)
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 
@@ -200,6 +227,18 @@ def test_write_report(tmp_path):
     assert len(read_points([paths["json"]])) == len(POINTS)  # every split is kept in the files
     with pytest.raises(ValueError, match="no operating points on split 'calibration'"):
         write_report(points, tmp_path / "x", split="calibration")
+    assert "Cheapest point" not in md  # the points have no validation dense point to choose against
+
+
+def test_report_tables_for_early_exit(tmp_path):
+    points = both_splits()
+    points[6].extras = {"exit_accuracy": [0.6, 0.79], "exit_layers": [3, 6]}
+    md = write_report(points, tmp_path / "r", max_drop=0.01)["report"].read_text()
+    drop = md.split("## Cheapest point within 1 accuracy point(s) of dense")[1]
+    row = [line for line in drop.splitlines() if line.startswith("| ee |")]
+    assert len(row) == 1 and "| threshold=0.8 |" in row[0] and "| 79.10 | 79.00 | +3.00 |" in row[0] and "| 1.60× |" in row[0]
+    exits = md.split("## Accuracy of each exit on its own")[1]
+    assert "| ee | ee (tiny) | 3,6 | 60.00 | 79.00 |" in exits
 
 
 def test_import_is_light():

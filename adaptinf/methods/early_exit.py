@@ -478,7 +478,7 @@ class MultiExitClassifier(AdaptiveClassifier):
             self._check_knob(k)
         z, lengths = self.exit_logits(enc, batch_size, progress)
         rows = torch.arange(len(enc))
-        common: dict[str, Any] = {}
+        common: dict[str, Any] = {"exit_layers": list(self.exit_layers)}
         y = enc.labels
         if y.shape == (len(enc),) and bool(((y >= 0) & (y < self.spec.num_labels)).all()):
             common["exit_accuracy"] = (z.argmax(dim=-1) == y).double().mean(dim=1).tolist()
