@@ -572,7 +572,7 @@ class SharcsClassifier(AdaptiveClassifier):
                 loss = F.cross_entropy(self.classifier(self.encoder.pool(h)), batch.labels, reduction="sum")
                 flat = acts["heads"] + acts["neurons"] + acts["hidden"]
                 # a * dL/da summed over the batch's tokens, per feature ([b, s, f] -> [f]); pads have zero gradient
-                score = [(a * g).sum(dim=(0, 1)).double() for a, g in zip(flat, torch.autograd.grad(loss, flat))]
+                score = [(a.detach() * g).sum(dim=(0, 1)).double() for a, g in zip(flat, torch.autograd.grad(loss, flat))]
                 n = len(blocks)
                 for j in range(n):
                     heads[j] += score[j].view(cfg.num_attention_heads, cfg.head_dim).sum(dim=1).abs()
@@ -726,13 +726,13 @@ class SharcsClassifier(AdaptiveClassifier):
                 opt.zero_grad(set_to_none=True)
                 o = self(batch.input_ids, batch.attention_mask, width=wi, router_targets=targets[rows].float())
                 self.loss(o, batch.labels).backward()
-                task = F.cross_entropy(o.logits.detach(), batch.labels)
+                task, router_loss = float(F.cross_entropy(o.logits.detach(), batch.labels)), float(o.aux_loss.detach())
                 torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.max_grad_norm)
                 opt.step()
                 step += 1
                 with torch.no_grad():
                     history[epoch, rows] = o.logits.float().softmax(-1).gather(1, batch.labels[:, None])[:, 0]
-                sums += torch.tensor([float(task) * len(rows), float(o.aux_loss) * len(rows), len(rows)], dtype=torch.float64)
+                sums += torch.tensor([task * len(rows), router_loss * len(rows), len(rows)], dtype=torch.float64)
             val_report = self.validation_report(val, cfg.eval_batch_size)
             score = val_report["score"]
             row = {"epoch": epoch + 1, "step": step, "train_task_loss": float(sums[0] / sums[2]),
