@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 import torch.nn.functional as F
 from conftest import make_batch
+from safetensors.torch import load_file
 
 import adaptinf
 from adaptinf.backbone import EncoderConfig
