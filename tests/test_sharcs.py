@@ -120,6 +120,7 @@ def test_registered_with_a_default_config():
         ({"task_weight": 0.0}, "task_weight must be positive"),
         ({"importance_samples": -1}, "importance_samples"),
         ({"shrink_residual": "yes"}, "true or false"),
+        ({"nested_training": 1}, "true or false"),
         ({"classifier_dropout": 1.0}, "classifier_dropout"),
     ],
 )
@@ -376,6 +377,10 @@ def test_fit_trains_widths_and_router_selects_on_validation_and_resumes(tmp_path
         labels = hardness_labels(history[e - 1 : e], intervals)
         assert epochs[e]["label_share"] == labels.float().mean(0).tolist()
     assert epochs[1]["label_share"] != [0.0, 0.0, 1.0]
+    # the paper's plan: each sample trains at one of its allowed widths (no batch of an unlabelled width)
+    for e in (1, 2):
+        allowed = [share > 0 for share in epochs[e]["label_share"]]
+        assert [n > 0 for n in epochs[e]["batches_per_width"]] == allowed
     assert all(all(n > 0 for n in e["batches_per_width"]) for e in epochs[:1])  # warm-up spreads over widths
     best = epochs[summary["best_epoch"] - 1]["val_score"]
     assert summary["best_val_score"] == best == max(e["val_score"] for e in epochs[1:])
@@ -476,3 +481,16 @@ def test_convert_trains_then_evaluate_sweeps(dense_run, tmp_path):
     assert gflops == sorted(gflops) and gflops[0] < gflops[-1]
     assert points[0]["extras"]["shares"]["width_pct"] == {"50": 1.0}
     assert points[-1]["extras"]["shares"]["width_pct"] == {"100": 1.0}
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_nested_training_lets_larger_widths_keep_the_easy_samples(nested, tmp_path):
+    """Every sample labelled smallest-width-only: the paper trains only width 0.25 after the warm-up;
+    nested training spreads those samples over every width at least as large."""
+    model = convert(window=1, importance_samples=0, nested_training=nested,
+                    confidence_intervals=((0.0, 1.0), (0.0, 1e-6), (0.0, 1e-6)))
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-4, eval_batch_size=8)
+    epochs = model.fit(encoded(24, seed=17), encoded(8, seed=18), cfg, tmp_path / "run", progress=False)["epochs"]
+    assert epochs[1]["label_share"] == [1.0, 0.0, 0.0]
+    used = [n > 0 for n in epochs[1]["batches_per_width"]]
+    assert used == ([True, True, True] if nested else [True, False, False])

@@ -111,6 +111,9 @@ class SharcsConfig(MethodConfig):
     warmup_all_widths: during warm-up, batches are spread over all widths (every sub-network trains
         from the first epoch, as we start from a fine-tuned model); False: the paper's warm-up at
         the largest width only.
+    nested_training: False (the paper): after warm-up a sample trains at one of its allowed widths,
+        so the largest width sees only hard samples; True: also at any larger width (the router label
+        is unchanged), so every width keeps seeing easy samples.
     task_weight, router_weight: loss = task_weight * CE + router_weight * BCE(router logits, label).
     importance_samples: training samples used to score heads/neurons/dimensions for `reorder`
         (0 = keep the dense model's order).
@@ -125,6 +128,7 @@ class SharcsConfig(MethodConfig):
     confidence_intervals: tuple[tuple[float, float], ...] = ((0.8, 1.0), (0.5, 0.8), (0.0, 0.5))
     oversample: bool = True
     warmup_all_widths: bool = True
+    nested_training: bool = False
     task_weight: float = 1.0
     router_weight: float = 1.0
     importance_samples: int = 1024
@@ -148,7 +152,7 @@ class SharcsConfig(MethodConfig):
             raise ValueError(f"SharcsConfig.widths must be increasing without repeats, got {list(w)}; use {sorted(set(w))}")
         if not (0.0 < w[0] and w[-1] == 1.0):
             raise ValueError(f"SharcsConfig.widths must lie in (0, 1] and end at 1.0 (the full model), got {list(w)}")
-        for name in ("shrink_residual", "oversample", "warmup_all_widths"):
+        for name in ("shrink_residual", "oversample", "warmup_all_widths", "nested_training"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SharcsConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if not is_int(self.router_hidden) or self.router_hidden < 1:
@@ -712,7 +716,7 @@ class SharcsClassifier(AdaptiveClassifier):
                 train_at = torch.ones(n, n_w, dtype=torch.bool) if c.warmup_all_widths else targets
             else:
                 targets = hardness_labels(history[epoch - c.window : epoch], c.confidence_intervals)
-                train_at = targets
+                train_at = targets.int().cummax(dim=1).values.bool() if c.nested_training else targets
             # each sample trains at one of its allowed widths, uniformly at random
             assigned = torch.multinomial(train_at.float(), 1, generator=gen).flatten()
             plan = epoch_plan(assigned, n_w, cfg.batch_size, c.oversample, gen)
