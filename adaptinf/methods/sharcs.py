@@ -1,0 +1,846 @@
+"""SHARCS: per-sample routing to dynamic-width sub-networks (spec: ../shared/METHODS.md section 2).
+
+Layers 1..k run at full width; after layer k a router (an MLP on the mask-aware mean of the token
+states) picks a width w for the rest of the network. Every width shares the weights: the width-w
+sub-network is the leading slice of every weight, so heads, FFN neurons and (with a shrinking
+residual) residual dimensions are first sorted by importance (`reorder`, DynaBERT-style
+gradient x activation on training data). Width w keeps round(w * heads) heads and round(w * d_ff)
+FFN neurons; in the paper's version (`shrink_residual`, the default) the residual stream shrinks
+too, to the kept heads' size: the router step slices the hidden state and normalises it with a
+LayerNorm private to w, and every later LayerNorm has a private copy per width. Width 1.0 uses the
+dense model's own weights and norms, so it is exactly the dense model.
+
+Where things happen:
+- the routing decision: `SharcsClassifier.route` (router logits + the knob -> width per sample);
+- batched inference: `SharcsClassifier._routed` (samples grouped by width, each group cut to its
+  longest real length and run as dense matmuls on the sliced weights; one host sync per forward);
+- a width's layers: `sliced_block`;
+- hardness labels: `hardness_labels`; the per-epoch batch plan: `epoch_plan`; training: `fit`;
+- cost: `SharcsClassifier.cost`.
+
+Knob ("bias", inference-time): the width chosen is argmax_i (z_i + bias * i) over the router logits
+z (clamped to +-LOGIT_CAP) with widths sorted ascending; bias 0 is the paper's routing, a negative
+bias favours smaller widths, a positive one larger widths. A sample's width never shrinks as the
+bias grows (for b1 < b2 choosing i1, i2: adding the two argmax inequalities gives
+(b2 - b1)(i2 - i1) >= 0), so cost is monotone in the knob, and +-KNOB_EXTREME sends every sample to
+the largest / smallest width.
+
+Cost (adaptinf.flops convention): k full blocks, the router (one add per token state element for
+the mean, plus its two Linears), the L - k blocks at the routed width, the pooler (d_w -> d) and
+the classifier, each at the sample's real length.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaptinf import flops
+from adaptinf.backbone import Attention, Encoder, FeedForward, attention_bias
+from adaptinf.data import Encoded, collate, eval_batches
+from adaptinf.methods.dense import DenseClassifier
+from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
+from adaptinf.registry import register
+
+LOGIT_CAP = 30.0  # router logits are clamped to +-30 for the decision (sigmoid(30) is 1 in float32)
+KNOB_EXTREME = 100.0  # |bias| > 2 * LOGIT_CAP: every sample goes to the smallest / largest width
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def _as_floats(value: Any, name: str) -> tuple[float, ...]:
+    """A tuple of floats from a tuple/list or a string such as "0.25,0.5,1" or "[0.25, 0.5, 1]"."""
+    if isinstance(value, str):
+        value = [p for p in value.strip().strip("[]()").replace(" ", "").split(",") if p]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    try:
+        if any(isinstance(v, bool) for v in value):
+            raise TypeError
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"SharcsConfig.{name} must be a list of numbers such as [0.25, 0.5, 1.0], got {value!r}") from None
+
+
+def _as_intervals(value: Any) -> tuple[tuple[float, float], ...]:
+    """Confidence intervals from [[lo, hi], ...] (a JSON string is accepted, as `--set` may pass one)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"SharcsConfig.confidence_intervals must be a list of [lo, hi] pairs such as "
+                f"[[0.8, 1.0], [0.5, 0.8], [0.0, 0.5]], got {value!r}"
+            ) from None
+    try:
+        out = tuple((float(lo), float(hi)) for lo, hi in value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"SharcsConfig.confidence_intervals must be a list of [lo, hi] pairs, one per width, got {value!r}"
+        ) from None
+    return out
+
+
+@dataclass
+class SharcsConfig(MethodConfig):
+    """SHARCS settings.
+
+    router_layer: k, the 1-based layer after which the router sits (layers 1..k run at full width);
+        None = a third of the layers (2 of 6), at least 1.
+    widths: the width fractions, increasing, ending at 1.0 (the fallback for hard samples).
+    shrink_residual: True (the paper): the residual stream shrinks with the heads, with private
+        LayerNorms per width; False: only heads and FFN neurons shrink (DynaBERT-style).
+    router_hidden: hidden size of the router MLP (d -> router_hidden -> len(widths)).
+    window: W, the epochs of training-set confidence a hardness label looks at; the first W epochs
+        are warm-up (router label: the largest width only).
+    confidence_intervals: one [lo, hi) per width: a sample may use width w when its last W
+        true-class confidences all lie in w's interval (hi = 1 includes 1). None allowed -> the
+        largest width. Intervals may overlap (multi-hot labels).
+    oversample: repeat the smaller width buckets up to the largest one's size each epoch.
+    warmup_all_widths: during warm-up, batches are spread over all widths (every sub-network trains
+        from the first epoch, as we start from a fine-tuned model); False: the paper's warm-up at
+        the largest width only.
+    nested_training: False (the paper): after warm-up a sample trains at one of its allowed widths,
+        so the largest width sees only hard samples; True: also at any larger width (the router label
+        is unchanged), so every width keeps seeing easy samples.
+    task_weight, router_weight: loss = task_weight * CE + router_weight * BCE(router logits, label).
+    importance_samples: training samples used to score heads/neurons/dimensions for `reorder`
+        (0 = keep the dense model's order).
+    classifier_dropout: dropout before the classifier in training (the dense model's 0.1).
+    """
+
+    router_layer: int | None = None
+    widths: tuple[float, ...] = (0.25, 0.5, 1.0)
+    shrink_residual: bool = True
+    router_hidden: int = 256
+    window: int = 3
+    confidence_intervals: tuple[tuple[float, float], ...] = ((0.8, 1.0), (0.5, 0.8), (0.0, 0.5))
+    oversample: bool = True
+    warmup_all_widths: bool = True
+    nested_training: bool = False
+    task_weight: float = 1.0
+    router_weight: float = 1.0
+    importance_samples: int = 1024
+    classifier_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.widths = _as_floats(self.widths, "widths")
+        self.confidence_intervals = _as_intervals(self.confidence_intervals)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.router_layer is not None and (not is_int(self.router_layer) or self.router_layer < 1):
+            raise ValueError(f"SharcsConfig.router_layer must be a layer number >= 1 (or null), got {self.router_layer!r}")
+        w = self.widths
+        if len(w) < 2:
+            raise ValueError(f"SharcsConfig.widths needs at least two widths, such as [0.25, 1.0], got {list(w)}")
+        if list(w) != sorted(set(w)):
+            raise ValueError(f"SharcsConfig.widths must be increasing without repeats, got {list(w)}; use {sorted(set(w))}")
+        if not (0.0 < w[0] and w[-1] == 1.0):
+            raise ValueError(f"SharcsConfig.widths must lie in (0, 1] and end at 1.0 (the full model), got {list(w)}")
+        for name in ("shrink_residual", "oversample", "warmup_all_widths", "nested_training"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SharcsConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if not is_int(self.router_hidden) or self.router_hidden < 1:
+            raise ValueError(f"SharcsConfig.router_hidden must be a positive int, got {self.router_hidden!r}")
+        if not is_int(self.window) or self.window < 1:
+            raise ValueError(f"SharcsConfig.window must be a positive number of epochs, got {self.window!r}")
+        if len(self.confidence_intervals) != len(w):
+            raise ValueError(
+                f"SharcsConfig.confidence_intervals needs one [lo, hi] per width: {len(w)} widths {list(w)}, "
+                f"{len(self.confidence_intervals)} intervals"
+            )
+        for width, (lo, hi) in zip(w, self.confidence_intervals):
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(
+                    f"SharcsConfig.confidence_intervals: width {width} has [{lo}, {hi}]; need 0 <= lo < hi <= 1"
+                )
+        for name in ("task_weight", "router_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"SharcsConfig.{name} must be a non-negative number, got {v!r}")
+        if self.task_weight == 0:
+            raise ValueError("SharcsConfig.task_weight must be positive: the sub-networks train on the task loss")
+        if not is_int(self.importance_samples) or self.importance_samples < 0:
+            raise ValueError(
+                f"SharcsConfig.importance_samples must be a non-negative int (0 = no reordering), got {self.importance_samples!r}"
+            )
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"SharcsConfig.classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
+
+
+@dataclass(frozen=True)
+class WidthShape:
+    """What width w keeps of every adaptive layer: heads, residual size, attention size, FFN neurons."""
+
+    width: float
+    heads: int
+    hidden: int  # residual stream size after the router (d_w; d when the residual does not shrink)
+    attn: int  # heads * head_dim
+    ffn: int
+
+
+def width_shapes(cfg, widths: tuple[float, ...], shrink_residual: bool) -> list[WidthShape]:
+    """The shape of each width on encoder `cfg` (whole heads, at least one head and one neuron)."""
+    shapes = []
+    for w in widths:
+        heads = max(1, math.floor(w * cfg.num_attention_heads + 0.5))
+        attn = heads * cfg.head_dim
+        ffn = max(1, math.floor(w * cfg.intermediate_size + 0.5))
+        shapes.append(WidthShape(w, heads, attn if shrink_residual else cfg.hidden_size, attn, ffn))
+    for a, b in zip(shapes, shapes[1:]):
+        if a.heads == b.heads:
+            raise ValueError(
+                f"SharcsConfig.widths {a.width} and {b.width} both keep {a.heads} of the model's "
+                f"{cfg.num_attention_heads} attention heads; choose widths that differ by at least one head"
+            )
+    return shapes
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+
+def masked_mean(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each row's real tokens: h [b, s, d], mask [b, s] -> [b, d]."""
+    keep = attention_mask[:, : h.shape[1]].to(h.dtype)  # [b, s]
+    return (h * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True)
+
+
+def sliced_attention(att: Attention, h: torch.Tensor, bias: torch.Tensor, heads: int, norm: nn.LayerNorm) -> torch.Tensor:
+    """`Attention.forward` on the leading `heads` heads and the first h.shape[-1] residual dims.
+
+    Weight slices are views (no copy), run as ordinary dense matmuls; with every head and the full
+    residual this is the same computation as the module's own forward.
+    """
+    b, s, d = h.shape
+    hd = att.head_dim
+    da = heads * hd
+
+    def project(lin: nn.Linear) -> torch.Tensor:
+        return F.linear(h, lin.weight[:da, :d], lin.bias[:da]).view(b, s, heads, hd).transpose(1, 2)  # [b, nh, s, hd]
+
+    p = att.attn_dropout if att.training else 0.0
+    a = F.scaled_dot_product_attention(project(att.q), project(att.k), project(att.v), attn_mask=bias, dropout_p=p)
+    a = a.transpose(1, 2).reshape(b, s, da)  # [b, s, da]
+    return norm(h + att.dropout(F.linear(a, att.out.weight[:d, :da], att.out.bias[:d])))
+
+
+def sliced_ffn(ffn: FeedForward, h: torch.Tensor, neurons: int, norm: nn.LayerNorm) -> torch.Tensor:
+    """`FeedForward.forward` on the first `neurons` intermediate neurons and h.shape[-1] residual dims."""
+    d = h.shape[-1]
+    u = F.gelu(F.linear(h, ffn.up.weight[:neurons, :d], ffn.up.bias[:neurons]))  # [b, s, neurons]
+    return norm(h + ffn.dropout(F.linear(u, ffn.down.weight[:d, :neurons], ffn.down.bias[:d])))
+
+
+def sliced_block(block, h, bias, shape: WidthShape, attn_norm: nn.LayerNorm, ffn_norm: nn.LayerNorm) -> torch.Tensor:
+    """One encoder block at width `shape` on hidden states h [b, s, shape.hidden]."""
+    h = sliced_attention(block.attention, h, bias, shape.heads, attn_norm)
+    return sliced_ffn(block.ffn, h, shape.ffn, ffn_norm)
+
+
+class WidthNorms(nn.Module):
+    """The LayerNorms private to one reduced width: the router step's and two per adaptive layer."""
+
+    def __init__(self, hidden: int, layers: int, eps: float):
+        super().__init__()
+        self.reduce = nn.LayerNorm(hidden, eps=eps)
+        self.attn = nn.ModuleList(nn.LayerNorm(hidden, eps=eps) for _ in range(layers))
+        self.ffn = nn.ModuleList(nn.LayerNorm(hidden, eps=eps) for _ in range(layers))
+
+
+@torch.no_grad()
+def _copy_slice(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
+    n = dst.weight.shape[0]
+    dst.weight.copy_(src.weight[:n])
+    dst.bias.copy_(src.bias[:n])
+
+
+# --- hardness labels and the batch plan --------------------------------------------------------------
+
+
+def hardness_labels(confidences: torch.Tensor, intervals) -> torch.Tensor:
+    """Multi-hot allowed widths [n, n_w] (bool) from the last W true-class confidences [W, n].
+
+    Width i is allowed when every confidence lies in [lo_i, hi_i) (hi = 1 includes 1); a sample
+    with no allowed width gets the largest one alone.
+    """
+    allowed = []
+    for lo, hi in intervals:
+        upper = torch.ones_like(confidences, dtype=torch.bool) if hi >= 1.0 else confidences < hi
+        allowed.append(((confidences >= lo) & upper).all(dim=0))
+    out = torch.stack(allowed, dim=1)  # [n, n_w]
+    out[~out.any(dim=1), -1] = True
+    return out
+
+
+def epoch_plan(assigned: torch.Tensor, n_widths: int, batch_size: int, oversample: bool,
+               generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """The batches of one epoch: (width index, sample indices) each, one width per batch.
+
+    `assigned` [n] is the width index each sample trains at this epoch. Each width's bucket is
+    shuffled and cut into batches; with `oversample`, a smaller bucket is repeated (whole shuffled
+    copies, then a random part) up to the size of the largest. Batches of all widths are shuffled
+    together, so widths alternate through the epoch.
+    """
+    buckets = [torch.nonzero(assigned == i).flatten() for i in range(n_widths)]
+    target = max(len(b) for b in buckets)
+    batches = []
+    for i, bucket in enumerate(buckets):
+        if len(bucket) == 0:
+            continue
+        size = target if oversample else len(bucket)
+        reps = [bucket[torch.randperm(len(bucket), generator=generator)] for _ in range(math.ceil(size / len(bucket)))]
+        rows = torch.cat(reps)[:size]
+        batches += [(i, rows[j : j + batch_size]) for j in range(0, size, batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[j] for j in order]
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+
+@register
+class SharcsClassifier(AdaptiveClassifier):
+    """Full-width layers 1..k, a router, then layers k+1..L at the routed width (see the module doc).
+
+    forward(input_ids, attention_mask, token_type_ids=None, width=None, router_targets=None):
+    - `width` (an index into config.widths) runs every sample at that width (what training does:
+      one width per batch); in training mode with no width, every width runs on the whole batch
+      (`extras["width_logits"]` [n_w, b, C], logits = the full width's) and `loss` sums them.
+    - eval mode, no width: batched routing with the knob.
+    - training mode: `aux_loss` = router_weight * BCE(router logits, router_targets [b, n_w]);
+      without targets the warm-up label (the largest width only).
+    extras: "width_pct" [b] (the width each sample ran at, in percent), "router_logits" [b, n_w].
+    """
+
+    method = "sharcs"
+    Config = SharcsConfig
+    knob_name = "bias"
+    needs_training = True
+    description = "SHARCS: a router after layer k sends each sample to a width-sliced sub-network for the remaining layers"
+
+    def __init__(self, spec: ModelSpec, config: SharcsConfig | None = None):
+        super().__init__(spec, config or SharcsConfig())
+        cfg, c = spec.encoder, self.config
+        layers = cfg.num_hidden_layers
+        if layers < 2:
+            raise ValueError("SHARCS needs at least 2 layers: full-width layers before the router and adaptive ones after")
+        self.router_layer = c.router_layer if c.router_layer is not None else max(1, layers // 3)
+        if self.router_layer > layers - 1:
+            raise ValueError(
+                f"SharcsConfig.router_layer is {self.router_layer}, but the model has {layers} layers: "
+                f"the router must leave at least one layer after it (use 1..{layers - 1})"
+            )
+        self.shapes = width_shapes(cfg, c.widths, c.shrink_residual)
+        self.encoder = Encoder(cfg)
+        self.dropout = nn.Dropout(c.classifier_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, spec.num_labels)
+        self.router = nn.Sequential(nn.Linear(cfg.hidden_size, c.router_hidden), nn.ReLU(),
+                                    nn.Linear(c.router_hidden, len(c.widths)))
+        for lin in (self.router[0], self.router[2], self.classifier):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        adaptive = layers - self.router_layer
+        # private norms for the reduced widths (width 1.0 keeps the dense model's own norms)
+        self.width_norms = nn.ModuleList(
+            WidthNorms(s.hidden, adaptive, cfg.layer_norm_eps) for s in self.shapes[:-1]
+        ) if c.shrink_residual else nn.ModuleList()
+        self.init_private_norms()
+        pct = torch.tensor([round(100 * s.width) for s in self.shapes])
+        self.register_buffer("width_pct", pct, persistent=False)  # width index -> percent (extras)
+
+    @property
+    def num_widths(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def adaptive_blocks(self) -> list:
+        return list(self.encoder.blocks[self.router_layer:])
+
+    @torch.no_grad()
+    def init_private_norms(self) -> None:
+        """Each private LayerNorm starts as the leading slice of the shared one it replaces (the router
+        step's from layer k's output norm)."""
+        for norms in self.width_norms:
+            _copy_slice(norms.reduce, self.encoder.blocks[self.router_layer - 1].ffn.norm)
+            for j, block in enumerate(self.adaptive_blocks):
+                _copy_slice(norms.attn[j], block.attention.norm)
+                _copy_slice(norms.ffn[j], block.ffn.norm)
+
+    @classmethod
+    def from_dense(cls, dense: AdaptiveClassifier, config: SharcsConfig | None = None) -> SharcsClassifier:
+        """Encoder and classifier from the dense model (so width 1.0 is the dense model), a fresh
+        router, private norms from slices of the dense norms. Importance reordering needs data: it
+        is the first step of `fit` (or call `reorder`)."""
+        if not isinstance(dense, DenseClassifier):
+            raise ValueError(f"conversion needs a dense model, got method {dense.method!r}")
+        model = cls(dense.spec, config or SharcsConfig())
+        model.encoder.load_state_dict(dense.encoder.state_dict())
+        model.classifier.load_state_dict(dense.classifier.state_dict())
+        model.init_private_norms()
+        return model
+
+    # --- knob and routing -----------------------------------------------------------------------
+    def knob_values(self) -> list[float]:
+        steps = [0.125 * 2 ** (i / 2) for i in range(17)]  # 0.125 .. 32
+        return [-KNOB_EXTREME] + [-v for v in reversed(steps)] + [0.0] + steps + [KNOB_EXTREME]
+
+    def set_knob(self, value: float | None) -> None:
+        self._check_knob(value)
+        super().set_knob(None if value is None else float(value))
+
+    def _check_knob(self, value) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ValueError(f"sharcs: the bias knob must be a finite number (0 = the router's own choice), got {value!r}")
+
+    def route(self, router_logits: torch.Tensor, knob: float | None) -> torch.Tensor:
+        """The width index [b] of every sample: argmax_i (clamp(z_i) + knob * i), knob None = 0."""
+        z = router_logits.float().clamp(-LOGIT_CAP, LOGIT_CAP)  # [b, n_w]
+        if knob:
+            z = z + knob * torch.arange(self.num_widths, device=z.device, dtype=z.dtype)
+        return z.argmax(dim=-1)
+
+    # --- cost -----------------------------------------------------------------------------------
+    def _shared_cost(self, lengths: torch.Tensor) -> torch.Tensor:
+        """FLOPs [b] every width pays: the k full-width blocks and the router (mean + two Linears)."""
+        cfg = self.spec.encoder
+        d, r = cfg.hidden_size, self.config.router_hidden
+        router = lengths * d + flops.linear(1, d, r) + flops.linear(1, r, self.num_widths)
+        return self.router_layer * flops.block(lengths, cfg) + router
+
+    def _suffix_costs(self, lengths: torch.Tensor) -> torch.Tensor:
+        """FLOPs [n_w, b] of the adaptive blocks at each width, the pooler (d_w -> d) and the classifier."""
+        cfg = self.spec.encoder
+        adaptive = cfg.num_hidden_layers - self.router_layer
+        out = []
+        for s in self.shapes:
+            block = flops.attention_block(lengths, s.hidden, s.attn) + flops.ffn_block(lengths, s.hidden, s.ffn)
+            head = flops.linear(1, s.hidden, cfg.hidden_size) + flops.linear(1, cfg.hidden_size, self.spec.num_labels)
+            out.append(adaptive * block + head)
+        return torch.stack(out)
+
+    def cost(self, width_index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """FLOPs [b] (float64) of samples of real lengths [b] that ran at widths `width_index` [b]."""
+        suffix = self._suffix_costs(lengths).gather(0, width_index[None])[0]
+        return (self._shared_cost(lengths) + suffix).to(torch.float64)
+
+    # --- forward --------------------------------------------------------------------------------
+    def _prefix(self, input_ids, attention_mask, token_type_ids):
+        """Layers 1..k at full width and the router: (h [b, s, d], bias, router logits [b, n_w])."""
+        h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
+        bias = attention_bias(attention_mask, h.dtype)
+        h = self.encoder.run_blocks(h, bias, 0, self.router_layer)
+        return h, bias, self.router(masked_mean(h, attention_mask))
+
+    def _suffix(self, h: torch.Tensor, bias: torch.Tensor, i: int) -> torch.Tensor:
+        """Layers k+1..L, pooler and classifier at width i: h [m, s, d] -> logits [m, C]."""
+        shape = self.shapes[i]
+        private = self.width_norms[i] if self.config.shrink_residual and i < self.num_widths - 1 else None
+        if private is not None:
+            h = private.reduce(h[..., : shape.hidden])  # the router step: slice, private norm
+        for j, block in enumerate(self.adaptive_blocks):
+            attn_norm = private.attn[j] if private is not None else block.attention.norm
+            ffn_norm = private.ffn[j] if private is not None else block.ffn.norm
+            h = sliced_block(block, h, bias, shape, attn_norm, ffn_norm)
+        pooler = self.encoder.pooler.dense
+        pooled = torch.tanh(F.linear(h[:, 0], pooler.weight[:, : shape.hidden], pooler.bias))  # [m, d]
+        return self.classifier(self.dropout(pooled))
+
+    def _routed(self, h, bias, lengths, width_index) -> torch.Tensor:
+        """Batched inference: logits [b, C] with every sample run at its width.
+
+        Samples are grouped by width (a stable sort); each group is cut to its own longest real
+        length and runs the sliced weights as dense matmuls; logits are scattered back by row.
+        The one host sync: the group sizes and longest lengths, read together.
+        """
+        b, s = h.shape[:2]
+        n_w = self.num_widths
+        counts = torch.bincount(width_index, minlength=n_w)
+        longest = torch.zeros(n_w, dtype=lengths.dtype, device=lengths.device).scatter_reduce(
+            0, width_index, lengths, reduce="amax")
+        sizes = torch.cat([counts, longest]).tolist()
+        order = torch.argsort(width_index, stable=True)
+        logits, start = None, 0
+        for i in range(n_w):
+            n, length = sizes[i], sizes[n_w + i]
+            if n == 0:
+                continue
+            if n == b and length == s:  # one group, no padding to cut: no gather
+                return self._suffix(h, bias, i)
+            rows = order[start : start + n]
+            start += n
+            z = self._suffix(h[rows, :length], bias[rows, :, :, :length], i)  # [n, C]
+            if logits is None:
+                logits = z.new_empty(b, z.shape[1])
+            logits[rows] = z
+        return logits
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, width: int | None = None,
+                router_targets: torch.Tensor | None = None) -> ClassifierOutput:
+        lengths = flops.lengths_of(attention_mask)  # [b]
+        h, bias, z = self._prefix(input_ids, attention_mask, token_type_ids)
+        extras: dict[str, Any] = {"router_logits": z}
+        if width is not None and not 0 <= width < self.num_widths:
+            raise ValueError(f"width index {width} outside 0..{self.num_widths - 1} (widths {list(self.config.widths)})")
+        if width is not None:
+            logits = self._suffix(h, bias, width)
+            index = torch.full_like(lengths, width)
+            cost = self.cost(index, lengths)
+        elif self.training:
+            width_logits = torch.stack([self._suffix(h, bias, i) for i in range(self.num_widths)])  # [n_w, b, C]
+            extras["width_logits"] = width_logits
+            logits, index = width_logits[-1], torch.full_like(lengths, self.num_widths - 1)
+            cost = (self._shared_cost(lengths) + self._suffix_costs(lengths).sum(dim=0)).to(torch.float64)
+        else:
+            index = self.route(z, self.knob)
+            logits = self._routed(h, bias, lengths, index)
+            cost = self.cost(index, lengths)
+        extras["width_pct"] = self.width_pct[index]
+        aux = None
+        if self.training:
+            if router_targets is None:  # the warm-up label: the largest width only
+                router_targets = torch.zeros_like(z)
+                router_targets[:, -1] = 1.0
+            aux = self.config.router_weight * F.binary_cross_entropy_with_logits(z, router_targets.to(z.dtype))
+        return ClassifierOutput(logits=logits, flops=cost, aux_loss=aux, extras=extras)
+
+    # --- training -------------------------------------------------------------------------------
+    def loss(self, out: ClassifierOutput, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """task_weight * cross-entropy (summed over widths when every width ran) + the router loss."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        width_logits = out.extras.get("width_logits")
+        if width_logits is None:
+            task = F.cross_entropy(out.logits, labels, reduction=reduction)
+        else:
+            n, b, c = width_logits.shape
+            ce = F.cross_entropy(width_logits.reshape(n * b, c), labels.repeat(n), reduction="none").view(n, b)
+            task = ce.sum() if reduction == "sum" else ce.mean(dim=1).sum()
+        loss = self.config.task_weight * task
+        if out.aux_loss is not None:
+            loss = loss + (out.aux_loss * labels.shape[0] if reduction == "sum" else out.aux_loss)
+        return loss
+
+    @torch.enable_grad()
+    def importance(self, enc: Encoded, batch_size: int = 32) -> dict[str, torch.Tensor]:
+        """Gradient x activation importance on labelled data (DynaBERT / Michel et al.), from the
+        full-width model in eval mode:
+
+        - "heads" [L - k, heads]: sum over batches of |sum over tokens and head dims of a * dL/da|,
+          a the attention output before the output projection;
+        - "neurons" [L - k, d_ff]: the same for the FFN's GELU outputs;
+        - "hidden" [d]: the same for the residual stream, summed over the states from layer k's
+          output on (where the residual is sliced).
+        """
+        was_training = self.training
+        self.eval()
+        blocks = self.adaptive_blocks
+        cfg = self.spec.encoder
+        heads = torch.zeros(len(blocks), cfg.num_attention_heads, dtype=torch.float64)
+        neurons = torch.zeros(len(blocks), cfg.intermediate_size, dtype=torch.float64)
+        hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
+        acts: dict[str, list] = {}
+
+        def keep_input(kind: str, j: int):
+            def hook(module, args):
+                acts[kind][j] = args[0]
+            return hook
+
+        def keep_output(module, args, out):
+            acts["hidden"].append(out)
+
+        hooks = [self.encoder.blocks[self.router_layer - 1].register_forward_hook(keep_output)]
+        for j, block in enumerate(blocks):
+            hooks.append(block.attention.out.register_forward_pre_hook(keep_input("heads", j)))
+            hooks.append(block.ffn.down.register_forward_pre_hook(keep_input("neurons", j)))
+            hooks.append(block.register_forward_hook(keep_output))
+        try:
+            for batch in eval_batches(enc, batch_size, self.spec.encoder.pad_token_id):
+                acts.update(heads=[None] * len(blocks), neurons=[None] * len(blocks), hidden=[])
+                h = self.encoder.embed(batch.input_ids)
+                h = self.encoder.run_blocks(h, attention_bias(batch.attention_mask, h.dtype))
+                loss = F.cross_entropy(self.classifier(self.encoder.pool(h)), batch.labels, reduction="sum")
+                flat = acts["heads"] + acts["neurons"] + acts["hidden"]
+                # a * dL/da summed over the batch's tokens, per feature ([b, s, f] -> [f]); pads have zero gradient
+                score = [(a.detach() * g).sum(dim=(0, 1)).double() for a, g in zip(flat, torch.autograd.grad(loss, flat))]
+                n = len(blocks)
+                for j in range(n):
+                    heads[j] += score[j].view(cfg.num_attention_heads, cfg.head_dim).sum(dim=1).abs()
+                    neurons[j] += score[n + j].abs()
+                hidden += sum(x.abs() for x in score[2 * n :])
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+        return {"heads": heads, "neurons": neurons, "hidden": hidden}
+
+    @torch.no_grad()
+    def permute(self, heads: torch.Tensor, neurons: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Reorder heads [L - k, nh] and FFN neurons [L - k, d_ff] of every adaptive layer (index
+        permutations, new position -> old index) and the residual dimensions [d] of the whole
+        network; the function the model computes at full width is unchanged. Private norms are
+        re-initialised from the reordered shared ones (call before training)."""
+        hd = self.spec.encoder.head_dim
+        for j, block in enumerate(self.adaptive_blocks):
+            rows = (heads[j][:, None] * hd + torch.arange(hd)).flatten()  # head-major rows
+            att = block.attention
+            for lin in (att.q, att.k, att.v):
+                lin.weight.copy_(lin.weight[rows])
+                lin.bias.copy_(lin.bias[rows])
+            att.out.weight.copy_(att.out.weight[:, rows])
+            ffn = block.ffn
+            ffn.up.weight.copy_(ffn.up.weight[neurons[j]])
+            ffn.up.bias.copy_(ffn.up.bias[neurons[j]])
+            ffn.down.weight.copy_(ffn.down.weight[:, neurons[j]])
+        if hidden is not None:
+            emb = self.encoder.embeddings
+            for e in (emb.word, emb.position, emb.token_type):
+                e.weight.copy_(e.weight[:, hidden])
+            norms = [emb.norm]
+            for block in self.encoder.blocks:
+                att, ffn = block.attention, block.ffn
+                for lin in (att.q, att.k, att.v, ffn.up):  # read the residual
+                    lin.weight.copy_(lin.weight[:, hidden])
+                for lin in (att.out, ffn.down):  # write the residual
+                    lin.weight.copy_(lin.weight[hidden])
+                    lin.bias.copy_(lin.bias[hidden])
+                norms += [att.norm, ffn.norm]
+            for norm in norms:
+                norm.weight.copy_(norm.weight[hidden])
+                norm.bias.copy_(norm.bias[hidden])
+            for lin in (self.encoder.pooler.dense, self.router[0]):
+                lin.weight.copy_(lin.weight[:, hidden])
+        self.init_private_norms()
+
+    def reorder(self, enc: Encoded, batch_size: int = 32) -> dict[str, Any]:
+        """Score on `enc` (`importance`) and sort heads, neurons and (when the residual shrinks)
+        residual dimensions most important first (`permute`). Returns a JSON-ready summary."""
+        scores = self.importance(enc, batch_size)
+        heads = scores["heads"].argsort(dim=1, descending=True, stable=True)
+        neurons = scores["neurons"].argsort(dim=1, descending=True, stable=True)
+        hidden = scores["hidden"].argsort(descending=True, stable=True) if self.config.shrink_residual else None
+        self.permute(heads, neurons, hidden)
+
+        def kept_share(s: torch.Tensor, order: torch.Tensor, n: int) -> float:
+            return float(s.gather(-1, order[..., :n]).sum() / s.sum().clamp_min(1e-30))
+
+        return {
+            "importance_samples": len(enc),
+            # share of the total importance that each width's slice keeps, after reordering
+            "kept_importance": {
+                str(sh.width): {
+                    "heads": kept_share(scores["heads"], heads, sh.heads),
+                    "neurons": kept_share(scores["neurons"], neurons, sh.ffn),
+                    **({"hidden": kept_share(scores["hidden"], hidden, sh.hidden)} if hidden is not None else {}),
+                }
+                for sh in self.shapes
+            },
+        }
+
+    def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
+        """Train every width and the router as the paper does (see `_train`), after importance
+        reordering; keep the best epoch on validation. Resumable per epoch from out_dir."""
+        from adaptinf.train import dist_info
+
+        _, world = dist_info()
+        if world > 1:
+            raise ValueError("sharcs trains in a single process; run `adaptinf convert` without torchrun")
+        if len(train) == 0 or len(val) == 0:
+            raise ValueError("training and validation sets must not be empty")
+        out = Path(out_dir)
+        if restart:
+            shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        reorder_file = out / "reorder.json"
+        summary: dict[str, Any] = {}
+        resuming = (out / "last").exists() or (out / "last.old").exists()
+        if resuming and reorder_file.is_file():
+            summary["reorder"] = json.loads(reorder_file.read_text())  # the weights come back with the resume state
+        elif self.config.importance_samples > 0:
+            g = torch.Generator().manual_seed(cfg.seed)
+            keep = torch.randperm(len(train), generator=g)[: self.config.importance_samples].sort().values
+            subset = Encoded([train.ids[i] for i in keep.tolist()], train.labels[keep])
+            summary["reorder"] = self.reorder(subset, batch_size=cfg.eval_batch_size)
+            reorder_file.write_text(json.dumps(summary["reorder"]) + "\n")
+        result = self._train(train, val, cfg, out, progress)
+        return {**summary, **result, "n_train": len(train)}
+
+    def _train(self, train: Encoded, val: Encoded, cfg, out: Path, progress: bool) -> dict:
+        """The training loop: per epoch, labels from the confidence history, one width per batch,
+        task + router loss, then validation. Epoch-granular resume state in out/last."""
+        from safetensors.torch import load_file
+
+        from adaptinf.checkpoint import WEIGHTS_FILE, save_model, save_tensors_atomic, write_json_atomic
+        from adaptinf.train import _load_state, _save_state, make_optimizer
+
+        c, n, n_w = self.config, len(train), self.num_widths
+        pad = self.spec.encoder.pad_token_id
+        settings = {"train": cfg.to_dict(), "n_train": n, "n_val": len(val), "method": self.method,
+                    "method_config": c.to_dict()}
+        cfg_path = out / "train_config.json"
+        if cfg_path.is_file() and json.loads(cfg_path.read_text()) != settings:
+            raise ValueError(f"{out} holds a run with other settings; use a new output directory, or --restart")
+        torch.manual_seed(cfg.seed)
+        self.train()
+        opt = make_optimizer(self, cfg)
+        history = torch.full((cfg.epochs, n), float("nan"))  # true-class confidence per epoch and sample
+        position = _load_state(out, self, opt)
+        epoch, step, best, best_epoch = 0, 0, -1.0, -1
+        if position is None:
+            write_json_atomic(cfg_path, settings)
+        else:
+            epoch, step, best, best_epoch = position["epoch"], position["global_step"], position["best"], position["best_epoch"]
+            history[:epoch] = load_file(str(out / "history.safetensors"))["history"][:epoch]
+        resumed_from = step
+        first_selectable = min(c.window, cfg.epochs - 1)  # epochs whose router saw hardness labels
+        log_rows = []
+        while epoch < cfg.epochs:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            if epoch < c.window:
+                targets = torch.zeros(n, n_w, dtype=torch.bool)
+                targets[:, -1] = True
+                train_at = torch.ones(n, n_w, dtype=torch.bool) if c.warmup_all_widths else targets
+            else:
+                targets = hardness_labels(history[epoch - c.window : epoch], c.confidence_intervals)
+                train_at = targets.int().cummax(dim=1).values.bool() if c.nested_training else targets
+            # each sample trains at one of its allowed widths, uniformly at random
+            assigned = torch.multinomial(train_at.float(), 1, generator=gen).flatten()
+            plan = epoch_plan(assigned, n_w, cfg.batch_size, c.oversample, gen)
+            sums = torch.zeros(3, dtype=torch.float64)  # task, router, samples
+            self.train()
+            for i, (wi, rows) in enumerate(tqdm(plan, desc=f"sharcs epoch {epoch + 1}/{cfg.epochs}",
+                                                disable=not progress, leave=False)):
+                for g in opt.param_groups:
+                    g["lr"] = _lr((epoch + i / len(plan)) / cfg.epochs, (epoch + (i + 1) / len(plan)) / cfg.epochs, cfg)
+                batch = collate(train, rows.tolist(), pad)
+                opt.zero_grad(set_to_none=True)
+                o = self(batch.input_ids, batch.attention_mask, width=wi, router_targets=targets[rows].float())
+                self.loss(o, batch.labels).backward()
+                task, router_loss = float(F.cross_entropy(o.logits.detach(), batch.labels)), float(o.aux_loss.detach())
+                torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.max_grad_norm)
+                opt.step()
+                step += 1
+                with torch.no_grad():
+                    history[epoch, rows] = o.logits.float().softmax(-1).gather(1, batch.labels[:, None])[:, 0]
+                sums += torch.tensor([task * len(rows), router_loss * len(rows), len(rows)], dtype=torch.float64)
+            val_report = self.validation_report(val, cfg.eval_batch_size)
+            score = val_report["score"]
+            row = {"epoch": epoch + 1, "step": step, "train_task_loss": float(sums[0] / sums[2]),
+                   "train_router_loss": float(sums[1] / sums[2]), "val_score": score,
+                   "val_routed_accuracy": val_report["routed_accuracy"],
+                   "label_share": [float(x) for x in targets.float().mean(0)],
+                   "batches_per_width": [sum(1 for w, _ in plan if w == i) for i in range(n_w)],
+                   "val_width_accuracy": val_report["width_accuracy"], "val_routed_share": val_report["routed_share"]}
+            log_rows.append(row)
+            _append_metrics(out / "metrics.csv", row)
+            if progress:
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: val width accuracy "
+                           f"{[round(a, 4) for a in val_report['width_accuracy']]}, routed {val_report['routed_accuracy']:.4f} "
+                           f"(shares {[round(s, 3) for s in val_report['routed_share']]})")
+            if epoch >= first_selectable and score > best:
+                best, best_epoch = score, epoch
+                save_model(self, out / "best", extra={"val_score": score, "epoch": epoch + 1})
+            epoch += 1
+            save_tensors_atomic({"history": history}, out / "history.safetensors")
+            _save_state(out, self, opt, {"epoch": epoch, "step_in_epoch": 0, "global_step": step,
+                                         "best": best, "best_epoch": best_epoch})
+        if (out / "best" / WEIGHTS_FILE).is_file():
+            self.load_state_dict(load_file(str(out / "best" / WEIGHTS_FILE)))
+        self.eval()
+        return {"best_val_score": best, "best_epoch": best_epoch + 1, "steps": step,
+                "resumed_from_step": resumed_from, "epochs": log_rows}
+
+    # --- evaluation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def all_width_logits(self, enc: Encoded, batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, ...]:
+        """(router logits [n, n_w], every width's logits [n_w, n, C], real lengths [n]) for a split,
+        from one pass (the prefix once, then each width on every sample). Eval mode; restored."""
+        if len(enc) == 0:
+            raise ValueError("nothing to run: the encoded split is empty")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        n = len(enc)
+        router = torch.empty(n, self.num_widths)
+        logits = torch.empty(self.num_widths, n, self.spec.num_labels)
+        lengths = torch.tensor([len(x) for x in enc.ids], dtype=torch.int64)
+        try:
+            for batch in tqdm(eval_batches(enc, batch_size, self.spec.encoder.pad_token_id),
+                              total=math.ceil(n / batch_size), desc="sharcs widths", disable=not progress, leave=False):
+                h, bias, z = self._prefix(batch.input_ids.to(device), batch.attention_mask.to(device), None)
+                router[batch.index] = z.float().cpu()
+                for i in range(self.num_widths):
+                    logits[i, batch.index] = self._suffix(h, bias, i).float().cpu()
+        finally:
+            self.train(was_training)
+        return router, logits, lengths
+
+    def validation_report(self, val: Encoded, batch_size: int = 64) -> dict[str, Any]:
+        """Per-width accuracy, accuracy and width shares at the router's own routing (knob 0), and
+        the selection score: the mean per-width accuracy (every width serves some samples, and a
+        score that the router could raise by sending everything to full width would select for
+        that)."""
+        z, logits, _ = self.all_width_logits(val, batch_size)
+        y = val.labels
+        per_width = (logits.argmax(-1) == y).double().mean(dim=1)
+        choice = self.route(z, 0.0)
+        routed = logits[choice, torch.arange(len(val))].argmax(-1)
+        return {"score": float(per_width.mean()), "width_accuracy": per_width.tolist(),
+                "routed_accuracy": float((routed == y).double().mean()),
+                "routed_share": torch.bincount(choice, minlength=self.num_widths).double().div(len(val)).tolist()}
+
+    def selection_score(self, val: Encoded, batch_size: int = 64) -> float:
+        return self.validation_report(val, batch_size)["score"]
+
+    def sweep_offline(self, enc: Encoded, knobs, batch_size: int = 64, progress: bool = False) -> list[SweepPoint]:
+        """Every knob value from one pass that keeps every width's logits and the router logits:
+        the routing rule (`route`) and cost (`cost`) are then applied per knob, as `forward` does.
+
+        Extras per point: "width_pct" [n] and, with labels, "width_accuracy" (each width's own
+        accuracy on every sample, the same at every knob)."""
+        for k in knobs:
+            self._check_knob(k)
+        z, logits, lengths = self.all_width_logits(enc, batch_size, progress)
+        rows = torch.arange(len(enc))
+        pct = self.width_pct.cpu()
+        common: dict[str, Any] = {"widths": list(self.config.widths)}
+        y = enc.labels
+        if y.shape == (len(enc),) and bool(((y >= 0) & (y < self.spec.num_labels)).all()):
+            common["width_accuracy"] = (logits.argmax(-1) == y).double().mean(dim=1).tolist()
+        points = []
+        for k in knobs:
+            choice = self.route(z, k)
+            points.append(SweepPoint(k, logits[choice, rows].argmax(-1), self.cost(choice, lengths),
+                                     {"width_pct": pct[choice], **common}))
+        return points
+
+
+def _lr(start: float, end: float, cfg) -> float:
+    """Linear warm-up over cfg.warmup_ratio of training, then linear decay to 0, by the fraction of
+    training done (start/end of this step): steps per epoch vary with the width buckets."""
+    warm = cfg.warmup_ratio
+    up = end / warm if warm > 0 else 1.0
+    return cfg.lr * max(0.0, min(1.0, up, (1.0 - start) / (1.0 - warm)))
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
