@@ -4,11 +4,16 @@ the knob, phase-2 labels, the module-wise phases (2 processes == 1), and the `co
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_batch
+from safetensors.torch import load_file
 
 from adaptinf.backbone import EncoderConfig
 from adaptinf.checkpoint import load_model, save_model
@@ -358,6 +363,20 @@ def test_two_process_distillation_equals_one_process(tmp_path):
     assert any("gate" in k for k in changed)
     stats = json.loads((tmp_path / "two" / "gates" / "2.ffn.json").read_text())
     assert sum(stats["sufficient_k_share"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_modules(tmp_path):
+    """Under torchrun each rank distils every other module; the gathered model is the 1-process one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    worker = Path(__file__).with_name("acm_ddp_worker.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(worker), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    ref = distilled(tmp_path / "one", workers=1).state_dict()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_fit_runs_the_three_phases_and_resumes(tmp_path):

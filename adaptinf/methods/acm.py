@@ -46,6 +46,7 @@ import copy
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -534,8 +535,10 @@ class AcmClassifier(AdaptiveClassifier):
         c = self.config
         summary: dict[str, Any] = {"n_train": len(train)}
         pad = self.spec.encoder.pad_token_id
+        t0 = time.time()
         if c.distill_epochs:
             summary["distill"] = self._phase("distill", train, cfg, out / "distill", progress)
+            summary["distill_seconds"] = round(time.time() - t0, 1)  # ~0 when resumed from out_dir
             if rank == 0:  # the distilled learners, all on, against the dense model
                 self.force_learners(c.learners)
                 summary["val_accuracy_all_learners"] = accuracy(self, val, cfg.eval_batch_size, pad)[0]
@@ -543,7 +546,9 @@ class AcmClassifier(AdaptiveClassifier):
                 if self._teacher:
                     summary["val_accuracy_dense"] = accuracy(self._teacher[0], val, cfg.eval_batch_size, pad)[0]
         if c.gate_epochs:
+            t0 = time.time()
             summary["gates"] = self._phase("gates", train, cfg, out / "gates", progress)
+            summary["gates_seconds"] = round(time.time() - t0, 1)
         knob = self.knob
         self.set_knob(None)
         try:
