@@ -1,0 +1,200 @@
+"""The latency table: measured milliseconds of every candidate block on this machine, and the
+additive latency model PLANER's search uses (spec: ../shared/METHODS.md section 4).
+
+Protocol (`profile`):
+- One table holds one deployment setting: batch size, sequence length (every token real), torch
+  threads, torch version and the CPU model (`adaptinf.bench.machine_name`); `LatencyTable.mismatches`
+  says when a stored table was taken under other conditions, so it is re-profiled, never reused.
+- Every candidate block (attention with all heads / half the heads; FFN dense / half width / MoE
+  with k experts) is timed on its own in layer 0 of the model, on the hidden states of random tokens,
+  under `torch.inference_mode()`: `warmup` discarded calls, then `repeats` samples, each the mean of
+  enough calls to last `min_sample_ms`; the table keeps the median. All layers of the backbone have
+  the same shape, so layer 0 stands for every layer. A skipped block costs 0 by definition.
+- The overhead (embeddings, mask, the per-layer loop, pooler, classifier) is the end-to-end time of
+  the model with every block skipped.
+- Additive model: latency(architecture) = overhead + sum over layers of the chosen blocks' times
+  (`LatencyTable.estimate`). `validate` reports its error against the measured end-to-end latency
+  of a few architectures.
+
+The model to profile provides `block_choices()` (names such as "attn:half", "ffn:moe2"),
+`block_runner(name)` (a callable h [b, s, d], bias, real-token context -> h) and
+`using_architecture(arch)` (a context manager); `adaptinf.methods.planer.PlanerClassifier` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+SKIP = 0.0  # a skipped block's latency
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 2, min_sample_ms: float = 2.0) -> float:
+    """Median milliseconds per call of `fn` over `repeats` samples (each the mean of enough calls to
+    last about `min_sample_ms`, so sub-millisecond blocks are not timer noise), after `warmup` calls."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"time_ms: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    number = max(1, min(1000, math.ceil(min_sample_ms / once)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t0) * 1e3 / number)
+    return statistics.median(samples)
+
+
+def random_inputs(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [b, s] (random ids, first token 101 like [CLS]) and an all-ones mask: every token real."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)
+    ids[:, 0] = min(101, vocab_size - 1)
+    return ids, torch.ones(batch_size, seq_len, dtype=torch.int64)
+
+
+def conditions(batch_size: int, seq_len: int) -> dict:
+    """What a latency number depends on besides the model: stamped on every table."""
+    from adaptinf.bench import machine_name
+
+    return {"machine": machine_name(), "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "batch_size": batch_size, "seq_len": seq_len}
+
+
+@dataclass
+class LatencyTable:
+    """Milliseconds per block at one (machine, threads, torch version, batch size, sequence length).
+
+    blocks: "attn:full" / "attn:half" / "ffn:dense" / "ffn:half" / "ffn:moe<k>" -> ms for one block.
+    overhead_ms: everything but the blocks (embeddings, pooler, classifier, loop).
+    shape: the model shape the blocks were timed at (hidden size, heads, FFN width, experts, layers).
+    """
+
+    machine: str
+    torch_threads: int
+    torch_version: str
+    batch_size: int
+    seq_len: int
+    shape: dict
+    overhead_ms: float
+    blocks: dict[str, float]
+    repeats: int
+    created: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def block_ms(self, name: str) -> float:
+        if name.endswith(":skip"):
+            return SKIP
+        if name not in self.blocks:
+            raise ValueError(f"the latency table has no block {name!r} (it has {sorted(self.blocks)}); re-profile it")
+        return self.blocks[name]
+
+    def estimate(self, architecture: Sequence[str]) -> float:
+        """Additive model: overhead + the blocks of every layer ("attn/ffn" per layer, e.g. "half/moe2")."""
+        total = self.overhead_ms
+        for slot in architecture:
+            attn, ffn = slot.split("/")
+            total += self.block_ms(f"attn:{attn}") + self.block_ms(f"ffn:{ffn}")
+        return total
+
+    def dense_ms(self, layers: int) -> float:
+        return self.estimate(["full/dense"] * layers)
+
+    def mismatches(self, batch_size: int, seq_len: int, shape: dict) -> list[str]:
+        """Conditions under which this table was not taken (empty: it applies here and now)."""
+        want = {**conditions(batch_size, seq_len), "shape": shape}
+        have = {k: getattr(self, k) for k in want}
+        return [f"{k}: table {have[k]!r}, here {want[k]!r}" for k in want if have[k] != want[k]]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyTable:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - known or {"blocks", "overhead_ms"} - set(d):
+            raise ValueError(f"not a latency table (expected the fields {sorted(known)})")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> Path:
+        from adaptinf.checkpoint import write_json_atomic
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(p, self.to_dict())
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read the latency table {path}: {e}") from e
+
+
+@torch.inference_mode()
+def measure_model(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> float:
+    """End-to-end milliseconds of `model(input_ids, mask)` at (batch_size, seq_len), every token real."""
+    was_training = model.training
+    model.eval()
+    ids, mask = random_inputs(model.spec.encoder.vocab_size, batch_size, seq_len, seed)
+    try:
+        return time_ms(lambda: model(ids, mask), repeats, warmup)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def profile(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> LatencyTable:
+    """Time every candidate block of `model` (see the module docstring) and the overhead; returns the table."""
+    if batch_size < 1 or not 1 <= seq_len <= model.spec.encoder.max_position_embeddings:
+        raise ValueError(f"profile: batch_size must be >= 1 and seq_len in [1, max_position_embeddings], "
+                         f"got {batch_size}, {seq_len}")
+    was_training = model.training
+    model.eval()
+    try:
+        ids, mask = random_inputs(model.spec.encoder.vocab_size, batch_size, seq_len, seed)
+        h, bias, ctx = model.prepare(ids, mask)  # [b, s, d] hidden states after the embeddings
+        blocks = {}
+        for name in model.block_choices():
+            if name.endswith(":skip"):
+                continue
+            run = model.block_runner(name)
+            blocks[name] = time_ms(lambda run=run: run(h, bias, ctx), repeats, warmup)
+        with model.using_architecture(["skip/skip"] * model.spec.encoder.num_hidden_layers):
+            overhead = measure_model(model, batch_size, seq_len, repeats, warmup, seed)
+    finally:
+        model.train(was_training)
+    return LatencyTable(**conditions(batch_size, seq_len), shape=model.latency_shape(), overhead_ms=overhead,
+                        blocks=blocks, repeats=repeats,
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def validate(model, table: LatencyTable, architectures: Sequence[Sequence[str]], repeats: int | None = None,
+             warmup: int = 2) -> dict:
+    """The additive model's error against measured end-to-end latency of `architectures` (at the
+    table's batch size and sequence length). Returns {"rows": [{architecture, predicted_ms,
+    measured_ms, relative_error}], "mean_abs_relative_error", "max_abs_relative_error"}."""
+    rows = []
+    for arch in architectures:
+        with model.using_architecture(list(arch)):
+            measured = measure_model(model, table.batch_size, table.seq_len, repeats or table.repeats, warmup)
+        predicted = table.estimate(arch)
+        rows.append({"architecture": list(arch), "predicted_ms": predicted, "measured_ms": measured,
+                     "relative_error": (predicted - measured) / measured})
+    errs = [abs(r["relative_error"]) for r in rows]
+    return {"rows": rows, "mean_abs_relative_error": sum(errs) / len(errs) if errs else None,
+            "max_abs_relative_error": max(errs) if errs else None}
