@@ -624,8 +624,9 @@ class PlanerClassifier(AdaptiveClassifier):
         return summary
 
     def train_routers(self, train: Encoded, cfg, progress: bool = False) -> dict:
-        """Fit every layer's router to the norms of its experts' outputs on the dense model's FFN
-        inputs (captured by forward hooks on the frozen teacher, real tokens only). MSE, Adam."""
+        """Fit every layer's router to the norms of its experts' outputs (relative to the token's mean
+        norm) on the dense model's FFN inputs, captured by forward hooks on the frozen teacher, real
+        tokens only. MSE, Adam, one optimizer per layer."""
         from adaptinf.data import steps_per_epoch, train_batches
 
         c = self.config
@@ -640,12 +641,12 @@ class PlanerClassifier(AdaptiveClassifier):
             for i in range(layers)]
         self.routers.requires_grad_(True)
         opts = [torch.optim.Adam(r.parameters(), lr=c.router_lr) for r in self.routers]
-        sums = [[0.0, 0.0, 0] for _ in range(layers)]
+        sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
         total = steps_per_epoch(len(train), cfg.batch_size) * c.router_epochs
         bar = tqdm(total=total, desc="planer routers", disable=not progress, unit="step")
         try:
             for epoch in range(c.router_epochs):
-                sums = [[0.0, 0.0, 0] for _ in range(layers)]
+                sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
                 for batch, _, _ in train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id=self.spec.encoder.pad_token_id):
                     real[0] = batch.attention_mask.reshape(-1).nonzero().squeeze(1)
                     with torch.no_grad():
@@ -653,21 +654,30 @@ class PlanerClassifier(AdaptiveClassifier):
                     for i in range(layers):
                         x = captured[i]  # [T, d]
                         with torch.no_grad():
-                            target = self.expert_norms(i, x)  # [T, E]
-                        loss = F.mse_loss(self.routers[i](x), target)
+                            # per token relative to its mean: top-k and the (1 - tau) * max threshold
+                            # only compare a token's experts with each other, and the scale is then ~1
+                            norms = self.expert_norms(i, x)  # [T, E]
+                            target = norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
+                        pred = self.routers[i](x)
+                        loss = F.mse_loss(pred, target)
                         opts[i].zero_grad(set_to_none=True)
                         loss.backward()
                         opts[i].step()
-                        sums[i][0] += float(loss) * x.shape[0]
-                        sums[i][1] += float(target.pow(2).mean()) * x.shape[0]
-                        sums[i][2] += x.shape[0]
+                        t = x.shape[0]
+                        sums[i][0] += float(loss.detach()) * t
+                        sums[i][1] += float(target.var(dim=1, unbiased=False).mean()) * t
+                        sums[i][2] += float((pred.detach().argmax(1) == target.argmax(1)).sum())
+                        sums[i][3] += t
                     bar.update(1)
         finally:
             bar.close()
             for hk in hooks:
                 hk.remove()
             self.routers.requires_grad_(False)
-        return {str(i): {"relative_mse": s[0] / max(s[1], 1e-30)} for i, s in enumerate(sums)}
+        # last epoch, per layer: MSE over the variance of the targets across experts (1 = no better than
+        # predicting every expert alike) and how often the router's top expert is the true top expert
+        return {str(i): {"unexplained_variance": s[0] / max(s[1], 1e-30), "top1_agreement": s[2] / max(s[3], 1)}
+                for i, s in enumerate(sums)}
 
     def expert_norms(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The norm of every expert's output (no bias) for tokens x [T, d] -> [T, E]: the router's target."""
