@@ -6,10 +6,14 @@ Protocol (`profile`):
   threads, torch version and the CPU model (`adaptinf.bench.machine_name`); `LatencyTable.mismatches`
   says when a stored table was taken under other conditions, so it is re-profiled, never reused.
 - Every candidate block (attention with all heads / half the heads; FFN dense / half width / MoE
-  with k experts) is timed on its own in layer 0 of the model, on the hidden states of random tokens,
-  under `torch.inference_mode()`: `warmup` discarded calls, then `repeats` samples, each the mean of
-  enough calls to last `min_sample_ms`; the table keeps the median. All layers of the backbone have
-  the same shape, so layer 0 stands for every layer. A skipped block costs 0 by definition.
+  with k experts) is timed as a stack: the model with that block in every layer and the other slot
+  skipped, end to end on random tokens under `torch.inference_mode()` (`measure_model`: `warmup`
+  discarded calls, then `repeats` samples, each the mean of enough calls to last `min_sample_ms`,
+  median kept); the block's time is (stack - overhead) / layers. Timing a block alone in a loop keeps
+  its weights cache-hot and underestimates the real model (measured: half the end-to-end latency at
+  batch 1); the stack makes every layer's own weights pass through the caches as they do in use.
+  All layers of the backbone have the same shape, so one time per block stands for every layer.
+  A skipped block costs 0 by definition.
 - The overhead (embeddings, mask, the per-layer loop, pooler, classifier) is the end-to-end time of
   the model with every block skipped.
 - Additive model: latency(architecture) = overhead + sum over layers of the chosen blocks' times
@@ -17,8 +21,8 @@ Protocol (`profile`):
   of a few architectures.
 
 The model to profile provides `block_choices()` (names such as "attn:half", "ffn:moe2"),
-`block_runner(name)` (a callable h [b, s, d], bias, real-token context -> h) and
-`using_architecture(arch)` (a context manager); `adaptinf.methods.planer.PlanerClassifier` does.
+`using_architecture(arch)` (a context manager; arch = one "attn/ffn" string per layer) and
+`latency_shape()`; `adaptinf.methods.planer.PlanerClassifier` does.
 """
 
 from __future__ import annotations
@@ -148,36 +152,57 @@ class LatencyTable:
 @torch.inference_mode()
 def measure_model(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> float:
     """End-to-end milliseconds of `model(input_ids, mask)` at (batch_size, seq_len), every token real."""
-    was_training = model.training
-    model.eval()
-    ids, mask = random_inputs(model.spec.encoder.vocab_size, batch_size, seq_len, seed)
-    try:
-        return time_ms(lambda: model(ids, mask), repeats, warmup)
-    finally:
-        model.train(was_training)
+    return measure_architectures(model, {"model": None}, batch_size, seq_len, repeats, warmup, seed)["model"]
 
 
 @torch.inference_mode()
+def measure_architectures(model, architectures: dict[str, list[str] | None], batch_size: int, seq_len: int,
+                          repeats: int = 5, warmup: int = 2, seed: int = 0) -> dict[str, float]:
+    """End-to-end milliseconds of the model with each architecture (None: its own), interleaved as
+    the bench protocol does: `warmup` discarded calls each, then `repeats` rounds, each timing every
+    architecture once in an order rotated by the round, so drift (another process on the same cores)
+    hits them alike; the median per architecture over rounds."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    was_training = model.training
+    model.eval()
+    ids, mask = random_inputs(model.spec.encoder.vocab_size, batch_size, seq_len, seed)
+    names = list(architectures)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+
+    def arch_of(name: str) -> list[str]:
+        return architectures[name] or model.architecture
+
+    try:
+        for n in names:
+            with model.using_architecture(arch_of(n)):
+                for _ in range(warmup):
+                    model(ids, mask)
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                with model.using_architecture(arch_of(n)):
+                    samples[n].append(time_ms(lambda: model(ids, mask), repeats=1, warmup=0))
+    finally:
+        model.train(was_training)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
 def profile(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> LatencyTable:
     """Time every candidate block of `model` (see the module docstring) and the overhead; returns the table."""
     if batch_size < 1 or not 1 <= seq_len <= model.spec.encoder.max_position_embeddings:
         raise ValueError(f"profile: batch_size must be >= 1 and seq_len in [1, max_position_embeddings], "
                          f"got {batch_size}, {seq_len}")
-    was_training = model.training
-    model.eval()
-    try:
-        ids, mask = random_inputs(model.spec.encoder.vocab_size, batch_size, seq_len, seed)
-        h, bias, ctx = model.prepare(ids, mask)  # [b, s, d] hidden states after the embeddings
-        blocks = {}
-        for name in model.block_choices():
-            if name.endswith(":skip"):
-                continue
-            run = model.block_runner(name)
-            blocks[name] = time_ms(lambda run=run: run(h, bias, ctx), repeats, warmup)
-        with model.using_architecture(["skip/skip"] * model.spec.encoder.num_hidden_layers):
-            overhead = measure_model(model, batch_size, seq_len, repeats, warmup, seed)
-    finally:
-        model.train(was_training)
+    layers = model.spec.encoder.num_hidden_layers
+    # each block in every layer, the other slot skipped: each layer's own weights pass through the
+    # caches as they do in the real model (one block timed alone in a loop stays cache-hot)
+    stacks = {"overhead": ["skip/skip"] * layers}
+    for name in model.block_choices():
+        kind, choice = name.split(":")
+        if choice != "skip":
+            stacks[name] = [f"{choice}/skip" if kind == "attn" else f"skip/{choice}"] * layers
+    ms = measure_architectures(model, stacks, batch_size, seq_len, repeats, warmup, seed)
+    overhead = ms.pop("overhead")
+    blocks = {name: max(t - overhead, 0.0) / layers for name, t in ms.items()}
     return LatencyTable(**conditions(batch_size, seq_len), shape=model.latency_shape(), overhead_ms=overhead,
                         blocks=blocks, repeats=repeats,
                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -186,15 +211,15 @@ def profile(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int 
 def validate(model, table: LatencyTable, architectures: Sequence[Sequence[str]], repeats: int | None = None,
              warmup: int = 2) -> dict:
     """The additive model's error against measured end-to-end latency of `architectures` (at the
-    table's batch size and sequence length). Returns {"rows": [{architecture, predicted_ms,
-    measured_ms, relative_error}], "mean_abs_relative_error", "max_abs_relative_error"}."""
+    table's batch size and sequence length, measured interleaved). Returns {"rows": [{architecture,
+    predicted_ms, measured_ms, relative_error}], "mean_abs_relative_error", "max_abs_relative_error"}."""
+    archs = {str(i): list(a) for i, a in enumerate(architectures)}
+    measured = measure_architectures(model, archs, table.batch_size, table.seq_len, repeats or table.repeats, warmup)
     rows = []
-    for arch in architectures:
-        with model.using_architecture(list(arch)):
-            measured = measure_model(model, table.batch_size, table.seq_len, repeats or table.repeats, warmup)
+    for i, arch in archs.items():
         predicted = table.estimate(arch)
-        rows.append({"architecture": list(arch), "predicted_ms": predicted, "measured_ms": measured,
-                     "relative_error": (predicted - measured) / measured})
+        rows.append({"architecture": arch, "predicted_ms": predicted, "measured_ms": measured[i],
+                     "relative_error": (predicted - measured[i]) / measured[i]})
     errs = [abs(r["relative_error"]) for r in rows]
     return {"rows": rows, "mean_abs_relative_error": sum(errs) / len(errs) if errs else None,
             "max_abs_relative_error": max(errs) if errs else None}

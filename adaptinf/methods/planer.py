@@ -515,12 +515,6 @@ class PlanerClassifier(AdaptiveClassifier):
         ks = sorted({k for k in (1, 2, e // 4, e // 2, e) if 1 <= k <= e})
         return [f"attn:{a}" for a in ATTN] + [f"ffn:{f}" for f in FFN] + [f"ffn:moe{k}" for k in ks]
 
-    def block_runner(self, name: str):
-        """A callable (h, bias, ctx) -> h running candidate block `name` in layer 0 (for profiling)."""
-        kind, choice = name.split(":")
-        slot = parse_slot(f"{choice}/skip" if kind == "attn" else f"skip/{choice}", self.config.num_experts)
-        return lambda h, bias, ctx: self.run_layer(0, h, bias, ctx, slot)
-
     def latency_shape(self) -> dict:
         cfg = self.spec.encoder
         return {"hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
