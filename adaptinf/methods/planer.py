@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -285,20 +286,55 @@ def select_experts(scores: torch.Tensor, k: int, tau: float | None) -> torch.Ten
     return sel
 
 
+@functools.lru_cache(maxsize=None)
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs here (device type, dtype) and agrees with plain matmuls:
+    probed once on tiny tensors. It has no CPU backward (torch 2.13), so only inference uses it."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 8, generator=g).to(device_type, dtype)
+        w = torch.randn(2, 4, 8, generator=g).to(device_type, dtype).transpose(1, 2)  # [2, 8, 4], as up weights are
+        offs = torch.tensor([2, 5], dtype=torch.int32, device=device_type)
+        got = torch._grouped_mm(x, w, offs=offs)
+        want = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
+        return bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
 def grouped_experts(x: torch.Tensor, sel: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor,
-                    w_down: torch.Tensor) -> torch.Tensor:
+                    w_down: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Sum of each token's selected experts (no output bias): x [T, d], sel [T, E] -> [T, d_out].
 
     Expert e is rows e*m..(e+1)*m-1 of w_up [E*m, d] and b_up, columns of w_down [d_out, E*m].
-    The (token, expert) pairs are sorted by expert (`nonzero` of sel transposed is expert-major),
-    the token rows gathered once, and each active expert runs one matmul pair on its contiguous
-    slice. One host sync: the per-expert counts.
+    The (token, expert) pairs are sorted by expert (`nonzero` of sel transposed is expert-major) and
+    the token rows gathered once; then either
+    - "grouped_mm": one `torch._grouped_mm` per projection over all experts (offsets on the device:
+      no host sync at all), used for inference where it works (`grouped_mm_works`), or
+    - "loop": each active expert runs one matmul pair on its contiguous slice, after one host sync
+      (the per-expert counts); the portable path, and the one autograd uses.
+    "auto" picks grouped_mm when no gradient is needed and it works here, else the loop.
     """
+    if impl not in ("auto", "loop", "grouped_mm"):
+        raise ValueError(f"grouped_experts: impl must be 'auto', 'loop' or 'grouped_mm', got {impl!r}")
     e = sel.shape[1]
     m = w_up.shape[0] // e
+    d_out = w_down.shape[0]
     expert, token = sel.t().nonzero(as_tuple=True)  # [P] each, sorted by expert
-    counts = torch.bincount(expert, minlength=e).tolist()  # the one host sync of this layer
     xs = x.index_select(0, token)  # [P, d]
+    out = x.new_zeros(x.shape[0], d_out)
+    if impl == "auto":
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_up, b_up, w_down))
+        impl = "grouped_mm" if not needs_grad and grouped_mm_works(x.device.type, x.dtype) else "loop"
+    if impl == "grouped_mm":
+        offs = torch.bincount(expert, minlength=e).cumsum(0).to(torch.int32)  # [E] group ends
+        a = torch._grouped_mm(xs, w_up.view(e, m, -1).transpose(1, 2), offs=offs)  # [P, m]
+        a = F.gelu(a + b_up.view(e, m).index_select(0, expert))
+        ys = torch._grouped_mm(a, w_down.t().reshape(e, m, d_out), offs=offs)  # [P, d_out]
+        return out.index_add_(0, token, ys)
+    counts = torch.bincount(expert, minlength=e).tolist()  # the one host sync of this layer
     parts, start = [], 0
     for i, n in enumerate(counts):
         if n:
@@ -306,7 +342,6 @@ def grouped_experts(x: torch.Tensor, sel: torch.Tensor, w_up: torch.Tensor, b_up
             a = F.gelu(torch.addmm(b_up[rows], xs[start : start + n], w_up[rows].t()))  # [n, m]
             parts.append(a @ w_down[:, rows].t())  # [n, d_out]
         start += n
-    out = x.new_zeros(x.shape[0], w_down.shape[0])
     if parts:
         out.index_add_(0, token, torch.cat(parts) if len(parts) > 1 else parts[0])
     return out
@@ -373,6 +408,11 @@ class PlanerClassifier(AdaptiveClassifier):
         self.routers = nn.ModuleList(Router(cfg.hidden_size, self.config.router_hidden, e)
                                      for _ in range(cfg.num_hidden_layers))
         self.routers.requires_grad_(False)  # trained by their own phase in `fit`, never end to end
+        for block in self.encoder.blocks:
+            # FFN down weights [d, d_ff] stored column-major, so an expert's columns are one contiguous
+            # [m, d] block (its matmul reads no strided weight); loading copies into this layout
+            w = block.ffn.down.weight
+            block.ffn.down.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
         self._teacher: list[DenseClassifier] = []  # the frozen dense model (not a submodule: never saved)
         self._arch: list[tuple[str, str, int]] = []
         self.set_architecture(list(self.config.architecture) or self.default_architecture())
