@@ -318,7 +318,14 @@ def test_search_meets_the_target_estimate_by_downgrading_slots():
     found = model.search(table, 0.6 * dense_ms, proxy, batch_size=4)
     assert found["meets_target_estimate"] and found["estimated_ms"] <= 0.6 * dense_ms
     assert found["estimated_ms"] == pytest.approx(table.estimate(found["architecture"]))
-    assert [p["estimated_ms"] for p in found["path"]] == sorted((p["estimated_ms"] for p in found["path"]), reverse=True)
+    down = [p for p in found["path"] if p["step"] == "downgrade"]
+    assert [p["estimated_ms"] for p in down] == sorted((p["estimated_ms"] for p in down), reverse=True)
+    assert found["path"][-1]["architecture"] == found["architecture"]
+    # refinement leaves no one-slot upgrade that fits the target and lowers the proxy: upgrades only
+    # lower the proxy, and every step after the descent stays within the target
+    ups = found["path"][len(down):]
+    assert all(p["step"] == "upgrade" and p["estimated_ms"] <= 0.6 * dense_ms for p in ups)
+    assert [p["proxy"] for p in ups] == sorted((p["proxy"] for p in ups), reverse=True)
     assert model.architecture == ["full/moe4"] * 2  # search leaves the model's architecture alone
     # an unreachable target: everything downgraded, reported as missed
     low = model.search(table, 0.5, proxy, batch_size=4)
@@ -346,6 +353,22 @@ def test_fit_searches_distils_measures_and_resumes(tmp_path, capsys):
     summary2 = again.fit(train, val, cfg, tmp_path, progress=False)
     assert summary2["architecture"] == summary["architecture"]
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_fit_with_a_given_architecture_and_a_target_in_ms_skips_the_search(tmp_path):
+    model = convert(tiny_dense(), architecture=["half/moe2", "full/skip"], latency_target_ms=1e-6, finetune=False,
+                    latency_seq_len=8, latency_repeats=1, router_epochs=0)
+    summary = model.fit(encoded(8, seed=1), encoded(8, seed=2), TrainConfig(batch_size=8), tmp_path, progress=False)
+    assert summary["search"].startswith("skipped") and summary["latency_target_ms"] == 1e-6
+    assert summary["architecture"] == ["half/moe2", "full/skip"] and "steps" not in summary
+    assert summary["latency_target_met"] is False  # said, never hidden
+    assert json.loads((tmp_path / "architecture.json").read_text())["latency_target_met"] is False
+
+
+def test_search_keeps_the_dense_architecture_when_it_meets_the_target():
+    model = sharpen(convert(tiny_dense()))
+    found = model.search(fake_table(TABLE), 1e9, encoded(6, seed=7), batch_size=4)
+    assert found["architecture"] == ["full/dense"] * 2 and found["path"] == [] and found["proxy"] == 0
 
 
 def test_routers_learn_the_expert_norms():

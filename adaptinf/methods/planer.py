@@ -122,7 +122,7 @@ class PlanerConfig(MethodConfig):
     router_hidden: int = 64
     kmeans_iters: int = 10
     router_epochs: int = 1
-    router_lr: float = 1e-3
+    router_lr: float = 5e-3
     latency_target: float = 0.5
     latency_target_ms: float | None = None
     latency_batch_size: int = 1
@@ -723,70 +723,79 @@ class PlanerClassifier(AdaptiveClassifier):
     # --- search ---------------------------------------------------------------------------------
     @torch.no_grad()
     def search(self, table, target_ms: float, proxy: Encoded, batch_size: int = 64, progress: bool = False) -> dict:
-        """Greedy search from the dense architecture: repeatedly the one-slot downgrade (to the next
-        cheaper block of that slot, by the table) with the least proxy increase per millisecond
-        saved, until the table's estimate meets `target_ms`. Proxy: mean KL(dense || candidate) of
-        the logits on `proxy`; hidden states of the current architecture are cached per layer, so a
-        candidate changing layer l reruns only layers l.. . Returns the architecture and the path."""
+        """Greedy search under `target_ms` (the table's additive estimate), from the dense architecture.
+
+        Descent: repeatedly take the one-slot downgrade (to the next cheaper block of that slot, by the
+        table) with the least proxy increase per millisecond saved, until the estimate meets the
+        target. Refinement: the last step usually overshoots, so while some one-slot upgrade (to any
+        dearer block) still fits the target and lowers the proxy, take the best one.
+        Proxy (lower is better, 0 for the dense model): mean KL(dense || candidate) of the logits plus
+        the relative squared error of the pooled representation (informative even where the dense
+        head is unsure), on `proxy`. Hidden states of the current architecture are cached per layer,
+        so a candidate changing layer l reruns only layers l.. . Returns the architecture and the path.
+        """
         from adaptinf.data import eval_batches
 
-        was_training = self.training
+        was_training, knob = self.training, self.knob
         self.eval()
-        knob = self.knob
-        self.knob = None
+        self.knob = None  # the searched top-k
         layers = len(self.encoder.blocks)
-        attn_opts = sorted((f"attn:{a}" for a in ATTN), key=table.block_ms, reverse=True)
-        ffn_opts = sorted((n for n in self.block_choices() if n.startswith("ffn:")), key=table.block_ms, reverse=True)
-        pad = self.spec.encoder.pad_token_id
-        batches = [(b.input_ids, b.attention_mask) for b in eval_batches(proxy, batch_size, pad)]
-        arch = ["full/dense"] * layers
-        ref = None
+        options = {"attn": [f"attn:{a}" for a in ATTN],
+                   "ffn": [n for n in self.block_choices() if n.startswith("ffn:")]}
+        batches = [(b.input_ids, b.attention_mask) for b in eval_batches(proxy, batch_size, self.spec.encoder.pad_token_id)]
+        prepared = [self.prepare(ids, mask) for ids, mask in batches]
 
-        def states(arch_: list[str], start: int, cache: list) -> list[list[torch.Tensor]]:
-            """Hidden states at every layer input from `start` on; cache[l][i] is layer l's input of batch i."""
-            out = [list(c) for c in cache[: start + 1]]
-            for _ in range(start + 1, layers + 1):
-                out.append([])
-            for i, (ids, mask) in enumerate(batches):
-                h, bias, ctx = ctx_of[i]
+        def states(arch: list[str], start: int, cache: list) -> list[list[torch.Tensor]]:
+            """cache[l][i]: layer l's input for batch i (cache[layers]: the last hidden states)."""
+            out = [list(c) for c in cache[: start + 1]] + [[] for _ in range(start, layers)]
+            for i, (_, bias, ctx) in enumerate(prepared):
                 h = out[start][i]
                 for l in range(start, layers):
-                    h = self.run_layer(l, h, bias, ctx, parse_slot(arch_[l], self.config.num_experts))
+                    h = self.run_layer(l, h, bias, ctx, parse_slot(arch[l], self.config.num_experts))
                     out[l + 1].append(h)
             return out
 
-        def proxy_of(last: list[torch.Tensor]) -> float:
-            kl, n = 0.0, 0
-            for h, r in zip(last, ref):
-                logp = F.log_softmax(self.classifier(self.encoder.pool(h)), -1)
-                kl += float(F.kl_div(logp, r, log_target=True, reduction="sum"))
-                n += h.shape[0]
-            return kl / max(n, 1)
+        def heads(last: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            pooled = [self.encoder.pool(h) for h in last]  # [b, d] each
+            return [(p, F.log_softmax(self.classifier(p), -1)) for p in pooled]
 
-        ctx_of = [self.prepare(ids, mask) for ids, mask in batches]
-        cache = [[c[0] for c in ctx_of]]
-        cache = states(arch, 0, cache)
-        ref = [F.log_softmax(self.classifier(self.encoder.pool(h)), -1) for h in cache[-1]]
-        current = 0.0
-        path = []
-        est = table.estimate(arch)
-        bar = tqdm(desc="planer search", disable=not progress, unit="move")
+        def proxy_of(last: list[torch.Tensor]) -> float:
+            kl, err, n = 0.0, 0.0, 0
+            for (p, logp), (rp, rlogp) in zip(heads(last), ref):
+                kl += float(F.kl_div(logp, rlogp, log_target=True, reduction="sum"))
+                err += float((p - rp).pow(2).sum())
+                n += p.shape[0]
+            return kl / max(n, 1) + err / ref_power
+
+        def with_slot(arch: list[str], layer: int, block: str) -> list[str]:
+            a, f = arch[layer].split("/")
+            kind, choice = block.split(":")
+            cand = list(arch)
+            cand[layer] = f"{choice}/{f}" if kind == "attn" else f"{a}/{choice}"
+            return cand
+
+        def slot_of(arch: list[str], layer: int, kind: str) -> str:
+            return f"{kind}:{arch[layer].split('/')[0 if kind == 'attn' else 1]}"
+
+        arch = ["full/dense"] * layers
+        cache = states(arch, 0, [[p[0] for p in prepared]])
+        ref = heads(cache[-1])
+        ref_power = max(sum(float(p.pow(2).sum()) for p, _ in ref), 1e-30)
+        current, est, path = 0.0, table.estimate(arch), []
+        bar = tqdm(desc="planer search", disable=not progress, unit="candidate")
         try:
-            while est > target_ms:
+            while est > target_ms:  # descent
                 best = None
                 for l in range(layers):
-                    a, f = arch[l].split("/")
-                    for kind, opts, now in (("attn", attn_opts, f"attn:{a}"), ("ffn", ffn_opts, f"ffn:{f}")):
-                        cheaper = [o for o in opts if table.block_ms(o) < table.block_ms(now)]
+                    for kind, opts in options.items():
+                        now = table.block_ms(slot_of(arch, l, kind))
+                        cheaper = [o for o in opts if table.block_ms(o) < now]
                         if not cheaper:
                             continue
-                        nxt = max(cheaper, key=table.block_ms).split(":")[1]
-                        cand = list(arch)
-                        cand[l] = f"{nxt}/{f}" if kind == "attn" else f"{a}/{nxt}"
-                        saved = est - table.estimate(cand)
+                        cand = with_slot(arch, l, max(cheaper, key=table.block_ms))
                         new = states(cand, l, cache)
                         score = proxy_of(new[-1])
-                        ratio = (score - current) / saved
+                        ratio = (score - current) / (est - table.estimate(cand))
                         if best is None or ratio < best[0]:
                             best = (ratio, cand, new, score)
                         bar.update(1)
@@ -794,12 +803,31 @@ class PlanerClassifier(AdaptiveClassifier):
                     break  # nothing cheaper left: the target cannot be met with these blocks
                 _, arch, cache, current = best
                 est = table.estimate(arch)
-                path.append({"architecture": list(arch), "estimated_ms": est, "proxy_kl": current})
+                path.append({"step": "downgrade", "architecture": list(arch), "estimated_ms": est, "proxy": current})
+            while est <= target_ms:  # refinement
+                best = None
+                for l in range(layers):
+                    for kind, opts in options.items():
+                        now = table.block_ms(slot_of(arch, l, kind))
+                        for o in opts:
+                            cand = with_slot(arch, l, o)
+                            if table.block_ms(o) <= now or table.estimate(cand) > target_ms:
+                                continue
+                            new = states(cand, l, cache)
+                            score = proxy_of(new[-1])
+                            if score < current and (best is None or score < best[0]):
+                                best = (score, cand, new)
+                            bar.update(1)
+                if best is None:
+                    break
+                current, arch, cache = best
+                est = table.estimate(arch)
+                path.append({"step": "upgrade", "architecture": list(arch), "estimated_ms": est, "proxy": current})
         finally:
             bar.close()
             self.knob = knob
             self.train(was_training)
-        return {"architecture": arch, "estimated_ms": est, "proxy_kl": current, "meets_target_estimate": est <= target_ms,
+        return {"architecture": arch, "estimated_ms": est, "proxy": current, "meets_target_estimate": est <= target_ms,
                 "path": path}
 
 
