@@ -310,6 +310,14 @@ def test_latency_table_profiles_saves_and_estimates(tmp_path):
         table.estimate(["full/moe3", "full/dense"])
 
 
+def test_latency_command_profiles_a_saved_model(tmp_path, capsys):
+    save_model(convert(tiny_dense(), latency_seq_len=8), tmp_path / "m")
+    assert latency.main([str(tmp_path / "m"), "--repeats", "1", "--out", str(tmp_path / "t.json")]) == 0
+    table = latency.LatencyTable.load(tmp_path / "t.json")
+    assert table.seq_len == 8 and table.batch_size == 1 and "ffn:moe1" in table.blocks
+    assert "mean |error|" in capsys.readouterr().out
+
+
 def test_search_meets_the_target_estimate_by_downgrading_slots():
     model = sharpen(convert(tiny_dense()))
     table = fake_table(TABLE)
