@@ -351,7 +351,8 @@ def test_fit_searches_distils_measures_and_resumes(tmp_path, capsys):
     assert summary["steps"] == 3 and set(summary["routers"]) == {"0", "1"}
     for key in ("estimated_ms", "measured_ms", "dense_measured_ms", "latency_target_ms"):
         assert summary[key] > 0
-    assert summary["latency_target_met"] == (summary["measured_ms"] <= summary["latency_target_ms"])
+    # a relative target is checked against the dense model measured in the same interleaved run
+    assert summary["latency_target_met"] == (summary["measured_ms"] <= 0.6 * summary["dense_measured_ms"])
     assert len(summary["latency_model_error"]["rows"]) == 3
     arch_file = json.loads((tmp_path / "architecture.json").read_text())
     assert arch_file["architecture"] == model.architecture and arch_file["latency_target_met"] == summary["latency_target_met"]
