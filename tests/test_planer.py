@@ -251,6 +251,7 @@ def test_knob_is_monotone_in_cost_and_rejects_bad_values():
     ({"architecture": ["most/dense"]}, "architecture"),
     ({"router_hidden": 0}, "router_hidden"),
     ({"distill_temperature": 0}, "distill_temperature"),
+    ({"search_margin": 0.5}, "search_margin"),
     ({"finetune": "yes"}, "finetune"),
 ])
 def test_config_rejects_bad_values(fields, message):
@@ -354,6 +355,7 @@ def test_fit_searches_distils_measures_and_resumes(tmp_path, capsys):
     # a relative target is checked against the dense model measured in the same interleaved run
     assert summary["latency_target_met"] == (summary["measured_ms"] <= 0.6 * summary["dense_measured_ms"])
     assert len(summary["latency_model_error"]["rows"]) == 3
+    assert summary["search"]["estimated_ms"] <= 0.95 * summary["latency_target_ms"] or not summary["search"]["meets_target_estimate"]
     arch_file = json.loads((tmp_path / "architecture.json").read_text())
     assert arch_file["architecture"] == model.architecture and arch_file["latency_target_met"] == summary["latency_target_met"]
     assert "planer: architecture" in capsys.readouterr().out
