@@ -216,13 +216,16 @@ def test_flops_are_the_closed_form_of_the_executed_blocks():
     expected = (head + flops.attention_block(L, D, D // 2) + L * router_flops(D, 64, E) + 2 * L * expert_flops(D, FF // E)
                 + flops.ffn_block(L, D, FF) + flops.attention_block(L, D) + flops.ffn_block(L, D, FF // 2))
     torch.testing.assert_close(out.flops, expected, rtol=0, atol=0)
-    # dynamic k: the executed experts, read back from the extras, give the cost
+    # dynamic k (the dense slot now runs as MoE over all experts too): the executed experts, read
+    # back from the extras, give the cost
     model.set_knob(0.3)
     with torch.no_grad():
         out = model(**batch)
-    experts = out.extras["experts_per_token"] * L  # one MoE layer: experts summed over the sample's tokens
-    assert (experts < 2 * L).any() and (experts >= L).all()
-    torch.testing.assert_close(out.flops, expected - (2 * L - experts.round()) * expert_flops(D, FF // E), rtol=0, atol=0)
+    experts = (out.extras["experts_per_token"] * L * 2).round()  # two MoE layers, summed over the tokens
+    assert (experts < (2 + E) * L).all() and (experts >= 2 * L).all()
+    dynamic = (head + flops.attention_block(L, D, D // 2) + flops.attention_block(L, D) + flops.ffn_block(L, D, FF // 2)
+               + 2 * L * router_flops(D, 64, E) + experts * expert_flops(D, FF // E))
+    torch.testing.assert_close(out.flops, dynamic, rtol=0, atol=0)
 
 
 def test_knob_is_monotone_in_cost_and_rejects_bad_values():
@@ -237,6 +240,25 @@ def test_knob_is_monotone_in_cost_and_rejects_bad_values():
     for bad in (-0.1, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match="tau"):
             model.set_knob(bad)
+
+
+def test_knob_below_one_thins_dense_ffn_slots_too():
+    model = sharpen(convert(tiny_dense(), architecture=["half/dense", "full/half"]))
+    batch = batch_of(6, seed=6)
+    L = flops.lengths_of(batch["attention_mask"]).double()
+    with torch.no_grad():
+        full = model(**batch)
+        model.set_knob(1.0)
+        assert torch.equal(model(**batch).logits, full.logits)
+        model.set_knob(0.0)  # the dense slot runs each token's top expert only, plus the router
+        low = model(**batch)
+    assert (low.extras["experts_per_token"] == 1).all()
+    saved = flops.ffn_block(L, D, FF) - L * (router_flops(D, 64, E) + expert_flops(D, FF // E))
+    torch.testing.assert_close(low.flops, full.flops - saved, rtol=0, atol=0)
+    model.set_knob(None)
+    model.set_architecture(["half/moe4", "full/half"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, full.logits, rtol=1e-5, atol=1e-5)  # dense == all experts
 
 
 # --- config ------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ Router (one per layer, d -> router_hidden -> E, softplus): trained in `fit` on t
 inputs (forward hooks, training data) to predict the norm of each expert's output for the token.
 Inference, for a "moe<k>" slot: the top-k experts by predicted contribution, and among those only
 the ones with prediction >= (1 - tau) * max (dynamic-k). tau is the inference-time knob: 1 (or None)
-runs the searched top-k, 0 only the top expert, so one model traces a curve.
+runs the searched architecture as it is, 0 only each token's top expert. Below 1 the knob also runs
+every "dense" FFN slot as MoE over all E experts with the same threshold (a dense FFN is the MoE
+with every expert on), so one model traces a curve even when the search kept no MoE slot.
 
 Execution (`grouped_experts`): the (token, expert) pairs are sorted by expert, the token rows
 gathered once, and each active expert runs one matmul pair on its contiguous slice; one host sync per
@@ -497,7 +499,9 @@ class PlanerClassifier(AdaptiveClassifier):
             h = block.attention(h, bias)
         elif a == "half":
             h = attention_heads(block.attention, h, bias, half_heads(cfg), block.attention.attn_dropout if self.training else 0.0)
-        if f == "dense":
+        if f == "dense" and self.knob is not None and self.knob < 1:
+            h = self._moe(layer, block.ffn, h, ctx, self.config.num_experts)  # the knob thins dense FFNs too
+        elif f == "dense":
             h = block.ffn(h)
         elif f == "half":
             h = ffn_width(block.ffn, h, cfg.intermediate_size // 2)
@@ -540,17 +544,17 @@ class PlanerClassifier(AdaptiveClassifier):
     # --- cost -----------------------------------------------------------------------------------
     def cost(self, lengths: torch.Tensor, executed: dict[int, torch.Tensor]) -> torch.Tensor:
         """FLOPs [b] (float64) of samples of real lengths [b]; executed[layer] = experts run [b]
-        (summed over the sample's tokens) in each MoE layer."""
+        (summed over the sample's tokens) in each layer whose FFN ran as MoE."""
         cfg = self.spec.encoder
         d, dff, e = cfg.hidden_size, cfg.intermediate_size, self.config.num_experts
         total = lengths * 0 + flops.head(cfg, self.spec.num_labels)
         for layer, (a, f, _) in enumerate(self._arch):
             if a != "skip":
                 total = total + flops.attention_block(lengths, d, d if a == "full" else half_heads(cfg) * cfg.head_dim)
-            if f in ("dense", "half"):
-                total = total + flops.ffn_block(lengths, d, dff if f == "dense" else dff // 2)
-            elif f == "moe":
+            if layer in executed:  # ran as MoE: "moe<k>", or "dense" at a knob below 1
                 total = total + lengths * router_flops(d, self.config.router_hidden, e) + executed[layer] * expert_flops(d, dff // e)
+            elif f in ("dense", "half"):
+                total = total + flops.ffn_block(lengths, d, dff if f == "dense" else dff // 2)
         return total.to(torch.float64)
 
     # --- latency table interface (adaptinf.latency) ------------------------------------------------
