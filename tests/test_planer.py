@@ -377,7 +377,8 @@ def test_fit_searches_distils_measures_and_resumes(tmp_path, capsys):
     # a relative target is checked against the dense model measured in the same interleaved run
     assert summary["latency_target_met"] == (summary["measured_ms"] <= 0.6 * summary["dense_measured_ms"])
     assert len(summary["latency_model_error"]["rows"]) == 3
-    assert summary["search"]["estimated_ms"] <= 0.95 * summary["latency_target_ms"] or not summary["search"]["meets_target_estimate"]
+    search = summary["search"]
+    assert search["estimated_ms"] <= 0.95 * summary["latency_target_ms"] or not search["meets_target_estimate"]
     arch_file = json.loads((tmp_path / "architecture.json").read_text())
     assert arch_file["architecture"] == model.architecture and arch_file["latency_target_met"] == summary["latency_target_met"]
     assert "planer: architecture" in capsys.readouterr().out

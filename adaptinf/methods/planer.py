@@ -23,18 +23,25 @@ runs the searched architecture as it is, 0 only each token's top expert. Below 1
 every "dense" FFN slot as MoE over all E experts with the same threshold (a dense FFN is the MoE
 with every expert on), so one model traces a curve even when the search kept no MoE slot.
 
-Execution (`grouped_experts`): the (token, expert) pairs are sorted by expert, the token rows
-gathered once, and each active expert runs one matmul pair on its contiguous slice; one host sync per
-layer (the per-expert counts), no loop over tokens, padding tokens run nothing.
+Execution (`grouped_experts`): the (token, expert) pairs are sorted by expert and the token rows
+gathered once; for inference one `torch._grouped_mm` per projection runs every expert (no host sync)
+where it works here, else (and always under autograd) each active expert runs one matmul pair on its
+contiguous slice after one host sync per layer (the per-expert counts). No loop over tokens; padding
+tokens run nothing. FFN down weights are stored column-major so an expert's weights are contiguous.
 
-Search (`fit`): the latency table (`adaptinf.latency`, profiled at the deployment batch size and
-sequence length on this machine) prices every block; a greedy search starts from the dense
-architecture and repeatedly takes the one-slot downgrade (to the next cheaper block of that slot)
-with the smallest increase of the proxy (KL divergence from the dense model's logits on a few
-hundred validation samples) per millisecond saved, until the additive estimate meets the target.
-The chosen architecture is then distilled from the dense model (the shared trainer: task loss +
-distill_weight * KL to the dense logits), and its real latency measured with the table's settings;
-a missed target is reported in the summary and printed, never hidden.
+Fit (`fit`, one verb, each step resumed from out_dir, so rerunning `convert` continues):
+1. routers (routers.safetensors): trained on the frozen dense model's FFN inputs;
+2. latency table (latency_table.json, `adaptinf.latency`): every candidate block timed on this
+   machine at the deployment batch size and sequence length; re-profiled when taken elsewhere;
+3. search (search.json): greedy, from the dense architecture, the one-slot downgrade (to the next
+   cheaper block of that slot) with the least proxy increase per millisecond saved, until the
+   additive estimate meets (1 - search_margin) * target; then the best one-slot upgrades that still
+   fit. Proxy: KL from the dense model's logits + relative error of the pooled representation on
+   a few hundred validation samples. Skipped when the config names the architecture;
+4. distillation (finetune/): the shared trainer, task loss + distill_weight * KL to the dense logits;
+5. real latency of the result, measured interleaved with the dense architecture at the table's
+   settings; a missed target is printed and recorded in the summary and architecture.json (the
+   architecture also stays readable in the saved config), never hidden.
 
 Cost (adaptinf.flops convention), per sample at real length L: pooler + classifier, and per layer
 the attention block (all or half the heads; 0 when skipped), the FFN (full or half width; 0 when
@@ -251,7 +258,8 @@ def split_experts(ffn: FeedForward, num_experts: int, iters: int, seed: int = 0)
 def order_heads(attn: Attention) -> torch.Tensor:
     """Reorder attention heads in place, most important (|v rows| * |out columns|) first."""
     nh, hd = attn.n_heads, attn.head_dim
-    importance = attn.v.weight.view(nh, -1).norm(dim=1) * attn.out.weight.view(-1, nh, hd).transpose(0, 1).reshape(nh, -1).norm(dim=1)
+    out_cols = attn.out.weight.view(-1, nh, hd).transpose(0, 1).reshape(nh, -1)  # [nh, d * hd]
+    importance = attn.v.weight.view(nh, -1).norm(dim=1) * out_cols.norm(dim=1)
     heads = torch.argsort(importance, descending=True)
     rows = (heads[:, None] * hd + torch.arange(hd)).reshape(-1)  # [d_attn]
     for lin in (attn.q, attn.k, attn.v):
@@ -552,7 +560,8 @@ class PlanerClassifier(AdaptiveClassifier):
             if a != "skip":
                 total = total + flops.attention_block(lengths, d, d if a == "full" else half_heads(cfg) * cfg.head_dim)
             if layer in executed:  # ran as MoE: "moe<k>", or "dense" at a knob below 1
-                total = total + lengths * router_flops(d, self.config.router_hidden, e) + executed[layer] * expert_flops(d, dff // e)
+                total = total + lengths * router_flops(d, self.config.router_hidden, e)
+                total = total + executed[layer] * expert_flops(d, dff // e)
             elif f in ("dense", "half"):
                 total = total + flops.ffn_block(lengths, d, dff if f == "dense" else dff // 2)
         return total.to(torch.float64)
@@ -693,9 +702,12 @@ class PlanerClassifier(AdaptiveClassifier):
         layers = len(self.encoder.blocks)
         captured: list[torch.Tensor | None] = [None] * layers
         real = [None]
-        hooks = [teacher.encoder.blocks[i].ffn.register_forward_hook(
-            lambda mod, args, output, i=i: captured.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]).index_select(0, real[0])))
-            for i in range(layers)]
+        def keep(i: int):
+            def hook(module, args, output):
+                captured[i] = args[0].reshape(-1, args[0].shape[-1]).index_select(0, real[0])  # [T, d] real tokens
+            return hook
+
+        hooks = [teacher.encoder.blocks[i].ffn.register_forward_hook(keep(i)) for i in range(layers)]
         self.routers.requires_grad_(True)
         opts = [torch.optim.Adam(r.parameters(), lr=c.router_lr) for r in self.routers]
         sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
