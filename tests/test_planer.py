@@ -228,6 +228,33 @@ def test_flops_are_the_closed_form_of_the_executed_blocks():
     torch.testing.assert_close(out.flops, dynamic, rtol=0, atol=0)
 
 
+def test_flops_agree_with_torch_flop_counter():
+    """Cross-check with FlopCounterMode on a batch without padding (it counts padded positions too),
+    attention skipped (it reports 0 for CPU SDPA) and gradients on (the loop path: it reports 0 for
+    torch._grouped_mm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = sharpen(convert(tiny_dense(layers=3), architecture=["skip/moe2", "skip/dense", "skip/half"]))
+    model.requires_grad_(True)
+    batch = make_batch([12] * 5, VOCAB, seed=3)
+    for knob in (None, 0.4):
+        model.set_knob(knob)
+        with FlopCounterMode(display=False) as counter:
+            out = model(**batch)
+        assert counter.get_total_flops() == int(out.flops.sum()), knob
+
+
+def test_padding_tokens_run_no_expert():
+    model = sharpen(convert(tiny_dense()))
+    batch = batch_of(4, seed=8)
+    mask = batch["attention_mask"].bool()
+    h = torch.randn(*mask.shape, D).masked_fill(~mask[..., None], float("nan"))  # padding rows: NaN
+    with torch.no_grad():
+        _, _, ctx = model.prepare(batch["input_ids"], batch["attention_mask"])
+        out = model._moe(0, model.encoder.blocks[0].ffn, h, ctx, k=2)
+    assert torch.isfinite(out[mask]).all() and ctx.experts[0].shape == (int(mask.sum()),)
+
+
 def test_knob_is_monotone_in_cost_and_rejects_bad_values():
     model = sharpen(convert(tiny_dense()))
     batch = batch_of(8, seed=5)
