@@ -432,6 +432,25 @@ def test_search_keeps_the_dense_architecture_when_it_meets_the_target():
     assert found["architecture"] == ["full/dense"] * 2 and found["path"] == [] and found["proxy"] == 0
 
 
+def test_a_measured_miss_tightens_the_aim_and_continues_the_search(monkeypatch):
+    model = sharpen(convert(tiny_dense(), latency_target=0.6))
+    table = fake_table(TABLE)
+    ratios = iter([0.75, 0.5])  # measured / dense: the first architecture misses 0.6, the second meets it
+
+    def fake_validate(model_, table_, archs, *a, **kw):
+        r = next(ratios)
+        return {"rows": [{"measured_ms": 10 * r}, {"measured_ms": 10.0}]}
+
+    monkeypatch.setattr(latency, "validate", fake_validate)
+    aim = 0.6 * table.dense_ms(2)
+    found = model._search_measured(table, aim, encoded(6, seed=7), TrainConfig(eval_batch_size=4), progress=False)
+    first, second = found["rounds"]
+    assert first["miss"] == pytest.approx(0.75 / 0.6) and second["miss"] == pytest.approx(0.5 / 0.6)
+    assert second["aim_ms"] == pytest.approx(aim * 0.95 / first["miss"])
+    assert found["architecture"] == second["architecture"] and found["estimated_ms"] <= second["aim_ms"]
+    assert table.estimate(second["architecture"]) < table.estimate(first["architecture"])
+
+
 def test_routers_learn_the_expert_norms():
     dense = tiny_dense()
     model = convert(dense, router_epochs=1, router_lr=1e-2)
