@@ -7,9 +7,12 @@ Protocol (`profile`):
   says when a stored table was taken under other conditions, so it is re-profiled, never reused.
 - Every candidate block (attention with all heads / half the heads; FFN dense / half width / MoE
   with k experts) is timed as a stack: the model with that block in every layer and the other slot
-  skipped, end to end on random tokens under `torch.inference_mode()` (`measure_model`: `warmup`
-  discarded calls, then `repeats` samples, each the mean of enough calls to last `min_sample_ms`,
-  median kept); the block's time is (stack - overhead) / layers. Timing a block alone in a loop keeps
+  skipped, end to end on random tokens under `torch.inference_mode()`, at the model's current knob
+  (`measure_architectures`: `warmup` discarded calls per stack, then `repeats` rounds timing every
+  stack once in an order rotated by the round, so load from other processes hits all alike; each
+  sample the mean of enough calls to last `min_sample_ms`; median kept); the block's time is
+  (stack - overhead) / layers. Absolute times still drift with the machine's load between tables;
+  the times within one table are comparable, which is what the search needs. Timing a block alone in a loop keeps
   its weights cache-hot and underestimates the real model (measured: half the end-to-end latency at
   batch 1); the stack makes every layer's own weights pass through the caches as they do in use.
   All layers of the backbone have the same shape, so one time per block stands for every layer.
