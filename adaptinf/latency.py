@@ -1,0 +1,269 @@
+"""The latency table: measured milliseconds of every candidate block on this machine, and the
+additive latency model PLANER's search uses (spec: ../shared/METHODS.md section 4).
+
+Protocol (`profile`):
+- One table holds one deployment setting: batch size, sequence length (every token real), torch
+  threads, torch version and the CPU model (`adaptinf.bench.machine_name`); `LatencyTable.mismatches`
+  says when a stored table was taken under other conditions, so it is re-profiled, never reused.
+- Every candidate block (attention with all heads / half the heads; FFN dense / half width / MoE
+  with k experts) is timed as a stack: the model with that block in every layer and the other slot
+  skipped, end to end on random tokens under `torch.inference_mode()`, at the model's current knob
+  (`measure_architectures`: `warmup` discarded calls per stack, then `repeats` rounds timing every
+  stack once in an order rotated by the round, so load from other processes hits all alike; each
+  sample the mean of enough calls to last `min_sample_ms`; median kept); the block's time is
+  (stack - overhead) / layers. Absolute times still drift with the machine's load between tables;
+  the times within one table are comparable, which is what the search needs. Timing a block alone in a loop keeps
+  its weights cache-hot and underestimates the real model (measured: half the end-to-end latency at
+  batch 1); the stack makes every layer's own weights pass through the caches as they do in use.
+  All layers of the backbone have the same shape, so one time per block stands for every layer.
+  A skipped block costs 0 by definition.
+- The overhead (embeddings, mask, the per-layer loop, pooler, classifier) is the end-to-end time of
+  the model with every block skipped.
+- Additive model: latency(architecture) = overhead + sum over layers of the chosen blocks' times
+  (`LatencyTable.estimate`). `validate` reports its error against the measured end-to-end latency
+  of a few architectures.
+
+The model to profile provides `block_choices()` (names such as "attn:half", "ffn:moe2"),
+`using_architecture(arch)` (a context manager; arch = one "attn/ffn" string per layer) and
+`latency_shape()`; `adaptinf.methods.planer.PlanerClassifier` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+SKIP = 0.0  # a skipped block's latency
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 2, min_sample_ms: float = 2.0) -> float:
+    """Median milliseconds per call of `fn` over `repeats` samples (each the mean of enough calls to
+    last about `min_sample_ms`, so sub-millisecond blocks are not timer noise), after `warmup` calls."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"time_ms: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    number = max(1, min(1000, math.ceil(min_sample_ms / once)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t0) * 1e3 / number)
+    return statistics.median(samples)
+
+
+def random_inputs(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [b, s] (random ids, first token 101 like [CLS]) and an all-ones mask: every token real."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)
+    ids[:, 0] = min(101, vocab_size - 1)
+    return ids, torch.ones(batch_size, seq_len, dtype=torch.int64)
+
+
+def conditions(batch_size: int, seq_len: int) -> dict:
+    """What a latency number depends on besides the model: stamped on every table."""
+    from adaptinf.bench import machine_name
+
+    return {"machine": machine_name(), "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "batch_size": batch_size, "seq_len": seq_len}
+
+
+@dataclass
+class LatencyTable:
+    """Milliseconds per block at one (machine, threads, torch version, batch size, sequence length).
+
+    blocks: "attn:full" / "attn:half" / "ffn:dense" / "ffn:half" / "ffn:moe<k>" -> ms for one block.
+    overhead_ms: everything but the blocks (embeddings, pooler, classifier, loop).
+    shape: the model shape the blocks were timed at (hidden size, heads, FFN width, experts, layers).
+    """
+
+    machine: str
+    torch_threads: int
+    torch_version: str
+    batch_size: int
+    seq_len: int
+    shape: dict
+    overhead_ms: float
+    blocks: dict[str, float]
+    repeats: int
+    created: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def block_ms(self, name: str) -> float:
+        if name.endswith(":skip"):
+            return SKIP
+        if name not in self.blocks:
+            raise ValueError(f"the latency table has no block {name!r} (it has {sorted(self.blocks)}); re-profile it")
+        return self.blocks[name]
+
+    def estimate(self, architecture: Sequence[str]) -> float:
+        """Additive model: overhead + the blocks of every layer ("attn/ffn" per layer, e.g. "half/moe2")."""
+        total = self.overhead_ms
+        for slot in architecture:
+            attn, ffn = slot.split("/")
+            total += self.block_ms(f"attn:{attn}") + self.block_ms(f"ffn:{ffn}")
+        return total
+
+    def dense_ms(self, layers: int) -> float:
+        return self.estimate(["full/dense"] * layers)
+
+    def mismatches(self, batch_size: int, seq_len: int, shape: dict) -> list[str]:
+        """Conditions under which this table was not taken (empty: it applies here and now)."""
+        want = {**conditions(batch_size, seq_len), "shape": shape}
+        have = {k: getattr(self, k) for k in want}
+        return [f"{k}: table {have[k]!r}, here {want[k]!r}" for k in want if have[k] != want[k]]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyTable:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - known or {"blocks", "overhead_ms"} - set(d):
+            raise ValueError(f"not a latency table (expected the fields {sorted(known)})")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> Path:
+        from adaptinf.checkpoint import write_json_atomic
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(p, self.to_dict())
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read the latency table {path}: {e}") from e
+
+
+@torch.inference_mode()
+def measure_model(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> float:
+    """End-to-end milliseconds of `model(input_ids, mask)` at (batch_size, seq_len), every token real."""
+    return measure_architectures(model, {"model": None}, batch_size, seq_len, repeats, warmup, seed)["model"]
+
+
+@torch.inference_mode()
+def measure_architectures(model, architectures: dict[str, list[str] | None], batch_size: int, seq_len: int,
+                          repeats: int = 5, warmup: int = 2, seed: int = 0) -> dict[str, float]:
+    """End-to-end milliseconds of the model with each architecture (None: its own), interleaved as
+    the bench protocol does: `warmup` discarded calls each, then `repeats` rounds, each timing every
+    architecture once in an order rotated by the round, so drift (another process on the same cores)
+    hits them alike; the median per architecture over rounds."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    was_training = model.training
+    model.eval()
+    ids, mask = random_inputs(model.spec.encoder.vocab_size, batch_size, seq_len, seed)
+    names = list(architectures)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+
+    def arch_of(name: str) -> list[str]:
+        return architectures[name] or model.architecture
+
+    try:
+        for n in names:
+            with model.using_architecture(arch_of(n)):
+                for _ in range(warmup):
+                    model(ids, mask)
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                with model.using_architecture(arch_of(n)):
+                    samples[n].append(time_ms(lambda: model(ids, mask), repeats=1, warmup=0))
+    finally:
+        model.train(was_training)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def profile(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> LatencyTable:
+    """Time every candidate block of `model` (see the module docstring) and the overhead; returns the table."""
+    if batch_size < 1 or not 1 <= seq_len <= model.spec.encoder.max_position_embeddings:
+        raise ValueError(f"profile: batch_size must be >= 1 and seq_len in [1, max_position_embeddings], "
+                         f"got {batch_size}, {seq_len}")
+    layers = model.spec.encoder.num_hidden_layers
+    # each block in every layer, the other slot skipped: each layer's own weights pass through the
+    # caches as they do in the real model (one block timed alone in a loop stays cache-hot)
+    stacks = {"overhead": ["skip/skip"] * layers}
+    for name in model.block_choices():
+        kind, choice = name.split(":")
+        if choice != "skip":
+            stacks[name] = [f"{choice}/skip" if kind == "attn" else f"skip/{choice}"] * layers
+    ms = measure_architectures(model, stacks, batch_size, seq_len, repeats, warmup, seed)
+    overhead = ms.pop("overhead")
+    blocks = {name: max(t - overhead, 0.0) / layers for name, t in ms.items()}
+    return LatencyTable(**conditions(batch_size, seq_len), shape=model.latency_shape(), overhead_ms=overhead,
+                        blocks=blocks, repeats=repeats,
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def validate(model, table: LatencyTable, architectures: Sequence[Sequence[str]], repeats: int | None = None,
+             warmup: int = 2) -> dict:
+    """The additive model's error against measured end-to-end latency of `architectures` (at the
+    table's batch size and sequence length, measured interleaved). Returns {"rows": [{architecture,
+    predicted_ms, measured_ms, relative_error}], "mean_abs_relative_error", "max_abs_relative_error"}."""
+    archs = {str(i): list(a) for i, a in enumerate(architectures)}
+    measured = measure_architectures(model, archs, table.batch_size, table.seq_len, repeats or table.repeats, warmup)
+    rows = []
+    for i, arch in archs.items():
+        predicted = table.estimate(arch)
+        rows.append({"architecture": arch, "predicted_ms": predicted, "measured_ms": measured[i],
+                     "relative_error": (predicted - measured[i]) / measured[i]})
+    errs = [abs(r["relative_error"]) for r in rows]
+    return {"rows": rows, "mean_abs_relative_error": sum(errs) / len(errs) if errs else None,
+            "max_abs_relative_error": max(errs) if errs else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m adaptinf.latency MODEL_DIR`: profile a saved PLANER model's latency table on this
+    machine, print it, and report the additive model's error on a few architectures."""
+    import argparse
+
+    from adaptinf.checkpoint import load_model
+
+    p = argparse.ArgumentParser(prog="python -m adaptinf.latency", description=main.__doc__)
+    p.add_argument("model", help="a saved planer model directory (from `adaptinf convert --method planer`)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the model's latency_batch_size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's latency_seq_len")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="write the table as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, expect_method="planer", with_tokenizer=False)
+    c = model.config
+    table = profile(model, args.batch_size or c.latency_batch_size, args.seq_len or c.latency_seq_len, args.repeats)
+    if args.out:
+        table.save(args.out)
+    print(json.dumps({k: v for k, v in table.to_dict().items() if k != "blocks"}, indent=2))
+    for name, ms in table.blocks.items():
+        print(f"{name:12s} {ms:9.3f} ms")
+    layers = model.spec.encoder.num_hidden_layers
+    e = c.num_experts
+    archs = [model.architecture, ["full/dense"] * layers, [f"half/moe{max(1, e // 4)}"] * layers,
+             ["full/half", "skip/dense"] * (layers // 2) + ["full/dense"] * (layers % 2)]
+    check = validate(model, table, archs, args.repeats)
+    for r in check["rows"]:
+        print(f"predicted {r['predicted_ms']:8.2f} ms  measured {r['measured_ms']:8.2f} ms  "
+              f"error {100 * r['relative_error']:+6.1f}%  {r['architecture']}")
+    print(f"mean |error| {100 * check['mean_abs_relative_error']:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,911 @@
+"""PLANER (Latifi et al., 2022; spec: ../shared/METHODS.md section 4): a latency-targeted sparse
+(mixture-of-experts) version of the dense model.
+
+Every layer holds two slots, each with a chosen block (the architecture, one "attn/ffn" string per
+layer, saved readable in the method config):
+- attention: "full" (all heads), "half" (the more important half of the heads), "skip";
+- FFN: "dense", "half" (the more important half of the intermediate neurons), "skip", or "moe<k>":
+  the FFN split into E experts, each token running the k experts its router ranks highest.
+
+Conversion (`from_dense`, MoEfication style): each FFN's intermediate neurons are clustered into E
+equal-size experts by balanced k-means on the first projection's (normalised) rows, and reordered
+so expert e holds neurons e*m..(e+1)*m-1 (m = d_ff / E), the most important expert first (importance
+|up row| * |down column|); "half" width is the first E/2 experts. Attention heads are reordered by
+importance the same way. Both reorderings are exact: with every expert on, an MoE layer is the dense
+FFN (tests/test_planer.py). Experts are not weighted by the router: their outputs add up as the
+dense FFN's neurons do.
+
+Router (one per layer, d -> router_hidden -> E, softplus): trained in `fit` on the dense model's FFN
+inputs (forward hooks, training data) to predict the norm of each expert's output for the token.
+Inference, for a "moe<k>" slot: the top-k experts by predicted contribution, and among those only
+the ones with prediction >= (1 - tau) * max (dynamic-k). tau is the inference-time knob: 1 (or None)
+runs the searched architecture as it is, 0 only each token's top expert. Below 1 the knob also runs
+every "dense" FFN slot as MoE over all E experts with the same threshold (a dense FFN is the MoE
+with every expert on), so one model traces a curve even when the search kept no MoE slot.
+
+Execution (`grouped_experts`): the (token, expert) pairs are sorted by expert and the token rows
+gathered once; for inference one `torch._grouped_mm` per projection runs every expert (no host sync)
+where it works here, else (and always under autograd) each active expert runs one matmul pair on its
+contiguous slice after one host sync per layer (the per-expert counts). No loop over tokens; padding
+tokens run nothing. FFN down weights are stored column-major so an expert's weights are contiguous.
+
+Fit (`fit`, one verb, each step resumed from out_dir, so rerunning `convert` continues):
+1. routers (routers.safetensors): trained on the frozen dense model's FFN inputs;
+2. latency table (latency_table.json, `adaptinf.latency`): every candidate block timed on this
+   machine at the deployment batch size and sequence length; re-profiled when taken elsewhere;
+3. search (search.json): greedy, from the dense architecture, the one-slot downgrade (to the next
+   cheaper block of that slot) with the least proxy increase per millisecond saved, until the
+   additive estimate meets (1 - search_margin) * target; then the best one-slot upgrades that still
+   fit. Proxy: KL from the dense model's logits + relative error of the pooled representation on
+   a few hundred validation samples. The result's latency is then measured (interleaved with the
+   dense architecture); while it misses the target, the aim is tightened by the miss and the descent
+   continues (up to 3 rounds, recorded in search.json). Skipped when the config names the architecture;
+4. distillation (finetune/): the shared trainer, task loss + distill_weight * KL to the dense logits;
+5. real latency of the result, measured interleaved with the dense architecture at the table's
+   settings; a missed target is printed and recorded in the summary and architecture.json (the
+   architecture also stays readable in the saved config), never hidden.
+
+Cost (adaptinf.flops convention), per sample at real length L: pooler + classifier, and per layer
+the attention block (all or half the heads; 0 when skipped), the FFN (full or half width; 0 when
+skipped), or for MoE L * router + (executed experts summed over the tokens) * one expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaptinf import flops
+from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, attention_bias
+from adaptinf.data import Encoded
+from adaptinf.methods.dense import DenseClassifier
+from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
+from adaptinf.registry import register
+
+ATTN = ("full", "half", "skip")
+FFN = ("dense", "half", "skip")  # plus "moe<k>"
+KNOB_VALUES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def _as_architecture(value: Any) -> tuple[str, ...]:
+    """An architecture from a tuple/list, or a CLI string such as "full/moe2,half/dense"."""
+    if isinstance(value, str):
+        value = [p for p in value.strip().strip("[]()").replace(" ", "").split(",") if p]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"PlanerConfig.architecture must be a list of 'attn/ffn' strings, got {value!r}")
+    return tuple(value)
+
+
+def parse_slot(slot: str, num_experts: int) -> tuple[str, str, int]:
+    """ "half/moe2" -> ("half", "moe", 2); k is 0 for a non-MoE FFN. ValueError naming the field."""
+    parts = slot.split("/")
+    bad = ValueError(
+        f"PlanerConfig.architecture: {slot!r} is not 'attn/ffn' with attn in {list(ATTN)} and ffn in "
+        f"{list(FFN)} or 'moe<k>' with 1 <= k <= num_experts ({num_experts})"
+    )
+    if len(parts) != 2 or parts[0] not in ATTN:
+        raise bad
+    attn, ffn = parts
+    if ffn in FFN:
+        return attn, ffn, 0
+    if ffn.startswith("moe") and ffn[3:].isdigit() and 1 <= int(ffn[3:]) <= num_experts:
+        return attn, "moe", int(ffn[3:])
+    raise bad
+
+
+@dataclass
+class PlanerConfig(MethodConfig):
+    """PLANER settings.
+
+    num_experts: E, experts per FFN (must divide the FFN width).
+    router_hidden: width of each layer's router MLP (d -> router_hidden -> E).
+    kmeans_iters: iterations of the balanced k-means that groups neurons into experts.
+    router_epochs, router_lr: router training (Adam) on the dense model's captured FFN inputs.
+    latency_target: target latency as a fraction of the dense model's (table estimate), in (0, 1].
+    latency_target_ms: target in milliseconds; when set it replaces latency_target.
+    latency_batch_size, latency_seq_len: the deployment setting the table is profiled and the final
+        model measured at (every token real).
+    latency_repeats: timed samples per block (median kept).
+    search_margin: the search aims at (1 - search_margin) * target: the additive estimate runs a few
+        per cent under the measured latency (it misses interactions between blocks of a layer).
+    proxy_samples: validation samples of the search's proxy (KL to the dense logits).
+    architecture: one "attn/ffn" per layer (e.g. "half/moe2"); empty = every layer "full/moe<E>"
+        before a search. A non-empty architecture is used as given: `fit` does not search.
+    distill_weight, distill_temperature: fine-tuning loss = task loss + weight * T^2 * KL(dense || model) at T.
+    finetune: fine-tune (distil) the chosen architecture with the shared trainer after the search.
+    """
+
+    num_experts: int = 8
+    router_hidden: int = 64
+    kmeans_iters: int = 10
+    router_epochs: int = 1
+    router_lr: float = 5e-3
+    latency_target: float = 0.5
+    latency_target_ms: float | None = None
+    latency_batch_size: int = 1
+    latency_seq_len: int = 32
+    latency_repeats: int = 5
+    search_margin: float = 0.05
+    proxy_samples: int = 256
+    architecture: tuple[str, ...] = ()
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
+    finetune: bool = True
+
+    def __post_init__(self) -> None:
+        self.architecture = _as_architecture(self.architecture)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.num_experts) or not 2 <= self.num_experts <= 64:
+            raise ValueError(f"PlanerConfig.num_experts must be an integer from 2 to 64, got {self.num_experts!r}")
+        for name in ("router_hidden", "latency_batch_size", "latency_seq_len", "latency_repeats", "proxy_samples"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"PlanerConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("kmeans_iters", "router_epochs"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"PlanerConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not number(self.router_lr) or self.router_lr <= 0:
+            raise ValueError(f"PlanerConfig.router_lr must be > 0, got {self.router_lr!r}")
+        if not number(self.latency_target) or not 0 < self.latency_target <= 1:
+            raise ValueError(f"PlanerConfig.latency_target must be a fraction of the dense latency in (0, 1], "
+                             f"got {self.latency_target!r}")
+        if self.latency_target_ms is not None and (not number(self.latency_target_ms) or self.latency_target_ms <= 0):
+            raise ValueError(f"PlanerConfig.latency_target_ms must be a positive number of milliseconds or null, "
+                             f"got {self.latency_target_ms!r}")
+        for slot in self.architecture:
+            parse_slot(slot, self.num_experts)
+        if not number(self.search_margin) or not 0 <= self.search_margin < 0.5:
+            raise ValueError(f"PlanerConfig.search_margin must be in [0, 0.5), got {self.search_margin!r}")
+        if not number(self.distill_weight) or self.distill_weight < 0:
+            raise ValueError(f"PlanerConfig.distill_weight must be >= 0, got {self.distill_weight!r}")
+        if not number(self.distill_temperature) or self.distill_temperature <= 0:
+            raise ValueError(f"PlanerConfig.distill_temperature must be > 0, got {self.distill_temperature!r}")
+        if not isinstance(self.finetune, bool):
+            raise ValueError(f"PlanerConfig.finetune must be true or false, got {self.finetune!r}")
+
+
+# --- cost -------------------------------------------------------------------------------------------
+
+
+def expert_flops(d: int, width: int) -> int:
+    """One expert (d -> width -> d) on one token."""
+    return flops.linear(1, d, width) + flops.linear(1, width, d)
+
+
+def router_flops(d: int, hidden: int, experts: int) -> int:
+    """One router (d -> hidden -> E) on one token."""
+    return flops.linear(1, d, hidden) + flops.linear(1, hidden, experts)
+
+
+def half_heads(cfg: EncoderConfig) -> int:
+    return max(1, cfg.num_attention_heads // 2)
+
+
+# --- conversion helpers ------------------------------------------------------------------------------
+
+
+def balanced_assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Equal-size assignment of rows x [N, d] to centroids [E, d] (N divisible by E): (row, centroid)
+    pairs are taken greedily in order of distance, each row once, each centroid up to N / E rows."""
+    n, e = x.shape[0], centroids.shape[0]
+    cap = n // e
+    order = torch.cdist(x, centroids).flatten().argsort().tolist()
+    assign, fill, left = [-1] * n, [0] * e, n
+    for idx in order:  # N * E pairs, once per iteration at conversion time only
+        row, c = divmod(idx, e)
+        if assign[row] < 0 and fill[c] < cap:
+            assign[row], fill[c], left = c, fill[c] + 1, left - 1
+            if not left:
+                break
+    return torch.tensor(assign)
+
+
+def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """Cluster the rows of x [N, d] into k clusters of exactly N / k rows (cosine geometry)."""
+    x = F.normalize(x.double(), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(x.shape[0], generator=g)[:k]]
+    assign = balanced_assign(x, centroids)
+    for _ in range(iters):
+        centroids = F.normalize(torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, assign, x), dim=1)
+        new = balanced_assign(x, centroids)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+@torch.no_grad()
+def split_experts(ffn: FeedForward, num_experts: int, iters: int, seed: int = 0) -> torch.Tensor:
+    """Reorder ffn's neurons in place so expert e is the contiguous range e*m..(e+1)*m-1, the most
+    important expert first. Returns the permutation applied (new position -> old neuron)."""
+    importance = ffn.up.weight.norm(dim=1) * ffn.down.weight.norm(dim=0)  # [d_ff]
+    assign = balanced_kmeans(ffn.up.weight, num_experts, iters, seed)  # [d_ff]
+    weight = torch.zeros(num_experts, dtype=importance.dtype).index_add_(0, assign, importance)
+    rank = torch.empty(num_experts, dtype=torch.int64)
+    rank[torch.argsort(weight, descending=True)] = torch.arange(num_experts)
+    # sort neurons by (expert rank, importance descending)
+    key = rank[assign].double() * 2 - importance.double() / (importance.max().double() * 2 + 1e-30)
+    perm = torch.argsort(key)
+    ffn.up.weight.copy_(ffn.up.weight[perm])
+    ffn.up.bias.copy_(ffn.up.bias[perm])
+    ffn.down.weight.copy_(ffn.down.weight[:, perm])
+    return perm
+
+
+@torch.no_grad()
+def order_heads(attn: Attention) -> torch.Tensor:
+    """Reorder attention heads in place, most important (|v rows| * |out columns|) first."""
+    nh, hd = attn.n_heads, attn.head_dim
+    out_cols = attn.out.weight.view(-1, nh, hd).transpose(0, 1).reshape(nh, -1)  # [nh, d * hd]
+    importance = attn.v.weight.view(nh, -1).norm(dim=1) * out_cols.norm(dim=1)
+    heads = torch.argsort(importance, descending=True)
+    rows = (heads[:, None] * hd + torch.arange(hd)).reshape(-1)  # [d_attn]
+    for lin in (attn.q, attn.k, attn.v):
+        lin.weight.copy_(lin.weight[rows])
+        lin.bias.copy_(lin.bias[rows])
+    attn.out.weight.copy_(attn.out.weight[:, rows])
+    return heads
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Predicted contribution of every expert for a token: d -> hidden -> E, softplus (>= 0)."""
+
+    def __init__(self, d: int, hidden: int, experts: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, experts))
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.net(x))
+
+
+def select_experts(scores: torch.Tensor, k: int, tau: float | None) -> torch.Tensor:
+    """Experts to run [T, E] (bool) from predicted contributions scores [T, E] (>= 0): the top k,
+    and among them those >= (1 - tau) * the token's max (tau None or 1: all top k). The top expert
+    always runs."""
+    e = scores.shape[1]
+    if k >= e:
+        sel = torch.ones_like(scores, dtype=torch.bool)
+    else:
+        sel = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+    if tau is not None and tau < 1:
+        sel &= scores >= (1 - tau) * scores.max(dim=1, keepdim=True).values
+    return sel
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs here (device type, dtype) and agrees with plain matmuls:
+    probed once on tiny tensors. It has no CPU backward (torch 2.13), so only inference uses it."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 8, generator=g).to(device_type, dtype)
+        w = torch.randn(2, 4, 8, generator=g).to(device_type, dtype).transpose(1, 2)  # [2, 8, 4], as up weights are
+        offs = torch.tensor([2, 5], dtype=torch.int32, device=device_type)
+        got = torch._grouped_mm(x, w, offs=offs)
+        want = torch.cat([x[:2] @ w[0], x[2:] @ w[1]])
+        return bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+def grouped_experts(x: torch.Tensor, sel: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor,
+                    w_down: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Sum of each token's selected experts (no output bias): x [T, d], sel [T, E] -> [T, d_out].
+
+    Expert e is rows e*m..(e+1)*m-1 of w_up [E*m, d] and b_up, columns of w_down [d_out, E*m].
+    The (token, expert) pairs are sorted by expert (`nonzero` of sel transposed is expert-major) and
+    the token rows gathered once; then either
+    - "grouped_mm": one `torch._grouped_mm` per projection over all experts (offsets on the device:
+      no host sync at all), used for inference where it works (`grouped_mm_works`), or
+    - "loop": each active expert runs one matmul pair on its contiguous slice, after one host sync
+      (the per-expert counts); the portable path, and the one autograd uses.
+    "auto" picks grouped_mm when no gradient is needed and it works here, else the loop.
+    """
+    if impl not in ("auto", "loop", "grouped_mm"):
+        raise ValueError(f"grouped_experts: impl must be 'auto', 'loop' or 'grouped_mm', got {impl!r}")
+    e = sel.shape[1]
+    m = w_up.shape[0] // e
+    d_out = w_down.shape[0]
+    expert, token = sel.t().nonzero(as_tuple=True)  # [P] each, sorted by expert
+    xs = x.index_select(0, token)  # [P, d]
+    out = x.new_zeros(x.shape[0], d_out)
+    if impl == "auto":
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_up, b_up, w_down))
+        impl = "grouped_mm" if not needs_grad and grouped_mm_works(x.device.type, x.dtype) else "loop"
+    if impl == "grouped_mm":
+        offs = torch.bincount(expert, minlength=e).cumsum(0).to(torch.int32)  # [E] group ends
+        a = torch._grouped_mm(xs, w_up.view(e, m, -1).transpose(1, 2), offs=offs)  # [P, m]
+        a = F.gelu(a + b_up.view(e, m).index_select(0, expert))
+        ys = torch._grouped_mm(a, w_down.t().reshape(e, m, d_out), offs=offs)  # [P, d_out]
+        return out.index_add_(0, token, ys)
+    counts = torch.bincount(expert, minlength=e).tolist()  # the one host sync of this layer
+    parts, start = [], 0
+    for i, n in enumerate(counts):
+        if n:
+            rows = slice(i * m, (i + 1) * m)
+            a = F.gelu(torch.addmm(b_up[rows], xs[start : start + n], w_up[rows].t()))  # [n, m]
+            parts.append(a @ w_down[:, rows].t())  # [n, d_out]
+        start += n
+    if parts:
+        out.index_add_(0, token, torch.cat(parts) if len(parts) > 1 else parts[0])
+    return out
+
+
+def attention_heads(attn: Attention, h: torch.Tensor, bias: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
+    """The backbone's attention block with only its first `heads` heads."""
+    b, s, _ = h.shape
+    w = heads * attn.head_dim
+
+    def proj(lin: nn.Linear) -> torch.Tensor:
+        return F.linear(h, lin.weight[:w], lin.bias[:w]).view(b, s, heads, attn.head_dim).transpose(1, 2)  # [b, nh, s, hd]
+
+    a = F.scaled_dot_product_attention(proj(attn.q), proj(attn.k), proj(attn.v), attn_mask=bias, dropout_p=dropout_p)
+    a = a.transpose(1, 2).reshape(b, s, w)  # [b, s, w]
+    return attn.norm(h + attn.dropout(F.linear(a, attn.out.weight[:, :w], attn.out.bias)))
+
+
+def ffn_width(ffn: FeedForward, h: torch.Tensor, width: int) -> torch.Tensor:
+    """The backbone's FFN block with only its first `width` intermediate neurons."""
+    a = F.gelu(F.linear(h, ffn.up.weight[:width], ffn.up.bias[:width]))
+    return ffn.norm(h + ffn.dropout(F.linear(a, ffn.down.weight[:, :width], ffn.down.bias)))
+
+
+@dataclass
+class _Tokens:
+    """The real tokens of one forward pass (local to the call, never stored)."""
+
+    real: torch.Tensor  # [T] flat positions (b * s) of the real tokens
+    sample: torch.Tensor  # [T] the sample each belongs to
+    batch: int
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T] experts run per token
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+@register
+class PlanerClassifier(AdaptiveClassifier):
+    """The dense classifier with a per-layer choice of attention and FFN blocks (MoE among them).
+
+    extras: "experts_per_token" [b] (float): experts run per real token, averaged over the MoE layers
+    (0 without MoE layers).
+    """
+
+    method = "planer"
+    Config = PlanerConfig
+    knob_name = "tau"
+    description = "PLANER: per-layer attention/FFN/MoE blocks searched under a latency target from a profiled latency table"
+    needs_training = True
+
+    def __init__(self, spec: ModelSpec, config: PlanerConfig | None = None):
+        super().__init__(spec, config or PlanerConfig())
+        cfg, e = spec.encoder, self.config.num_experts
+        if cfg.intermediate_size % e or cfg.intermediate_size // e < 1:
+            raise ValueError(f"PlanerConfig.num_experts ({e}) must divide the FFN width "
+                             f"(intermediate_size {cfg.intermediate_size})")
+        if self.config.architecture and len(self.config.architecture) != cfg.num_hidden_layers:
+            raise ValueError(f"PlanerConfig.architecture has {len(self.config.architecture)} entries; "
+                             f"the model has {cfg.num_hidden_layers} layers (one 'attn/ffn' per layer)")
+        self.encoder = Encoder(cfg)
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Linear(cfg.hidden_size, spec.num_labels)
+        self.routers = nn.ModuleList(Router(cfg.hidden_size, self.config.router_hidden, e)
+                                     for _ in range(cfg.num_hidden_layers))
+        self.routers.requires_grad_(False)  # trained by their own phase in `fit`, never end to end
+        for block in self.encoder.blocks:
+            # FFN down weights [d, d_ff] stored column-major, so an expert's columns are one contiguous
+            # [m, d] block (its matmul reads no strided weight); loading copies into this layout
+            w = block.ffn.down.weight
+            block.ffn.down.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+        self._teacher: list[DenseClassifier] = []  # the frozen dense model (not a submodule: never saved)
+        self._arch: list[tuple[str, str, int]] = []
+        self.set_architecture(list(self.config.architecture) or self.default_architecture())
+
+    # --- architecture ---------------------------------------------------------------------------
+    def default_architecture(self) -> list[str]:
+        """Before a search: all heads and every expert in every layer (the dense model's function)."""
+        return [f"full/moe{self.config.num_experts}"] * self.spec.encoder.num_hidden_layers
+
+    @property
+    def architecture(self) -> list[str]:
+        return [f"{a}/{f}{k if f == 'moe' else ''}" for a, f, k in self._arch]
+
+    def set_architecture(self, arch: list[str]) -> None:
+        """Use `arch` (one "attn/ffn" per layer); blocks that never run stop being trainable."""
+        if len(arch) != self.spec.encoder.num_hidden_layers:
+            raise ValueError(f"architecture has {len(arch)} entries, the model has {self.spec.encoder.num_hidden_layers} layers")
+        self._arch = [parse_slot(s, self.config.num_experts) for s in arch]
+        for block, (a, f, _) in zip(self.encoder.blocks, self._arch):
+            block.attention.requires_grad_(a != "skip")
+            block.ffn.requires_grad_(f != "skip")
+
+    @contextlib.contextmanager
+    def using_architecture(self, arch: list[str]):
+        before = self.architecture
+        self.set_architecture(arch)
+        try:
+            yield self
+        finally:
+            self.set_architecture(before)
+
+    # --- conversion -----------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, dense: AdaptiveClassifier, config: PlanerConfig | None = None) -> PlanerClassifier:
+        """Everything from the dense model; heads ordered by importance, FFN neurons grouped into
+        experts (an exact reordering); fresh routers; the dense model kept, frozen, as the teacher."""
+        if not isinstance(dense, DenseClassifier):
+            raise ValueError(f"conversion needs a dense model, got method {dense.method!r}")
+        model = cls(dense.spec, config or PlanerConfig())
+        missing = model.load_state_dict(dense.state_dict(), strict=False).missing_keys
+        assert all(k.startswith("routers.") for k in missing), missing
+        model.dropout.p = dense.dropout.p
+        for i, block in enumerate(model.encoder.blocks):
+            order_heads(block.attention)
+            split_experts(block.ffn, model.config.num_experts, model.config.kmeans_iters, seed=i)
+        teacher = copy.deepcopy(dense).eval()
+        teacher.requires_grad_(False)
+        model._teacher = [teacher]
+        return model
+
+    # --- knob -----------------------------------------------------------------------------------
+    def knob_values(self) -> list[float]:
+        return list(KNOB_VALUES)
+
+    def set_knob(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or not 0 <= value <= 1):
+            raise ValueError(f"planer: the tau knob must be a number in [0, 1] (dynamic-k threshold: experts "
+                             f">= (1 - tau) * max among the top k), got {value!r}")
+        super().set_knob(None if value is None else float(value))
+
+    # --- forward --------------------------------------------------------------------------------
+    def prepare(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, torch.Tensor, _Tokens]:
+        """Embeddings [b, s, d], the SDPA mask and the real-token context of a batch."""
+        b, s = input_ids.shape
+        h = self.encoder.embed(input_ids, token_type_ids)
+        real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
+        return h, attention_bias(attention_mask, h.dtype), _Tokens(real, torch.div(real, s, rounding_mode="floor"), b)
+
+    def run_layer(self, layer: int, h: torch.Tensor, bias: torch.Tensor, ctx: _Tokens,
+                  slot: tuple[str, str, int] | None = None) -> torch.Tensor:
+        """Layer `layer` with its chosen blocks (or `slot`) on h [b, s, d]."""
+        a, f, k = slot or self._arch[layer]
+        block = self.encoder.blocks[layer]
+        cfg = self.spec.encoder
+        if a == "full":
+            h = block.attention(h, bias)
+        elif a == "half":
+            h = attention_heads(block.attention, h, bias, half_heads(cfg), block.attention.attn_dropout if self.training else 0.0)
+        if f == "dense" and self.knob is not None and self.knob < 1:
+            h = self._moe(layer, block.ffn, h, ctx, self.config.num_experts)  # the knob thins dense FFNs too
+        elif f == "dense":
+            h = block.ffn(h)
+        elif f == "half":
+            h = ffn_width(block.ffn, h, cfg.intermediate_size // 2)
+        elif f == "moe":
+            h = self._moe(layer, block.ffn, h, ctx, k)
+        return h
+
+    def _moe(self, layer: int, ffn: FeedForward, h: torch.Tensor, ctx: _Tokens, k: int) -> torch.Tensor:
+        b, s, d = h.shape
+        flat = h.reshape(b * s, d)
+        x = flat.index_select(0, ctx.real)  # [T, d]
+        with torch.no_grad():
+            sel = select_experts(self.routers[layer](x), k, self.knob)  # [T, E]
+        y = grouped_experts(x, sel, ffn.up.weight, ffn.up.bias, ffn.down.weight) + ffn.down.bias  # [T, d]
+        ctx.experts[layer] = sel.sum(dim=1)
+        out = flat.new_zeros(b * s, d).index_copy(0, ctx.real, y)  # padding rows: 0
+        return ffn.norm(h + ffn.dropout(out.view(b, s, d)))
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
+        h, bias, ctx = self.prepare(input_ids, attention_mask, token_type_ids)
+        for layer in range(len(self.encoder.blocks)):
+            h = self.run_layer(layer, h, bias, ctx)
+        logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
+        lengths = flops.lengths_of(attention_mask)
+        executed = {l: torch.zeros(ctx.batch, dtype=torch.int64, device=h.device).index_add_(0, ctx.sample, n)
+                    for l, n in ctx.experts.items()}  # layer -> [b] experts run, summed over tokens
+        cost = self.cost(lengths, executed)
+        per_token = sum(executed.values(), torch.zeros(ctx.batch, dtype=torch.int64, device=h.device))
+        extras = {"experts_per_token": per_token.double() / (lengths.clamp_min(1) * max(1, len(executed)))}
+        aux = None
+        if self.training and self._teacher and self.config.distill_weight > 0:
+            with torch.no_grad():
+                t_logits = self._teacher[0](input_ids, attention_mask, token_type_ids).logits
+            T = self.config.distill_temperature
+            kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                          reduction="batchmean")
+            aux = self.config.distill_weight * T * T * kl
+        return ClassifierOutput(logits=logits, flops=cost, aux_loss=aux, extras=extras)
+
+    # --- cost -----------------------------------------------------------------------------------
+    def cost(self, lengths: torch.Tensor, executed: dict[int, torch.Tensor]) -> torch.Tensor:
+        """FLOPs [b] (float64) of samples of real lengths [b]; executed[layer] = experts run [b]
+        (summed over the sample's tokens) in each layer whose FFN ran as MoE."""
+        cfg = self.spec.encoder
+        d, dff, e = cfg.hidden_size, cfg.intermediate_size, self.config.num_experts
+        total = lengths * 0 + flops.head(cfg, self.spec.num_labels)
+        for layer, (a, f, _) in enumerate(self._arch):
+            if a != "skip":
+                total = total + flops.attention_block(lengths, d, d if a == "full" else half_heads(cfg) * cfg.head_dim)
+            if layer in executed:  # ran as MoE: "moe<k>", or "dense" at a knob below 1
+                total = total + lengths * router_flops(d, self.config.router_hidden, e)
+                total = total + executed[layer] * expert_flops(d, dff // e)
+            elif f in ("dense", "half"):
+                total = total + flops.ffn_block(lengths, d, dff if f == "dense" else dff // 2)
+        return total.to(torch.float64)
+
+    # --- latency table interface (adaptinf.latency) ------------------------------------------------
+    def block_choices(self) -> list[str]:
+        """Every candidate block of a slot: "attn:<full|half|skip>", "ffn:<dense|half|skip|moe<k>>"."""
+        e = self.config.num_experts
+        ks = sorted({k for k in (1, 2, e // 4, e // 2, e) if 1 <= k <= e})
+        return [f"attn:{a}" for a in ATTN] + [f"ffn:{f}" for f in FFN] + [f"ffn:moe{k}" for k in ks]
+
+    def latency_shape(self) -> dict:
+        cfg = self.spec.encoder
+        return {"hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+                "intermediate_size": cfg.intermediate_size, "num_experts": self.config.num_experts,
+                "router_hidden": self.config.router_hidden, "num_labels": self.spec.num_labels}
+
+    # --- training -------------------------------------------------------------------------------
+    def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
+        """Routers, latency table, search, distillation (finetune/), final latency measurement; each
+        step resumed from out_dir when rerun. Under torchrun, rank 0 does the routers, table and
+        search (the others read its files, so every rank has the same architecture), all ranks
+        fine-tune, rank 0 measures. Returns the summary (rank 0; {} elsewhere)."""
+        from adaptinf import latency
+        from adaptinf.checkpoint import save_tensors_atomic, write_json_atomic
+        from adaptinf.train import _barrier, accuracy, dist_info, finetune
+
+        rank, _ = dist_info()
+        c = self.config
+        out = Path(out_dir)
+        names = ("routers.safetensors", "routers.json", "latency_table.json", "search.json", "architecture.json")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in names if restart else ():
+                (out / name).unlink(missing_ok=True)
+        pad = self.spec.encoder.pad_token_id
+        layers = self.spec.encoder.num_hidden_layers
+        summary: dict[str, Any] = {"n_train": len(train)}
+
+        # 1. routers
+        t0 = time.time()
+        settings = {"num_experts": c.num_experts, "router_hidden": c.router_hidden, "kmeans_iters": c.kmeans_iters,
+                    "router_epochs": c.router_epochs, "router_lr": c.router_lr, "n_train": len(train),
+                    "batch_size": cfg.batch_size, "seed": cfg.seed}
+        rpath, rjson = out / "routers.safetensors", out / "routers.json"
+        if rank == 0 and not (rpath.is_file() and rjson.is_file() and json.loads(rjson.read_text()).get("settings") == settings):
+            stats = self.train_routers(train, cfg, progress)
+            save_tensors_atomic(dict(self.routers.state_dict()), rpath)
+            write_json_atomic(rjson, {"settings": settings, "stats": stats})
+        _barrier()
+        self.routers.load_state_dict(load_file(str(rpath)))
+        summary["routers"] = json.loads(rjson.read_text())["stats"]
+        summary["router_seconds"] = round(time.time() - t0, 1)
+
+        # 2. latency table at the deployment setting (re-profiled when taken elsewhere)
+        tpath = out / "latency_table.json"
+        if rank == 0:
+            table = latency.LatencyTable.load(tpath) if tpath.is_file() else None
+            if table is None or table.mismatches(c.latency_batch_size, c.latency_seq_len, self.latency_shape()):
+                latency.profile(self, c.latency_batch_size, c.latency_seq_len, c.latency_repeats).save(tpath)
+        _barrier()
+        table = latency.LatencyTable.load(tpath)
+        dense_ms = table.dense_ms(layers)
+        target_ms = c.latency_target_ms if c.latency_target_ms is not None else c.latency_target * dense_ms
+        summary.update(latency_table=str(tpath), latency_target_ms=target_ms, dense_estimated_ms=dense_ms)
+
+        # 3. search (skipped when the config names an architecture)
+        proxy = _subset(val, c.proxy_samples)
+        spath = out / "search.json"
+        if c.architecture:
+            summary["search"] = "skipped: the config names the architecture"
+        else:
+            aim = (1 - c.search_margin) * target_ms
+            key = {"aim_ms": aim, "table": table.created, "proxy_samples": len(proxy), "routers": settings}
+            if rank == 0:
+                found = json.loads(spath.read_text()) if spath.is_file() else None
+                if not found or found.get("key") != key:
+                    write_json_atomic(spath, {"key": key, **self._search_measured(table, aim, proxy, cfg, progress)})
+            _barrier()
+            found = json.loads(spath.read_text())
+            self.config.architecture = tuple(found["architecture"])
+            self.set_architecture(found["architecture"])
+            summary["search"] = {k: v for k, v in found.items() if k != "key"}
+        estimated = table.estimate(self.architecture)
+
+        # 4. distillation from the dense model (the shared trainer)
+        if c.finetune:
+            knob = self.knob
+            self.set_knob(None)
+            try:
+                result = finetune(self, train, val, cfg, out / "finetune", progress=progress, restart=restart)
+            finally:
+                self.set_knob(knob)
+            best = out / "finetune" / "best" / "model.safetensors"
+            if best.is_file():
+                self.load_state_dict(load_file(str(best)))
+            summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps)
+        if rank != 0:
+            return {}
+        summary["val_accuracy"] = accuracy(self, val, cfg.eval_batch_size, pad)[0]
+        if self._teacher:
+            summary["val_accuracy_dense"] = accuracy(self._teacher[0], val, cfg.eval_batch_size, pad)[0]
+
+        # 5. real latency of the final model, the dense and the empty architecture, interleaved, with
+        # the table's settings. A relative target is checked against the dense model measured in the
+        # same run (drift cancels); a target in ms against the measured milliseconds.
+        arch = self.architecture
+        check = latency.validate(self, table, [arch, ["full/dense"] * layers, ["skip/skip"] * layers],
+                                 repeats=2 * table.repeats)
+        measured, dense_measured = check["rows"][0]["measured_ms"], check["rows"][1]["measured_ms"]
+        if c.latency_target_ms is not None:
+            met, goal = measured <= c.latency_target_ms, f"target {c.latency_target_ms:.2f} ms"
+        else:
+            met, goal = measured <= c.latency_target * dense_measured, f"target {c.latency_target:g} x dense"
+        record = {"architecture": arch, "estimated_ms": estimated, "measured_ms": measured,
+                  "dense_measured_ms": dense_measured, "measured_vs_dense": measured / dense_measured,
+                  "latency_target": None if c.latency_target_ms is not None else c.latency_target,
+                  "latency_target_ms": target_ms, "latency_target_met": met,
+                  "batch_size": table.batch_size, "seq_len": table.seq_len, "torch_threads": table.torch_threads,
+                  "machine": table.machine}
+        summary.update(record, latency_model_error=check)
+        write_json_atomic(out / "architecture.json", record)
+        print(f"planer: architecture {arch}; latency at batch {table.batch_size}, {table.seq_len} tokens, "
+              f"{table.torch_threads} threads: estimated {estimated:.2f} ms, measured {measured:.2f} ms "
+              f"({measured / dense_measured:.2f} x dense, measured {dense_measured:.2f} ms); {goal}: "
+              + ("met" if met else "MISSED (measured latency above the target)"))
+        return summary
+
+    def _search_measured(self, table, aim: float, proxy: Encoded, cfg, progress: bool, rounds: int = 3) -> dict:
+        """Search under `aim` (ms, table estimate), then measure the result against the dense
+        architecture (interleaved, the table's settings); while it misses the target, tighten the aim
+        by the miss and continue the descent from it (at most `rounds` searches). The table's absolute
+        times drift with the machine's load, so the target is checked as the measured ratio to dense
+        (a relative target, so drift cancels) or as measured milliseconds (a target in ms)."""
+        from adaptinf import latency
+
+        c, layers = self.config, self.spec.encoder.num_hidden_layers
+        dense_est = table.dense_ms(layers)
+        arch, rounds_log, found = None, [], {}
+        for _ in range(rounds):
+            found = self.search(table, aim, proxy, cfg.eval_batch_size, progress, start=arch)
+            arch = found["architecture"]
+            rows = latency.validate(self, table, [arch, ["full/dense"] * layers])["rows"]
+            measured, dense = rows[0]["measured_ms"], rows[1]["measured_ms"]
+            # > 1: the measured latency misses the target by this factor
+            miss = measured / c.latency_target_ms if c.latency_target_ms is not None else measured / dense / c.latency_target
+            rounds_log.append({"aim_ms": aim, "architecture": arch, "estimated_ms": found["estimated_ms"],
+                               "estimated_vs_dense": found["estimated_ms"] / dense_est, "measured_ms": measured,
+                               "measured_vs_dense": measured / dense, "miss": miss})
+            # accepted with half the margin as headroom: repeated measurements on a shared machine vary
+            if miss <= 1 - c.search_margin / 2 or not found["meets_target_estimate"]:
+                break
+            aim *= (1 - c.search_margin) / miss
+        return {**found, "rounds": rounds_log}
+
+    def train_routers(self, train: Encoded, cfg, progress: bool = False) -> dict:
+        """Fit every layer's router to the norms of its experts' outputs (relative to the token's mean
+        norm) on the dense model's FFN inputs, captured by forward hooks on the frozen teacher, real
+        tokens only. MSE, Adam, one optimizer per layer."""
+        from adaptinf.data import steps_per_epoch, train_batches
+
+        c = self.config
+        if not self._teacher:
+            raise ValueError("router training needs the dense model: build this model with PlanerClassifier.from_dense")
+        teacher = self._teacher[0]
+        layers = len(self.encoder.blocks)
+        captured: list[torch.Tensor | None] = [None] * layers
+        real = [None]
+        def keep(i: int):
+            def hook(module, args, output):
+                captured[i] = args[0].reshape(-1, args[0].shape[-1]).index_select(0, real[0])  # [T, d] real tokens
+            return hook
+
+        hooks = [teacher.encoder.blocks[i].ffn.register_forward_hook(keep(i)) for i in range(layers)]
+        self.routers.requires_grad_(True)
+        opts = [torch.optim.Adam(r.parameters(), lr=c.router_lr) for r in self.routers]
+        sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
+        total = steps_per_epoch(len(train), cfg.batch_size) * c.router_epochs
+        bar = tqdm(total=total, desc="planer routers", disable=not progress, unit="step")
+        try:
+            for epoch in range(c.router_epochs):
+                sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
+                for batch, _, _ in train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id=self.spec.encoder.pad_token_id):
+                    real[0] = batch.attention_mask.reshape(-1).nonzero().squeeze(1)
+                    with torch.no_grad():
+                        teacher(batch.input_ids, batch.attention_mask)
+                    for i in range(layers):
+                        x = captured[i]  # [T, d]
+                        with torch.no_grad():
+                            # per token relative to its mean: top-k and the (1 - tau) * max threshold
+                            # only compare a token's experts with each other, and the scale is then ~1
+                            norms = self.expert_norms(i, x)  # [T, E]
+                            target = norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
+                        pred = self.routers[i](x)
+                        loss = F.mse_loss(pred, target)
+                        opts[i].zero_grad(set_to_none=True)
+                        loss.backward()
+                        opts[i].step()
+                        t = x.shape[0]
+                        sums[i][0] += float(loss.detach()) * t
+                        sums[i][1] += float(target.var(dim=1, unbiased=False).mean()) * t
+                        sums[i][2] += float((pred.detach().argmax(1) == target.argmax(1)).sum())
+                        sums[i][3] += t
+                    bar.update(1)
+        finally:
+            bar.close()
+            for hk in hooks:
+                hk.remove()
+            self.routers.requires_grad_(False)
+        # last epoch, per layer: MSE over the variance of the targets across experts (1 = no better than
+        # predicting every expert alike) and how often the router's top expert is the true top expert
+        return {str(i): {"unexplained_variance": s[0] / max(s[1], 1e-30), "top1_agreement": s[2] / max(s[3], 1)}
+                for i, s in enumerate(sums)}
+
+    def expert_norms(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The norm of every expert's output (no bias) for tokens x [T, d] -> [T, E]: the router's target."""
+        ffn, e = self.encoder.blocks[layer].ffn, self.config.num_experts
+        a = F.gelu(F.linear(x, ffn.up.weight, ffn.up.bias)).view(x.shape[0], e, -1)  # [T, E, m]
+        w = ffn.down.weight.view(ffn.down.weight.shape[0], e, -1)  # [d, E, m]
+        return torch.einsum("tem,dem->ted", a, w).norm(dim=-1)
+
+    # --- search ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def search(self, table, target_ms: float, proxy: Encoded, batch_size: int = 64, progress: bool = False,
+               start: list[str] | None = None) -> dict:
+        """Greedy search under `target_ms` (the table's additive estimate), from the dense architecture.
+
+        Descent: repeatedly take the one-slot downgrade (to the next cheaper block of that slot, by the
+        table) with the least proxy increase per millisecond saved, until the estimate meets the
+        target. Refinement: the last step usually overshoots, so while some one-slot upgrade (to any
+        dearer block) still fits the target and lowers the proxy, take the best one.
+        Proxy (lower is better, 0 for the dense model): mean KL(dense || candidate) of the logits plus
+        the relative squared error of the pooled representation (informative even where the dense
+        head is unsure), on `proxy`. Hidden states of the current architecture are cached per layer,
+        so a candidate changing layer l reruns only layers l.. . `start` continues the descent from
+        that architecture instead of the dense one. Returns the architecture and the path.
+        """
+        from adaptinf.data import eval_batches
+
+        was_training, knob = self.training, self.knob
+        self.eval()
+        self.knob = None  # the searched top-k
+        layers = len(self.encoder.blocks)
+        options = {"attn": [f"attn:{a}" for a in ATTN],
+                   "ffn": [n for n in self.block_choices() if n.startswith("ffn:")]}
+        batches = [(b.input_ids, b.attention_mask) for b in eval_batches(proxy, batch_size, self.spec.encoder.pad_token_id)]
+        prepared = [self.prepare(ids, mask) for ids, mask in batches]
+
+        def states(arch: list[str], start: int, cache: list) -> list[list[torch.Tensor]]:
+            """cache[l][i]: layer l's input for batch i (cache[layers]: the last hidden states)."""
+            out = [list(c) for c in cache[: start + 1]] + [[] for _ in range(start, layers)]
+            for i, (_, bias, ctx) in enumerate(prepared):
+                h = out[start][i]
+                for l in range(start, layers):
+                    h = self.run_layer(l, h, bias, ctx, parse_slot(arch[l], self.config.num_experts))
+                    out[l + 1].append(h)
+            return out
+
+        def heads(last: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            pooled = [self.encoder.pool(h) for h in last]  # [b, d] each
+            return [(p, F.log_softmax(self.classifier(p), -1)) for p in pooled]
+
+        def proxy_of(last: list[torch.Tensor]) -> float:
+            kl, err, n = 0.0, 0.0, 0
+            for (p, logp), (rp, rlogp) in zip(heads(last), ref):
+                kl += float(F.kl_div(logp, rlogp, log_target=True, reduction="sum"))
+                err += float((p - rp).pow(2).sum())
+                n += p.shape[0]
+            return kl / max(n, 1) + err / ref_power
+
+        def with_slot(arch: list[str], layer: int, block: str) -> list[str]:
+            a, f = arch[layer].split("/")
+            kind, choice = block.split(":")
+            cand = list(arch)
+            cand[layer] = f"{choice}/{f}" if kind == "attn" else f"{a}/{choice}"
+            return cand
+
+        def slot_of(arch: list[str], layer: int, kind: str) -> str:
+            return f"{kind}:{arch[layer].split('/')[0 if kind == 'attn' else 1]}"
+
+        arch = ["full/dense"] * layers
+        cache = states(arch, 0, [[p[0] for p in prepared]])
+        ref = heads(cache[-1])
+        ref_power = max(sum(float(p.pow(2).sum()) for p, _ in ref), 1e-30)
+        current = 0.0
+        if start is not None and list(start) != arch:
+            arch = list(start)
+            cache = states(arch, 0, cache)
+            current = proxy_of(cache[-1])
+        est, path = table.estimate(arch), []
+        bar = tqdm(desc="planer search", disable=not progress, unit="candidate")
+        try:
+            while est > target_ms:  # descent
+                best = None
+                for l in range(layers):
+                    for kind, opts in options.items():
+                        now = table.block_ms(slot_of(arch, l, kind))
+                        cheaper = [o for o in opts if table.block_ms(o) < now]
+                        if not cheaper:
+                            continue
+                        cand = with_slot(arch, l, max(cheaper, key=table.block_ms))
+                        new = states(cand, l, cache)
+                        score = proxy_of(new[-1])
+                        ratio = (score - current) / (est - table.estimate(cand))
+                        if best is None or ratio < best[0]:
+                            best = (ratio, cand, new, score)
+                        bar.update(1)
+                if best is None:
+                    break  # nothing cheaper left: the target cannot be met with these blocks
+                _, arch, cache, current = best
+                est = table.estimate(arch)
+                path.append({"step": "downgrade", "architecture": list(arch), "estimated_ms": est, "proxy": current})
+            while est <= target_ms:  # refinement
+                best = None
+                for l in range(layers):
+                    for kind, opts in options.items():
+                        now = table.block_ms(slot_of(arch, l, kind))
+                        for o in opts:
+                            cand = with_slot(arch, l, o)
+                            if table.block_ms(o) <= now or table.estimate(cand) > target_ms:
+                                continue
+                            new = states(cand, l, cache)
+                            score = proxy_of(new[-1])
+                            if score < current and (best is None or score < best[0]):
+                                best = (score, cand, new)
+                            bar.update(1)
+                if best is None:
+                    break
+                current, arch, cache = best
+                est = table.estimate(arch)
+                path.append({"step": "upgrade", "architecture": list(arch), "estimated_ms": est, "proxy": current})
+        finally:
+            bar.close()
+            self.knob = knob
+            self.train(was_training)
+        return {"architecture": arch, "estimated_ms": est, "proxy": current, "meets_target_estimate": est <= target_ms,
+                "path": path}
+
+
+def _subset(enc: Encoded, n: int) -> Encoded:
+    """The first n samples of a seeded permutation (the proxy set of the search)."""
+    if len(enc) <= n:
+        return enc
+    idx = torch.randperm(len(enc), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return Encoded([enc.ids[i] for i in idx], enc.labels[idx])
