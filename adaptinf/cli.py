@@ -45,25 +45,21 @@ def _task_settings(args, recorded: dict | None = None) -> dict:
 
 
 def _recorded_task(model_dir: str) -> dict | None:
-    from adaptinf.checkpoint import read_config
+    from adaptinf.steps import recorded_task
 
-    return read_config(model_dir).get("extra", {}).get("task")
+    return recorded_task(model_dir)
 
 
 def _load_task(settings: dict, labels=None):
-    from adaptinf.data import load_task
+    from adaptinf.steps import TaskSettings, load_task
 
-    return load_task(settings["data"], settings["text_column"], settings["label_column"],
-                     settings["group_column"], settings["seed"], labels=labels)
+    return load_task(TaskSettings.from_dict(settings), labels=labels)
 
 
 def _encode_split(model, task, split: str, max_samples: int | None, seed: int):
-    from adaptinf.data import encode, subsample
+    from adaptinf.steps import encode_split
 
-    if model.tokenizer is None:
-        raise ValueError("the model directory has no tokenizer files (tokenizer.json); re-save it with adaptinf")
-    texts, labels = subsample(task.split(split), max_samples, seed)
-    return encode(texts, labels, model.tokenizer, model.spec.max_length)
+    return encode_split(model, task, split, max_samples, seed)
 
 
 def _set_threads(n: int | None) -> None:
@@ -97,73 +93,18 @@ def _parse_ints(s: str, flag: str) -> list[int]:
 # --- finetune -----------------------------------------------------------------------------------------
 
 
-def _is_model_dir(path: str) -> bool:
-    """Whether `path` is an adaptinf model directory (as opposed to a pretrained model name or an HF checkpoint)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == "adaptinf"
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return True  # let the checkpoint loader report what is wrong with it
-
-
-def _dense_from_pretrained(model_name: str, labels, max_length: int, classifier_dropout: float, seed: int):
-    """A dense classifier with the pretrained encoder of `model_name` (built-in name or HF checkpoint
-    directory), a freshly initialised (seeded) head and its tokenizer: (model, checkpoint path)."""
-    import torch
-
-    from adaptinf.hf import load_encoder, load_tokenizer
-    from adaptinf.methods.dense import DenseClassifier, DenseConfig
-    from adaptinf.model import ModelSpec
-
-    if max_length < 2:
-        raise ValueError(f"--max-length must be at least 2 ([CLS] and [SEP]), got {max_length}")
-    encoder, path = load_encoder(model_name)
-    spec = ModelSpec(encoder.cfg, labels, max_length, base_model=str(model_name))
-    torch.manual_seed(seed)
-    model = DenseClassifier(spec, DenseConfig(classifier_dropout=classifier_dropout))
-    model.encoder.load_state_dict(encoder.state_dict())
-    model.tokenizer = load_tokenizer(model_name)
-    return model, path
-
-
 def cmd_finetune(args) -> int:
-    from adaptinf.checkpoint import load_model
-    from adaptinf.data import encode, subsample
-    from adaptinf.train import TrainConfig, accuracy, dist_info, finetune
+    from adaptinf.steps import TaskSettings, finetune_dense
+    from adaptinf.train import TrainConfig
 
     _set_threads(args.threads)
-    rank, _ = dist_info()
-    settings = _task_settings(args)
-    task = _load_task(settings)
+    settings = TaskSettings.from_dict(_task_settings(args))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings["seed"],
+                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings.seed,
                       save_every=args.save_every)
-    model, path = _dense_from_pretrained(args.model, task.labels, args.max_length, args.classifier_dropout,
-                                         settings["seed"])
-    tokenizer = model.tokenizer
-    train_split = subsample(task.train, args.max_train_samples, settings["seed"])
-    train = encode(*train_split, tokenizer, args.max_length)
-    val = encode(*task.validation, tokenizer, args.max_length)
-    if rank == 0:
-        print(f"{task.summary()}; training on {len(train)} samples; model {args.model} ({path})")
-    # the task is recorded in the saved model so evaluate/bench find the same split
-    result = finetune(model, train, val, cfg, args.out, progress=not args.no_progress, restart=args.restart,
-                      save_extra={"task": settings})
-    if rank != 0:
-        return 0
-    best_dir = Path(args.out) / "best"
-    best = load_model(best_dir)
-    test = encode(*task.test, tokenizer, args.max_length)
-    test_acc, _ = accuracy(best, test)
-    summary = {"best_val_accuracy": result.best_val_score, "best_epoch": result.best_epoch,
-               "test_accuracy": test_acc, "n_train": len(train), "n_val": len(val), "n_test": len(test),
-               "steps": result.steps, "resumed_from_step": result.resumed_from_step,
-               "seconds_this_run": round(result.seconds, 1), "model_dir": str(best_dir)}
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"best validation accuracy {result.best_val_score:.4f} (epoch {result.best_epoch}); "
-          f"test accuracy {test_acc:.4f}; model saved to {best_dir}")
+    finetune_dense(args.model, settings, cfg, args.out, max_length=args.max_length,
+                   max_train_samples=args.max_train_samples, classifier_dropout=args.classifier_dropout,
+                   progress=not args.no_progress, restart=args.restart)
     return 0
 
 
@@ -184,47 +125,25 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from adaptinf.checkpoint import load_model, save_model
-    from adaptinf.methods.dense import DenseClassifier
     from adaptinf.registry import get_method
+    from adaptinf.steps import TaskSettings, convert_method, load_source
     from adaptinf.train import TrainConfig, dist_info
 
     _set_threads(args.threads)
     cls = get_method(args.method)
-    if _is_model_dir(args.dense):
-        dense = load_model(args.dense, expect_method="dense")
-        if not isinstance(dense, DenseClassifier):
-            raise ValueError(f"{args.dense} is not a dense model")
-        recorded = _recorded_task(args.dense)
-    else:
-        # a pretrained model (built-in name or HF checkpoint): the task comes from the flags
-        recorded = _task_settings(args)
-        labels = _load_task(recorded).labels
-        dense, _ = _dense_from_pretrained(args.dense, labels, args.max_length, 0.1, recorded["seed"])
-    config = cls.Config.from_dict(_parse_sets(args.set or []))
-    model = cls.from_dense(dense, config)
-    model.tokenizer = dense.tokenizer
-    extra = {"task": recorded, "converted_from": str(args.dense)} if recorded else {}
-    rank = 0
-    if cls.needs_training:
-        # the method trains what it added on the task the dense model was trained on (or --data)
-        rank, _ = dist_info()
-        settings = _task_settings(args, recorded)
-        task = _load_task(settings, labels=model.spec.labels)
-        train = _encode_split(model, task, "train", args.max_train_samples, settings["seed"])
-        val = _encode_split(model, task, "validation", None, settings["seed"])
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                          warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings["seed"],
-                          save_every=args.save_every)
-        if rank == 0:
-            print(f"{task.summary()}; training {args.method} on {len(train)} samples (state in {Path(args.out) / 'train'})")
-        summary = model.fit(train, val, cfg, Path(args.out) / "train", progress=not args.no_progress,
-                            restart=args.restart)
-        extra = {"task": settings, "converted_from": str(args.dense), **({"training": summary} if summary else {})}
-    if rank != 0:
-        return 0
-    save_model(model, args.out, extra=extra or None)
-    print(f"converted {args.dense} with method {args.method!r} -> {args.out}")
+    # a pretrained source (built-in name or HF checkpoint) takes its task from the flags
+    flags = TaskSettings.from_dict(_task_settings(args))
+    dense, recorded = load_source(args.dense, flags, args.max_length, flags.seed)
+    settings = TaskSettings.from_dict(_task_settings(args, recorded)) if recorded is not None else flags
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings.seed,
+                      save_every=args.save_every)
+    convert_method(dense, args.method, _parse_sets(args.set or []), args.out, settings, cfg,
+                   max_train_samples=args.max_train_samples, source_name=str(args.dense),
+                   progress=not args.no_progress, restart=args.restart)
+    rank, _ = dist_info() if cls.needs_training else (0, 1)
+    if rank == 0:
+        print(f"converted {args.dense} with method {args.method!r} -> {args.out}")
     return 0
 
 
@@ -232,7 +151,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from adaptinf.bench import make_batches, model_case, run_bench
     from adaptinf.checkpoint import load_model
     from adaptinf.evaluate import add_reductions, evaluate_model, write_points
 
@@ -259,7 +177,7 @@ def cmd_evaluate(args) -> int:
     if dense_pts:
         add_reductions(points, dense_pts[0].gflops)
     if args.latency:
-        _measure_latency(args, points, models, dense_dir, task, settings, make_batches, model_case, run_bench)
+        _measure_latency(args, points, models, dense_dir, task, settings)
     csv_path, json_path = write_points(points, Path(args.out))
     for p in points:
         lat = "" if p.latency_ms_b1 is None else f", {p.latency_ms_b1:.1f} ms @b1, {p.latency_ms_b32:.1f} ms @b32"
@@ -269,32 +187,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _measure_latency(args, points, models, dense_dir, task, settings, make_batches, model_case, run_bench) -> None:
+def _measure_latency(args, points, models, dense_dir, task, settings) -> None:
     """Latency of every test point at batch 1 and 32, interleaved with the dense model in one run."""
     from adaptinf.checkpoint import load_model
+    from adaptinf.steps import time_points
 
     if dense_dir is None:
         raise ValueError("--latency needs the dense model for the speed-up ratios: pass --dense DIR")
     dense = next((m for d, m in models if str(d) == str(dense_dir)), None) or load_model(dense_dir, expect_method="dense")
     enc = _encode_split(dense, task, "test", None, settings["seed"])
-    batches = {b: make_batches(enc, b, max(1, args.latency_samples // b), settings["seed"]) for b in (1, 32)}
-    by_dir = {str(d): m for d, m in models}
-    cases = {"dense": model_case(dense)}
-    keys = {}
-    test_points = [p for p in points if p.split == "test"]
-    for i, p in enumerate(test_points):
-        key = "dense" if p.method == "dense" and p.knob is None else f"p{i}:{p.model}:{p.knob}"
-        if key != "dense":
-            cases[key] = model_case(by_dir[p.model_dir], p.knob)
-        keys[id(p)] = key
-    rows = run_bench(cases, batches, repeats=args.repeats, warmup=2, reference="dense", progress=not args.no_progress)
-    by = {(r.case, r.batch_size): r for r in rows}
-    for p in test_points:
-        k = keys[id(p)]
-        p.latency_ms_b1, p.latency_ms_b32 = by[(k, 1)].median_ms, by[(k, 32)].median_ms
-        p.speedup_b1, p.speedup_b32 = by[(k, 1)].speedup_vs_reference, by[(k, 32)].speedup_vs_reference
-        if p.flops_reduction:
-            p.realisation_b32 = p.speedup_b32 / p.flops_reduction
+    time_points([p for p in points if p.split == "test"], {str(d): m for d, m in models}, dense, enc,
+                settings["seed"], samples=args.latency_samples, repeats=args.repeats, progress=not args.no_progress)
 
 
 # --- bench --------------------------------------------------------------------------------------------
