@@ -1,4 +1,4 @@
-"""The `adaptinf` command: finetune | convert | evaluate | bench | report.
+"""The `adaptinf` command: run | select | predict | finetune | convert | evaluate | bench | report.
 
 Every command takes its inputs from flags or saved model directories and writes its outputs to
 `--out`; nothing goes to the network. User errors (bad paths, unknown methods, bad data) end with
@@ -265,6 +265,62 @@ def cmd_report(args) -> int:
     return 0
 
 
+# --- run / select / predict ---------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from adaptinf.preset import resolve
+    from adaptinf.run import run
+
+    _set_threads(args.threads)
+    cfg = resolve(args.preset, methods=args.methods, model=args.model, data=args.data, text_column=args.text_column,
+                  label_column=args.label_column, group_column=args.group_column, seed=args.seed,
+                  max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+                  epochs=args.epochs)
+    result = run(cfg, args.out, progress=not args.no_progress, restart=args.restart)
+    print(f"report: {result.report}")
+    if result.failed:
+        print(f"error: method(s) {', '.join(result.failed)} failed; the others' results are in the report",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_select(args) -> int:
+    from adaptinf.selection import Budget, export
+
+    budget = Budget(max_gflops=args.max_gflops, max_latency_ms=args.max_latency_ms, batch_size=args.batch_size,
+                    max_drop=args.max_drop)
+    out, chosen, twin = export(args.run_dir, budget, args.out)
+    knob = "" if chosen.knob is None else f" at {chosen.knob_name}={chosen.knob:g}"
+    test = "" if twin is None else f"; test accuracy {twin.accuracy:.4f}"
+    print(f"selected {chosen.model}{knob} ({budget.describe()}): validation accuracy {chosen.accuracy:.4f}, "
+          f"{chosen.gflops:.4f} GFLOPs/sample{test}; model saved to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import warnings
+
+    from adaptinf.checkpoint import load_model
+    from adaptinf.predict import predict_file
+
+    _set_threads(args.threads)
+    model = load_model(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json); re-save it with adaptinf")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = predict_file(model, args.input, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                              text_column=args.text_column, id_column=args.id_column, progress=not args.no_progress,
+                              overwrite=args.overwrite)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(f"{counts['written']} records written to {counts['output']}: {counts['predicted']} predictions, "
+          f"{counts['errors']} errors, {counts['truncated']} truncated")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------------------
 
 
@@ -285,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adaptinf",
         description="Make transformer classifiers cheaper at inference: convert a model with an adaptive "
         "method, train what it needs, and measure accuracy against FLOPs and wall-clock latency.",
-        epilog="Typical flow: finetune -> convert -> evaluate --latency -> report. Run `adaptinf CMD --help` for details.",
+        epilog="Typical flow: `adaptinf run` (the whole job; or step by step: finetune -> convert -> evaluate --latency -> "
+        "report), then `select` a point under a budget and `predict` with it. Run `adaptinf CMD --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"adaptinf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -402,6 +459,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy points below dense for the table of each model's cheapest point within that drop "
                         "(chosen on validation, shown on test)")
     p.set_defaults(func=cmd_report)
+
+    from adaptinf.preset import builtin_presets
+
+    p = sub.add_parser("run", **fmt, help="the whole job: fine-tune, convert every method, evaluate, time, report",
+                       description="Fine-tune the dense baseline once, convert and train each method, evaluate every "
+                       "operating point on validation and test, time each method's chosen point against dense, and "
+                       "write one report folder (OUT/report). Settings come from a preset (YAML, saved resolved as "
+                       "OUT/resolved.yaml); flags override them. Every stage is cached in OUT: rerunning with the same "
+                       "settings resumes where it stopped, a changed setting reruns that stage and the later ones.")
+    p.add_argument("--preset", default="quick",
+                   help=f"built-in preset ({', '.join(builtin_presets())}) or a path to a preset .yaml file")
+    p.add_argument("--methods", default="all",
+                   help="'all' (the preset's methods that are registered) or comma-separated method names, e.g. ee,acm")
+    p.add_argument("--model", default=None, help="built-in model name or HF checkpoint directory (default: the preset's)")
+    g = p.add_argument_group("data (default: the preset's task)")
+    g.add_argument("--data", default=None, help=f"built-in task name ({DEFAULT_DATA}) or a .csv/.tsv/.jsonl file")
+    g.add_argument("--text-column", default=None, help="text column of a user file (default: text)")
+    g.add_argument("--label-column", default=None, help="label column of a user file (default: label)")
+    g.add_argument("--group-column", default=None, help="optional column whose rows must stay on one side of the split")
+    g.add_argument("--seed", type=int, default=None, help="split and training seed (default: the preset's)")
+    g.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size (default: the preset's)")
+    g.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on seeded subsets of validation and test of this size")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for the dense baseline and every method (default: the preset's)")
+    p.add_argument("--out", required=True, help="run folder (stages, resolved.yaml, report/)")
+    p.add_argument("--restart", action="store_true", help="recompute every stage instead of reusing finished ones")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("select", **fmt, help="pick the best operating point of a run under a budget and export it",
+                       description="Across every method of a finished `adaptinf run`, pick the most accurate point on "
+                       "validation within --max-gflops or --max-latency-ms (timed points only), or the cheapest within "
+                       "--max-drop accuracy points of dense, and save that model with its knob fixed to --out "
+                       "(load it with adaptinf.load, or use `adaptinf predict`).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `adaptinf run`")
+    c = p.add_mutually_exclusive_group(required=True)
+    c.add_argument("--max-gflops", type=float, default=None, help="GFLOPs per sample (validation mean)")
+    c.add_argument("--max-latency-ms", type=float, default=None, help="milliseconds per batch at --batch-size")
+    c.add_argument("--max-drop", type=float, default=None, help="accuracy points below dense on validation")
+    p.add_argument("--batch-size", type=int, default=1, choices=[1, 32], help="batch size --max-latency-ms refers to")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("predict", **fmt, help="predict a file of texts with a saved model (streaming, JSON lines out)",
+                       description="Read a .txt (one text per line), .csv/.tsv or .jsonl file in chunks and write one "
+                       "JSON line per row to --output (line, label, label_id, confidence, gflops, compute, truncated, "
+                       "error), flushed after every chunk. Empty texts, bytes that are not UTF-8 and bad JSON rows get "
+                       "an error record; texts longer than the model's max length are truncated and flagged.")
+    p.add_argument("model", metavar="MODEL_DIR", help="a saved model directory (e.g. from `adaptinf select`)")
+    p.add_argument("--input", required=True, help="input file: .txt, .csv, .tsv or .jsonl")
+    p.add_argument("--output", required=True, help="output .jsonl file")
+    p.add_argument("--text-column", default="text", help="text column (.csv/.tsv) or field (.jsonl)")
+    p.add_argument("--id-column", default=None, help="a column/field copied into each record as id")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--chunk-size", type=int, default=1024, help="rows read, predicted and written at a time")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
