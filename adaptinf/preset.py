@@ -319,6 +319,10 @@ def select_methods(cfg: RunConfig, requested: str | list[str] | None = "all") ->
         for m in cfg.methods:
             if m.name not in registered:
                 skipped[m.name] = "not registered in this version of adaptinf (listed by the preset; it will run once registered)"
+        for name in registered:
+            if name not in by_name:
+                skipped[name] = (f"registered but not configured by preset {cfg.preset!r}; run it with its default "
+                                 f"settings with --methods {name},... or add it to the preset")
         return chosen, skipped
     names = requested.split(",") if isinstance(requested, str) else list(requested)
     names = [n.strip() for n in names if n.strip()]
