@@ -223,3 +223,14 @@ def test_select_exports_the_point_with_its_knob_fixed(tiny_run, tmp_path, capsys
     assert main(["select", str(tmp_path), "--max-drop", "1", "--out", str(tmp_path / "x")]) == 2
     assert "no report/points.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_make_demo_is_the_quick_preset(monkeypatch):
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "adaptinf run --preset quick --out $(DEMO_OUT)" in makefile
+    import adaptinf.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "cli", lambda argv: seen.append(argv) or 0)
+    assert demo.main(["--threads", "1"]) == 0
+    assert seen == [["run", "--preset", "quick", "--threads", "1", "--out", "results/demo"]]
