@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m adaptinf.demo --out $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/adaptinf run --preset quick --out $(DEMO_OUT)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra

@@ -1,4 +1,4 @@
-"""The `adaptinf` command: finetune | convert | evaluate | bench | report.
+"""The `adaptinf` command: run | select | predict | finetune | convert | evaluate | bench | report.
 
 Every command takes its inputs from flags or saved model directories and writes its outputs to
 `--out`; nothing goes to the network. User errors (bad paths, unknown methods, bad data) end with
@@ -45,25 +45,21 @@ def _task_settings(args, recorded: dict | None = None) -> dict:
 
 
 def _recorded_task(model_dir: str) -> dict | None:
-    from adaptinf.checkpoint import read_config
+    from adaptinf.steps import recorded_task
 
-    return read_config(model_dir).get("extra", {}).get("task")
+    return recorded_task(model_dir)
 
 
 def _load_task(settings: dict, labels=None):
-    from adaptinf.data import load_task
+    from adaptinf.steps import TaskSettings, load_task
 
-    return load_task(settings["data"], settings["text_column"], settings["label_column"],
-                     settings["group_column"], settings["seed"], labels=labels)
+    return load_task(TaskSettings.from_dict(settings), labels=labels)
 
 
 def _encode_split(model, task, split: str, max_samples: int | None, seed: int):
-    from adaptinf.data import encode, subsample
+    from adaptinf.steps import encode_split
 
-    if model.tokenizer is None:
-        raise ValueError("the model directory has no tokenizer files (tokenizer.json); re-save it with adaptinf")
-    texts, labels = subsample(task.split(split), max_samples, seed)
-    return encode(texts, labels, model.tokenizer, model.spec.max_length)
+    return encode_split(model, task, split, max_samples, seed)
 
 
 def _set_threads(n: int | None) -> None:
@@ -97,73 +93,18 @@ def _parse_ints(s: str, flag: str) -> list[int]:
 # --- finetune -----------------------------------------------------------------------------------------
 
 
-def _is_model_dir(path: str) -> bool:
-    """Whether `path` is an adaptinf model directory (as opposed to a pretrained model name or an HF checkpoint)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == "adaptinf"
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return True  # let the checkpoint loader report what is wrong with it
-
-
-def _dense_from_pretrained(model_name: str, labels, max_length: int, classifier_dropout: float, seed: int):
-    """A dense classifier with the pretrained encoder of `model_name` (built-in name or HF checkpoint
-    directory), a freshly initialised (seeded) head and its tokenizer: (model, checkpoint path)."""
-    import torch
-
-    from adaptinf.hf import load_encoder, load_tokenizer
-    from adaptinf.methods.dense import DenseClassifier, DenseConfig
-    from adaptinf.model import ModelSpec
-
-    if max_length < 2:
-        raise ValueError(f"--max-length must be at least 2 ([CLS] and [SEP]), got {max_length}")
-    encoder, path = load_encoder(model_name)
-    spec = ModelSpec(encoder.cfg, labels, max_length, base_model=str(model_name))
-    torch.manual_seed(seed)
-    model = DenseClassifier(spec, DenseConfig(classifier_dropout=classifier_dropout))
-    model.encoder.load_state_dict(encoder.state_dict())
-    model.tokenizer = load_tokenizer(model_name)
-    return model, path
-
-
 def cmd_finetune(args) -> int:
-    from adaptinf.checkpoint import load_model
-    from adaptinf.data import encode, subsample
-    from adaptinf.train import TrainConfig, accuracy, dist_info, finetune
+    from adaptinf.steps import TaskSettings, finetune_dense
+    from adaptinf.train import TrainConfig
 
     _set_threads(args.threads)
-    rank, _ = dist_info()
-    settings = _task_settings(args)
-    task = _load_task(settings)
+    settings = TaskSettings.from_dict(_task_settings(args))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings["seed"],
+                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings.seed,
                       save_every=args.save_every)
-    model, path = _dense_from_pretrained(args.model, task.labels, args.max_length, args.classifier_dropout,
-                                         settings["seed"])
-    tokenizer = model.tokenizer
-    train_split = subsample(task.train, args.max_train_samples, settings["seed"])
-    train = encode(*train_split, tokenizer, args.max_length)
-    val = encode(*task.validation, tokenizer, args.max_length)
-    if rank == 0:
-        print(f"{task.summary()}; training on {len(train)} samples; model {args.model} ({path})")
-    # the task is recorded in the saved model so evaluate/bench find the same split
-    result = finetune(model, train, val, cfg, args.out, progress=not args.no_progress, restart=args.restart,
-                      save_extra={"task": settings})
-    if rank != 0:
-        return 0
-    best_dir = Path(args.out) / "best"
-    best = load_model(best_dir)
-    test = encode(*task.test, tokenizer, args.max_length)
-    test_acc, _ = accuracy(best, test)
-    summary = {"best_val_accuracy": result.best_val_score, "best_epoch": result.best_epoch,
-               "test_accuracy": test_acc, "n_train": len(train), "n_val": len(val), "n_test": len(test),
-               "steps": result.steps, "resumed_from_step": result.resumed_from_step,
-               "seconds_this_run": round(result.seconds, 1), "model_dir": str(best_dir)}
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"best validation accuracy {result.best_val_score:.4f} (epoch {result.best_epoch}); "
-          f"test accuracy {test_acc:.4f}; model saved to {best_dir}")
+    finetune_dense(args.model, settings, cfg, args.out, max_length=args.max_length,
+                   max_train_samples=args.max_train_samples, classifier_dropout=args.classifier_dropout,
+                   progress=not args.no_progress, restart=args.restart)
     return 0
 
 
@@ -184,47 +125,25 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from adaptinf.checkpoint import load_model, save_model
-    from adaptinf.methods.dense import DenseClassifier
     from adaptinf.registry import get_method
+    from adaptinf.steps import TaskSettings, convert_method, load_source
     from adaptinf.train import TrainConfig, dist_info
 
     _set_threads(args.threads)
     cls = get_method(args.method)
-    if _is_model_dir(args.dense):
-        dense = load_model(args.dense, expect_method="dense")
-        if not isinstance(dense, DenseClassifier):
-            raise ValueError(f"{args.dense} is not a dense model")
-        recorded = _recorded_task(args.dense)
-    else:
-        # a pretrained model (built-in name or HF checkpoint): the task comes from the flags
-        recorded = _task_settings(args)
-        labels = _load_task(recorded).labels
-        dense, _ = _dense_from_pretrained(args.dense, labels, args.max_length, 0.1, recorded["seed"])
-    config = cls.Config.from_dict(_parse_sets(args.set or []))
-    model = cls.from_dense(dense, config)
-    model.tokenizer = dense.tokenizer
-    extra = {"task": recorded, "converted_from": str(args.dense)} if recorded else {}
-    rank = 0
-    if cls.needs_training:
-        # the method trains what it added on the task the dense model was trained on (or --data)
-        rank, _ = dist_info()
-        settings = _task_settings(args, recorded)
-        task = _load_task(settings, labels=model.spec.labels)
-        train = _encode_split(model, task, "train", args.max_train_samples, settings["seed"])
-        val = _encode_split(model, task, "validation", None, settings["seed"])
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                          warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings["seed"],
-                          save_every=args.save_every)
-        if rank == 0:
-            print(f"{task.summary()}; training {args.method} on {len(train)} samples (state in {Path(args.out) / 'train'})")
-        summary = model.fit(train, val, cfg, Path(args.out) / "train", progress=not args.no_progress,
-                            restart=args.restart)
-        extra = {"task": settings, "converted_from": str(args.dense), **({"training": summary} if summary else {})}
-    if rank != 0:
-        return 0
-    save_model(model, args.out, extra=extra or None)
-    print(f"converted {args.dense} with method {args.method!r} -> {args.out}")
+    # a pretrained source (built-in name or HF checkpoint) takes its task from the flags
+    flags = TaskSettings.from_dict(_task_settings(args))
+    dense, recorded = load_source(args.dense, flags, args.max_length, flags.seed)
+    settings = TaskSettings.from_dict(_task_settings(args, recorded)) if recorded is not None else flags
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings.seed,
+                      save_every=args.save_every)
+    convert_method(dense, args.method, _parse_sets(args.set or []), args.out, settings, cfg,
+                   max_train_samples=args.max_train_samples, source_name=str(args.dense),
+                   progress=not args.no_progress, restart=args.restart)
+    rank, _ = dist_info() if cls.needs_training else (0, 1)
+    if rank == 0:
+        print(f"converted {args.dense} with method {args.method!r} -> {args.out}")
     return 0
 
 
@@ -232,7 +151,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from adaptinf.bench import make_batches, model_case, run_bench
     from adaptinf.checkpoint import load_model
     from adaptinf.evaluate import add_reductions, evaluate_model, write_points
 
@@ -259,7 +177,7 @@ def cmd_evaluate(args) -> int:
     if dense_pts:
         add_reductions(points, dense_pts[0].gflops)
     if args.latency:
-        _measure_latency(args, points, models, dense_dir, task, settings, make_batches, model_case, run_bench)
+        _measure_latency(args, points, models, dense_dir, task, settings)
     csv_path, json_path = write_points(points, Path(args.out))
     for p in points:
         lat = "" if p.latency_ms_b1 is None else f", {p.latency_ms_b1:.1f} ms @b1, {p.latency_ms_b32:.1f} ms @b32"
@@ -269,32 +187,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _measure_latency(args, points, models, dense_dir, task, settings, make_batches, model_case, run_bench) -> None:
+def _measure_latency(args, points, models, dense_dir, task, settings) -> None:
     """Latency of every test point at batch 1 and 32, interleaved with the dense model in one run."""
     from adaptinf.checkpoint import load_model
+    from adaptinf.steps import time_points
 
     if dense_dir is None:
         raise ValueError("--latency needs the dense model for the speed-up ratios: pass --dense DIR")
     dense = next((m for d, m in models if str(d) == str(dense_dir)), None) or load_model(dense_dir, expect_method="dense")
     enc = _encode_split(dense, task, "test", None, settings["seed"])
-    batches = {b: make_batches(enc, b, max(1, args.latency_samples // b), settings["seed"]) for b in (1, 32)}
-    by_dir = {str(d): m for d, m in models}
-    cases = {"dense": model_case(dense)}
-    keys = {}
-    test_points = [p for p in points if p.split == "test"]
-    for i, p in enumerate(test_points):
-        key = "dense" if p.method == "dense" and p.knob is None else f"p{i}:{p.model}:{p.knob}"
-        if key != "dense":
-            cases[key] = model_case(by_dir[p.model_dir], p.knob)
-        keys[id(p)] = key
-    rows = run_bench(cases, batches, repeats=args.repeats, warmup=2, reference="dense", progress=not args.no_progress)
-    by = {(r.case, r.batch_size): r for r in rows}
-    for p in test_points:
-        k = keys[id(p)]
-        p.latency_ms_b1, p.latency_ms_b32 = by[(k, 1)].median_ms, by[(k, 32)].median_ms
-        p.speedup_b1, p.speedup_b32 = by[(k, 1)].speedup_vs_reference, by[(k, 32)].speedup_vs_reference
-        if p.flops_reduction:
-            p.realisation_b32 = p.speedup_b32 / p.flops_reduction
+    time_points([p for p in points if p.split == "test"], {str(d): m for d, m in models}, dense, enc,
+                settings["seed"], samples=args.latency_samples, repeats=args.repeats, progress=not args.no_progress)
 
 
 # --- bench --------------------------------------------------------------------------------------------
@@ -362,6 +265,62 @@ def cmd_report(args) -> int:
     return 0
 
 
+# --- run / select / predict ---------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from adaptinf.preset import resolve
+    from adaptinf.run import run
+
+    _set_threads(args.threads)
+    cfg = resolve(args.preset, methods=args.methods, model=args.model, data=args.data, text_column=args.text_column,
+                  label_column=args.label_column, group_column=args.group_column, seed=args.seed,
+                  max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+                  epochs=args.epochs)
+    result = run(cfg, args.out, progress=not args.no_progress, restart=args.restart)
+    print(f"report: {result.report}")
+    if result.failed:
+        print(f"error: method(s) {', '.join(result.failed)} failed; the others' results are in the report",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_select(args) -> int:
+    from adaptinf.selection import Budget, export
+
+    budget = Budget(max_gflops=args.max_gflops, max_latency_ms=args.max_latency_ms, batch_size=args.batch_size,
+                    max_drop=args.max_drop)
+    out, chosen, twin = export(args.run_dir, budget, args.out)
+    knob = "" if chosen.knob is None else f" at {chosen.knob_name}={chosen.knob:g}"
+    test = "" if twin is None else f"; test accuracy {twin.accuracy:.4f}"
+    print(f"selected {chosen.model}{knob} ({budget.describe()}): validation accuracy {chosen.accuracy:.4f}, "
+          f"{chosen.gflops:.4f} GFLOPs/sample{test}; model saved to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import warnings
+
+    from adaptinf.checkpoint import load_model
+    from adaptinf.predict import predict_file
+
+    _set_threads(args.threads)
+    model = load_model(args.model)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json); re-save it with adaptinf")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = predict_file(model, args.input, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                              text_column=args.text_column, id_column=args.id_column, progress=not args.no_progress,
+                              overwrite=args.overwrite)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(f"{counts['written']} records written to {counts['output']}: {counts['predicted']} predictions, "
+          f"{counts['errors']} errors, {counts['truncated']} truncated")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------------------
 
 
@@ -382,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adaptinf",
         description="Make transformer classifiers cheaper at inference: convert a model with an adaptive "
         "method, train what it needs, and measure accuracy against FLOPs and wall-clock latency.",
-        epilog="Typical flow: finetune -> convert -> evaluate --latency -> report. Run `adaptinf CMD --help` for details.",
+        epilog="Typical flow: `adaptinf run` (the whole job; or step by step: finetune -> convert -> evaluate --latency -> "
+        "report), then `select` a point under a budget and `predict` with it. Run `adaptinf CMD --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"adaptinf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -499,6 +459,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy points below dense for the table of each model's cheapest point within that drop "
                         "(chosen on validation, shown on test)")
     p.set_defaults(func=cmd_report)
+
+    from adaptinf.preset import builtin_presets
+
+    p = sub.add_parser("run", **fmt, help="the whole job: fine-tune, convert every method, evaluate, time, report",
+                       description="Fine-tune the dense baseline once, convert and train each method, evaluate every "
+                       "operating point on validation and test, time each method's chosen point against dense, and "
+                       "write one report folder (OUT/report). Settings come from a preset (YAML, saved resolved as "
+                       "OUT/resolved.yaml); flags override them. Every stage is cached in OUT: rerunning with the same "
+                       "settings resumes where it stopped, a changed setting reruns that stage and the later ones.")
+    p.add_argument("--preset", default="quick",
+                   help=f"built-in preset ({', '.join(builtin_presets())}) or a path to a preset .yaml file")
+    p.add_argument("--methods", default="all",
+                   help="'all' (the preset's methods that are registered) or comma-separated method names, e.g. ee,acm")
+    p.add_argument("--model", default=None, help="built-in model name or HF checkpoint directory (default: the preset's)")
+    g = p.add_argument_group("data (default: the preset's task)")
+    g.add_argument("--data", default=None, help=f"built-in task name ({DEFAULT_DATA}) or a .csv/.tsv/.jsonl file")
+    g.add_argument("--text-column", default=None, help="text column of a user file (default: text)")
+    g.add_argument("--label-column", default=None, help="label column of a user file (default: label)")
+    g.add_argument("--group-column", default=None, help="optional column whose rows must stay on one side of the split")
+    g.add_argument("--seed", type=int, default=None, help="split and training seed (default: the preset's)")
+    g.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size (default: the preset's)")
+    g.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on seeded subsets of validation and test of this size")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for the dense baseline and every method (default: the preset's)")
+    p.add_argument("--out", required=True, help="run folder (stages, resolved.yaml, report/)")
+    p.add_argument("--restart", action="store_true", help="recompute every stage instead of reusing finished ones")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("select", **fmt, help="pick the best operating point of a run under a budget and export it",
+                       description="Across every method of a finished `adaptinf run`, pick the most accurate point on "
+                       "validation within --max-gflops or --max-latency-ms (timed points only), or the cheapest within "
+                       "--max-drop accuracy points of dense, and save that model with its knob fixed to --out "
+                       "(load it with adaptinf.load, or use `adaptinf predict`).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `adaptinf run`")
+    c = p.add_mutually_exclusive_group(required=True)
+    c.add_argument("--max-gflops", type=float, default=None, help="GFLOPs per sample (validation mean)")
+    c.add_argument("--max-latency-ms", type=float, default=None, help="milliseconds per batch at --batch-size")
+    c.add_argument("--max-drop", type=float, default=None, help="accuracy points below dense on validation")
+    p.add_argument("--batch-size", type=int, default=1, choices=[1, 32], help="batch size --max-latency-ms refers to")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("predict", **fmt, help="predict a file of texts with a saved model (streaming, JSON lines out)",
+                       description="Read a .txt (one text per line), .csv/.tsv or .jsonl file in chunks and write one "
+                       "JSON line per row to --output (line, label, label_id, confidence, gflops, compute, truncated, "
+                       "error), flushed after every chunk. Empty texts, bytes that are not UTF-8 and bad JSON rows get "
+                       "an error record; texts longer than the model's max length are truncated and flagged.")
+    p.add_argument("model", metavar="MODEL_DIR", help="a saved model directory (e.g. from `adaptinf select`)")
+    p.add_argument("--input", required=True, help="input file: .txt, .csv, .tsv or .jsonl")
+    p.add_argument("--output", required=True, help="output .jsonl file")
+    p.add_argument("--text-column", default="text", help="text column (.csv/.tsv) or field (.jsonl)")
+    p.add_argument("--id-column", default=None, help="a column/field copied into each record as id")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--chunk-size", type=int, default=1024, help="rows read, predicted and written at a time")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -514,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 

@@ -218,3 +218,11 @@ class AdaptiveClassifier(nn.Module):
         its `forward` gives at each knob. The default (None) makes evaluate run `forward` per knob.
         """
         return None
+
+    # --- prediction -----------------------------------------------------------------------------
+    def predict(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list:
+        """Label, confidence, GFLOPs and per-sample compute (exit layer, width, learners, ...) for
+        each text, at the model's current knob; see `adaptinf.predict.predict_texts`."""
+        from adaptinf.predict import predict_texts
+
+        return predict_texts(self, texts, batch_size=batch_size, progress=progress)

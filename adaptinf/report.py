@@ -209,11 +209,19 @@ def render_markdown(
 # --- plot ------------------------------------------------------------------------------------------
 
 
-def plot_tradeoff(points: list[OperatingPoint], path: str | Path, title: str = "") -> Path:
+_AXIS_LABELS = {
+    "gflops": "mean GFLOPs / sample",
+    "latency_ms_b1": "latency at batch size 1 (ms / batch)",
+    "latency_ms_b32": "latency at batch size 32 (ms / batch)",
+}
+
+
+def plot_tradeoff(points: list[OperatingPoint], path: str | Path, title: str = "", axes: tuple[str, ...] | None = None) -> Path:
     """Accuracy vs mean GFLOPs/sample, and vs latency at batch 1 and 32 where any point has one.
 
     One color+marker per method, one line per (method, model) sorted by cost, dense as a black star
     with a dashed line at its accuracy, the cross-method Pareto front as a faint grey step line.
+    `axes` picks the panels (any of gflops, latency_ms_b1, latency_ms_b32; default all that have data).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -221,11 +229,12 @@ def plot_tradeoff(points: list[OperatingPoint], path: str | Path, title: str = "
 
     if not points:
         raise ValueError("no operating points to plot")
-    panels = [("gflops", "mean GFLOPs / sample")]
-    if any(p.latency_ms_b1 is not None for p in points):
-        panels.append(("latency_ms_b1", "latency at batch size 1 (ms / batch)"))
-    if any(p.latency_ms_b32 is not None for p in points):
-        panels.append(("latency_ms_b32", "latency at batch size 32 (ms / batch)"))
+    if axes is not None and not set(axes) <= set(_AXIS_LABELS):
+        raise ValueError(f"plot_tradeoff: axes must be drawn from {list(_AXIS_LABELS)}, got {list(axes)}")
+    wanted = axes or tuple(_AXIS_LABELS)
+    panels = [(x, _AXIS_LABELS[x]) for x in wanted if any(getattr(p, x) is not None for p in points)]
+    if not panels:
+        raise ValueError(f"no operating point has a value on the axes {list(wanted)}")
 
     styles = method_styles(p.method for p in points)
     models: dict[tuple[str, str], list[OperatingPoint]] = {}

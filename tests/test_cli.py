@@ -10,7 +10,7 @@ import pytest
 
 from adaptinf.cli import build_parser, main
 
-COMMANDS = ["finetune", "convert", "evaluate", "bench", "report"]
+COMMANDS = ["run", "select", "predict", "finetune", "convert", "evaluate", "bench", "report"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,0 +1,394 @@
+"""Run presets: typed settings of `adaptinf run`, read from YAML (adaptinf/presets/*.yaml) and validated.
+
+A preset names the model, the task, the dense baseline's training, and per method: where it starts
+from (the fine-tuned dense model or the pretrained one), its config fields (`set`, what
+`adaptinf convert --set` takes), its training overrides and, optionally, the knob values to evaluate.
+Flags of `adaptinf run` override some fields; the resolved settings are saved beside the results.
+
+Every unknown key is an error naming where it is and what is allowed. A method the preset lists that
+is not registered is allowed only if it is known to be on its way (`PENDING_METHODS`); the run then
+skips it with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptinf.steps import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+PENDING_METHODS = ("planer",)  # may appear in a preset before it is registered; the run skips it
+SOURCES = ("dense", "pretrained")
+
+
+def builtin_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+# --- field readers ----------------------------------------------------------------------------------
+
+
+def _check_keys(d: Any, where: str, allowed) -> dict:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(d).__name__} {d!r}")
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    return d
+
+
+def _int(v, where: str, minimum: int | None = None, optional: bool = False) -> int | None:
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{where} must be an integer{' or null' if optional else ''}, got {v!r}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{where} must be at least {minimum}, got {v}")
+    return v
+
+
+def _float(v, where: str, optional: bool = False) -> float | None:
+    if v is None and optional:
+        return None
+    if isinstance(v, str):  # YAML 1.1 reads 8e-5 (no dot) as a string
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where} must be a number{' or null' if optional else ''}, got {v!r}")
+    return float(v)
+
+
+def _str(v, where: str, optional: bool = False, choices=None) -> str | None:
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{where} must be a non-empty string{' or null' if optional else ''}, got {v!r}")
+    if choices is not None and v not in choices:
+        raise ValueError(f"{where} must be one of {list(choices)}, got {v!r}")
+    return v
+
+
+# --- settings -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    """Training of the dense baseline or of a method (the fields of `adaptinf.train.TrainConfig`)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        self.to_train_config(0)  # validates every field
+
+    def to_train_config(self, seed: int):
+        from adaptinf.train import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm, seed=seed,
+                           save_every=self.save_every)
+
+    def updated(self, d: dict | None, where: str) -> TrainSettings:
+        """A copy with the fields of `d` (a preset mapping) replaced, type-checked."""
+        d = _check_keys(d, where, [f.name for f in dataclasses.fields(self)])
+        kw = {}
+        for k, v in d.items():
+            kw[k] = _int(v, f"{where}.{k}", 1) if k in ("epochs", "batch_size", "save_every") else _float(v, f"{where}.{k}")
+        try:
+            return dataclasses.replace(self, **kw)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass
+class MethodSettings:
+    """One method of a run.
+
+    source: "dense" converts the fine-tuned dense baseline; "pretrained" starts from the pretrained
+        model with fresh heads (as the early-exit papers do).
+    set: the method's config fields (`adaptinf convert --set key=value`).
+    train: training of what the method adds (the run's defaults, overridden per method).
+    knobs: knob values to evaluate (None: the method's own sweep).
+    """
+
+    name: str
+    source: str = "dense"
+    set: dict[str, Any] = field(default_factory=dict)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    knobs: list[float] | None = None
+
+    def check_config(self) -> None:
+        """Raise ValueError if `set` is not a valid config of the (registered) method."""
+        from adaptinf.registry import get_method
+
+        try:
+            get_method(self.name).Config.from_dict(dict(self.set))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"methods.{self.name}.set: {e}") from None
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 64
+    max_samples: int | None = None  # per split (validation, test); None: the whole split
+
+
+@dataclass
+class LatencySettings:
+    """Latency of chosen points (each method's cheapest within `max_drop` accuracy points of dense on
+    validation, else its most accurate) at batch 1 and 32, interleaved with dense in one run."""
+
+    samples: int = 128  # test samples per timing round and batch size
+    repeats: int = 5
+    warmup: int = 2
+    max_drop: float = 1.0  # accuracy points
+    compare_hf: bool = False  # also time transformers' BertForSequenceClassification with the dense weights
+
+
+@dataclass
+class RunConfig:
+    """Everything `adaptinf run` does, resolved (preset + flags)."""
+
+    preset: str
+    description: str = ""
+    note: str = ""  # shown at the top of the report (e.g. "trained on a subset")
+    estimated_minutes: float | None = None
+    model: str = DEFAULT_MODEL
+    max_length: int = 64
+    task: TaskSettings = field(default_factory=TaskSettings)
+    max_train_samples: int | None = None
+    train: TrainSettings = field(default_factory=TrainSettings)  # defaults of the dense baseline and every method
+    dense: TrainSettings = field(default_factory=TrainSettings)
+    methods: list[MethodSettings] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # method -> why it does not run
+    evaluate: EvalSettings = field(default_factory=EvalSettings)
+    latency: LatencySettings = field(default_factory=LatencySettings)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def method(self, name: str) -> MethodSettings:
+        return next(m for m in self.methods if m.name == name)
+
+
+def settings_hash(*parts) -> str:
+    """A short stable hash of JSON-ready settings."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- reading a preset ---------------------------------------------------------------------------------
+
+TOP_KEYS = ("name", "description", "note", "estimated_minutes", "model", "max_length", "data", "train", "dense",
+            "methods", "evaluate", "latency")
+DATA_KEYS = ("name", "text_column", "label_column", "group_column", "seed", "max_train_samples")
+METHOD_KEYS = ("source", "set", "train", "knobs")
+
+
+def preset_path(name_or_path: str) -> Path:
+    """The YAML file of a built-in preset name, or a path to the user's own preset."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ValueError(f"preset file {p} does not exist")
+        return p
+    builtin = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        raise ValueError(f"unknown preset {name_or_path!r}; built-in presets: {', '.join(builtin_presets())} "
+                         "(or pass a path to a .yaml file)")
+    return builtin
+
+
+def read_preset(name_or_path: str) -> dict:
+    import yaml
+
+    path = preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"preset {path} is not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"preset {path} must hold a mapping at the top level")
+    return raw
+
+
+def parse_preset(raw: dict, name: str = "preset") -> RunConfig:
+    """A RunConfig from a preset mapping, every key and type checked. Methods are kept as listed,
+    registered or pending (see `select_methods`)."""
+    from adaptinf.registry import list_methods
+
+    _check_keys(raw, name, TOP_KEYS)
+    data = _check_keys(raw.get("data"), f"{name}: data", DATA_KEYS)
+    task = TaskSettings(
+        data=_str(data.get("name", DEFAULT_DATA), f"{name}: data.name"),
+        text_column=_str(data.get("text_column", "text"), f"{name}: data.text_column"),
+        label_column=_str(data.get("label_column", "label"), f"{name}: data.label_column"),
+        group_column=_str(data.get("group_column"), f"{name}: data.group_column", optional=True),
+        seed=_int(data.get("seed", 0), f"{name}: data.seed"),
+    )
+    train = TrainSettings().updated(raw.get("train"), f"{name}: train")
+    ev = _check_keys(raw.get("evaluate"), f"{name}: evaluate", [f.name for f in dataclasses.fields(EvalSettings)])
+    lat = _check_keys(raw.get("latency"), f"{name}: latency", [f.name for f in dataclasses.fields(LatencySettings)])
+    compare_hf = lat.get("compare_hf", False)
+    if not isinstance(compare_hf, bool):
+        raise ValueError(f"{name}: latency.compare_hf must be true or false, got {compare_hf!r}")
+    methods_raw = raw.get("methods")
+    if methods_raw is None:
+        methods_raw = {}
+    if not isinstance(methods_raw, dict):
+        raise ValueError(f"{name}: methods must be a mapping method name -> settings, got {type(methods_raw).__name__}")
+    known = set(list_methods()) | set(PENDING_METHODS)
+    methods = []
+    for m, d in methods_raw.items():
+        where = f"{name}: methods.{m}"
+        if m == "dense":
+            raise ValueError(f"{where}: the dense baseline always runs; set its training under 'dense'")
+        if m not in known:
+            raise ValueError(f"{where}: unknown method {m!r}; registered: {', '.join(list_methods())}"
+                             + (f"; pending: {', '.join(PENDING_METHODS)}" if PENDING_METHODS else ""))
+        d = _check_keys(d, where, METHOD_KEYS)
+        sets = d.get("set") or {}
+        if not isinstance(sets, dict):
+            raise ValueError(f"{where}.set must be a mapping of config fields, got {sets!r}")
+        knobs = d.get("knobs")
+        if knobs is not None:
+            if not isinstance(knobs, list) or not knobs:
+                raise ValueError(f"{where}.knobs must be a non-empty list of numbers or null, got {knobs!r}")
+            knobs = [_float(k, f"{where}.knobs[{i}]") for i, k in enumerate(knobs)]
+        ms = MethodSettings(name=str(m), source=_str(d.get("source", "dense"), f"{where}.source", choices=SOURCES),
+                            set=dict(sets), train=train.updated(d.get("train"), f"{where}.train"), knobs=knobs)
+        if m in list_methods():
+            ms.check_config()
+        methods.append(ms)
+    est = raw.get("estimated_minutes")
+    return RunConfig(
+        preset=_str(raw.get("name", name), f"{name}: name"),
+        description=str(raw.get("description") or ""),
+        note=str(raw.get("note") or ""),
+        estimated_minutes=_float(est, f"{name}: estimated_minutes", optional=True),
+        model=_str(raw.get("model", DEFAULT_MODEL), f"{name}: model"),
+        max_length=_int(raw.get("max_length", 64), f"{name}: max_length", 2),
+        task=task,
+        max_train_samples=_int(data.get("max_train_samples"), f"{name}: data.max_train_samples", 1, optional=True),
+        train=train,
+        dense=train.updated(raw.get("dense"), f"{name}: dense"),
+        methods=methods,
+        evaluate=EvalSettings(
+            batch_size=_int(ev.get("batch_size", 64), f"{name}: evaluate.batch_size", 1),
+            max_samples=_int(ev.get("max_samples"), f"{name}: evaluate.max_samples", 1, optional=True),
+        ),
+        latency=LatencySettings(
+            samples=_int(lat.get("samples", 128), f"{name}: latency.samples", 1),
+            repeats=_int(lat.get("repeats", 5), f"{name}: latency.repeats", 1),
+            warmup=_int(lat.get("warmup", 2), f"{name}: latency.warmup", 0),
+            max_drop=_float(lat.get("max_drop", 1.0), f"{name}: latency.max_drop"),
+            compare_hf=compare_hf,
+        ),
+    )
+
+
+def select_methods(cfg: RunConfig, requested: str | list[str] | None = "all") -> tuple[list[MethodSettings], dict[str, str]]:
+    """The methods a run trains, in order, and the skipped ones with the reason.
+
+    "all" (or None): the preset's methods that are registered; the others are skipped with a reason.
+    A list of names: each must be registered (dense is implied and ignored); a method the preset does
+    not configure runs with its default config, from the dense model, with the preset's training.
+    """
+    from adaptinf.registry import list_methods
+
+    registered = [m for m in list_methods() if m != "dense"]
+    by_name = {m.name: m for m in cfg.methods}
+    skipped: dict[str, str] = {}
+    if requested is None or requested == "all" or requested == ["all"]:
+        chosen = [m for m in cfg.methods if m.name in registered]
+        for m in cfg.methods:
+            if m.name not in registered:
+                skipped[m.name] = "not registered in this version of adaptinf (listed by the preset; it will run once registered)"
+        for name in registered:
+            if name not in by_name:
+                skipped[name] = (f"registered but not configured by preset {cfg.preset!r}; run it with its default "
+                                 f"settings with --methods {name},... or add it to the preset")
+        return chosen, skipped
+    names = requested.split(",") if isinstance(requested, str) else list(requested)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError("--methods is empty; pass 'all' or comma-separated method names")
+    unknown = [n for n in names if n not in registered and n != "dense"]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in --methods; registered: {', '.join(registered)} (or 'all')")
+    chosen = []
+    for n in dict.fromkeys(names):
+        if n == "dense":
+            continue
+        chosen.append(by_name.get(n) or MethodSettings(name=n, train=dataclasses.replace(cfg.train)))
+    return chosen, skipped
+
+
+def resolve(
+    preset: str = "quick",
+    methods: str | list[str] | None = "all",
+    model: str | None = None,
+    data: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    group_column: str | None = None,
+    seed: int | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    epochs: int | None = None,
+) -> RunConfig:
+    """The run's settings: the preset, then the given overrides (None leaves the preset's value)."""
+    raw = read_preset(preset)
+    cfg = parse_preset(raw, name=Path(preset).name if Path(preset).suffix else preset)
+    task = cfg.task
+    if data is not None and data != task.data:  # another data set: the preset's columns are not its columns
+        task = TaskSettings(data=data)
+    cfg.task = TaskSettings(
+        data=task.data,
+        text_column=text_column or task.text_column,
+        label_column=label_column or task.label_column,
+        group_column=group_column or task.group_column,
+        seed=task.seed if seed is None else seed,
+    )
+    if model is not None:
+        cfg.model = model
+    if max_train_samples is not None:
+        cfg.max_train_samples = _int(max_train_samples, "--max-train-samples", 1)
+    if max_eval_samples is not None:
+        cfg.evaluate.max_samples = _int(max_eval_samples, "--max-eval-samples", 1)
+    if epochs is not None:
+        _int(epochs, "--epochs", 1)
+        cfg.train = dataclasses.replace(cfg.train, epochs=epochs)
+        cfg.dense = dataclasses.replace(cfg.dense, epochs=epochs)
+        for m in cfg.methods:
+            m.train = dataclasses.replace(m.train, epochs=epochs)
+    cfg.methods, cfg.skipped = select_methods(cfg, methods)
+    return cfg
+
+
+def write_resolved(cfg: RunConfig, out_dir: str | Path) -> tuple[Path, Path]:
+    """Save the resolved settings as resolved.yaml and resolved.json in out_dir."""
+    import yaml
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d = cfg.to_dict()
+    y, j = out / "resolved.yaml", out / "resolved.json"
+    y.write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
+    j.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
+    return y, j

@@ -1,0 +1,299 @@
+"""`adaptinf run`: the whole job in one command, cached stage by stage.
+
+Stages, in order (each writes into its own folder under the run directory):
+    dense/              fine-tune the dense baseline once (best/, last/, metrics.csv, summary.json)
+    points/dense/       its operating point on validation and test
+    methods/<m>/        convert and train each method (model/, train/ = resumable training state)
+    points/<m>/         every knob value of it on validation and test
+    latency/            each method's chosen point (cheapest within `max_drop` of dense on validation,
+                        else its most accurate) timed at batch 1 and 32 against dense, one interleaved run
+    report/             report.md, points.csv/json, tradeoff.png, accuracy_vs_gflops.png,
+                        accuracy_vs_latency.png
+    resolved.yaml/json  the settings of this run; run.json: what each stage did and how long it took
+
+Caching: each stage folder holds `.stage.json` with the hash of the stage's resolved settings and of
+the stages it depends on. A finished stage with the same hash is skipped; a changed setting
+reruns that stage and every stage that depends on it (its folder is cleared first). An interrupted
+stage resumes: training restarts from its last checkpoint. The report is always rewritten.
+
+A method that fails is recorded (its error in methods/<m>/error.txt and in the report) and the run
+goes on with the others; the dense baseline failing ends the run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from adaptinf.preset import RunConfig, settings_hash, write_resolved
+
+STAGE_FILE = ".stage.json"
+
+
+class Stage:
+    """One cached step: a folder, the hash of its settings, and a marker saying started or done."""
+
+    def __init__(self, directory: Path, name: str, key: str, settings: dict):
+        self.dir, self.name, self.key, self.settings = Path(directory), name, key, settings
+
+    def marker(self) -> dict | None:
+        try:
+            return json.loads((self.dir / STAGE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def is_done(self) -> bool:
+        m = self.marker()
+        return bool(m) and m.get("key") == self.key and m.get("state") == "done"
+
+    def start(self, restart: bool = False) -> bool:
+        """Prepare the folder; True when an earlier attempt with the same settings is resumed."""
+        m = self.marker()
+        resume = bool(m) and m.get("key") == self.key and not restart
+        if not resume and self.dir.exists():
+            shutil.rmtree(self.dir)  # other settings (or --restart): start this stage over
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write({"state": "started", "started": _now()})
+        return resume
+
+    def finish(self, seconds: float, info: dict | None = None) -> None:
+        self._write({"state": "done", "seconds": round(seconds, 1), "finished": _now(), "info": info or {}})
+
+    def _write(self, extra: dict) -> None:
+        from adaptinf.checkpoint import write_json_atomic
+
+        write_json_atomic(self.dir / STAGE_FILE, {"stage": self.name, "key": self.key, **extra,
+                                                  "settings": self.settings})
+
+
+@dataclass
+class StageRecord:
+    name: str
+    status: str  # ran | resumed | cached | failed
+    seconds: float  # of the run that produced the result (cached: the earlier run's)
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    out: Path
+    report: Path | None
+    stages: list[StageRecord] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # method -> error
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Job:
+    def __init__(self, cfg: RunConfig, out: Path, progress: bool, restart: bool):
+        self.cfg, self.out, self.progress, self.restart = cfg, out, progress, restart
+        self.records: list[StageRecord] = []
+        self.total = 2 + 2 * len(cfg.methods) + 1  # dense + its points, each method + its points, latency
+        self.count = 0
+
+    def stage(self, name: str, directory: Path, settings: dict, deps: list[str], body) -> tuple[str, Any]:
+        """Run `body(stage)` unless the stage is done with the same settings; returns (key, info)."""
+        self.count += 1
+        key = settings_hash(settings, deps)
+        st = Stage(directory, name, key, settings)
+        head = f"[{self.count}/{self.total}] {name}"
+        if st.is_done() and not self.restart:
+            m = st.marker()
+            _say(f"{head}: cached (same settings; took {m.get('seconds', 0):.0f} s) -> {directory}")
+            self.records.append(StageRecord(name, "cached", m.get("seconds", 0.0)))
+            return key, m.get("info", {})
+        resumed = st.start(self.restart)
+        _say(f"{head}: {'resuming' if resumed else 'running'} -> {directory}")
+        t0 = time.time()
+        info = body(st) or {}
+        seconds = time.time() - t0
+        st.finish(seconds, info)
+        self.records.append(StageRecord(name, "resumed" if resumed else "ran", round(seconds, 1)))
+        _say(f"{head}: done in {seconds:.0f} s")
+        return key, info
+
+
+def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = False) -> RunResult:
+    """Run (or resume) the whole job for `cfg` into `out`; see the module docstring."""
+    from adaptinf.checkpoint import load_model
+    from adaptinf.evaluate import read_points, write_points
+    from adaptinf.steps import convert_method, dense_from_pretrained, evaluate_splits, finetune_dense, load_task
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out)
+    for m, why in cfg.skipped.items():
+        _say(f"warning: skipping method {m!r}: {why}")
+    task = load_task(cfg.task)  # bad files, columns and labels fail here, before any training
+    seed = cfg.task.seed
+    _say(f"{task.summary()}; preset {cfg.preset!r}; methods: {', '.join(m.name for m in cfg.methods) or 'none'}")
+    job = _Job(cfg, out, progress, restart)
+    result = RunResult(out=out, report=None, skipped=dict(cfg.skipped))
+    base = {"model": cfg.model, "max_length": cfg.max_length, "task": cfg.task.to_dict(),
+            "max_train_samples": cfg.max_train_samples}
+    ev = {"batch_size": cfg.evaluate.batch_size, "max_samples": cfg.evaluate.max_samples}
+
+    # --- dense baseline
+    dense_dir = out / "dense"
+
+    def train_dense(st: Stage):
+        summary = finetune_dense(cfg.model, cfg.task, cfg.dense.to_train_config(seed), dense_dir,
+                                 max_length=cfg.max_length, max_train_samples=cfg.max_train_samples,
+                                 progress=progress, task=task)
+        return {"summary": summary}
+
+    dense_key, _ = job.stage("dense: fine-tune", dense_dir, {**base, "train": vars(cfg.dense)}, [], train_dense)
+    evals: dict[str, tuple[str, Path]] = {}  # model name -> (eval stage key, points folder)
+
+    def eval_stage(name: str, model_dir: Path, model_key: str, knobs) -> None:
+        folder = out / "points" / name
+
+        def body(st: Stage):
+            model = load_model(model_dir)
+            # model directories are recorded relative to the run folder, so the folder can move
+            pts = evaluate_splits(model, task, ["validation", "test"], name, model_dir.relative_to(out).as_posix(), seed,
+                                  batch_size=cfg.evaluate.batch_size, knobs=knobs,
+                                  max_samples=cfg.evaluate.max_samples, progress=progress)
+            write_points(pts, folder)
+            return {"points": len(pts)}
+
+        key, _ = job.stage(f"{name}: evaluate", folder, {**ev, "knobs": knobs}, [model_key], body)
+        evals[name] = (key, folder)
+
+    eval_stage("dense", dense_dir / "best", dense_key, None)
+
+    # --- methods
+    for ms in cfg.methods:
+        mdir = out / "methods" / ms.name
+        try:
+            def train_method(st: Stage, ms=ms, mdir=mdir):
+                if ms.source == "dense":
+                    dense = load_model(dense_dir / "best", expect_method="dense")
+                    source = str(dense_dir / "best")
+                else:
+                    dense, _ = dense_from_pretrained(cfg.model, task.labels, cfg.max_length, 0.1, seed)
+                    source = cfg.model
+                convert_method(dense, ms.name, ms.set, mdir / "model", cfg.task, ms.train.to_train_config(seed),
+                               train_dir=mdir / "train", max_train_samples=cfg.max_train_samples,
+                               source_name=source, progress=progress, task=task)
+                (mdir / "error.txt").unlink(missing_ok=True)
+                return {"source": source}
+
+            settings = {"method": ms.name, "source": ms.source, "set": ms.set, "train": vars(ms.train)}
+            deps = [dense_key] if ms.source == "dense" else [settings_hash(base)]
+            key, _ = job.stage(f"{ms.name}: convert and train", mdir, settings, deps, train_method)
+            eval_stage(ms.name, mdir / "model", key, ms.knobs)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one method failing must not lose the others' results
+            msg = f"{type(e).__name__}: {e}"
+            result.failed[ms.name] = msg
+            job.records.append(StageRecord(f"{ms.name}", "failed", 0.0, msg))
+            mdir.mkdir(parents=True, exist_ok=True)
+            (mdir / "error.txt").write_text(traceback.format_exc())
+            _say(f"error: method {ms.name!r} failed ({msg}); details in {mdir / 'error.txt'}; going on with the others")
+
+    # --- latency at chosen points
+    points = read_points([folder / "points.json" for _, folder in evals.values()])
+    _add_reductions(points)
+    lat_dir = out / "latency"
+
+    def time_chosen(st: Stage):
+        chosen = choose_latency_points(points, cfg.latency.max_drop / 100)
+        return {"timed": measure_latency(chosen, task, seed, cfg, lat_dir, progress)}
+
+    job.total = job.count + 1
+    lat_settings = {**vars(cfg.latency), "evals": sorted(k for k, _ in evals.values())}
+    _, info = job.stage("latency at chosen points", lat_dir, lat_settings, [], time_chosen)
+    timed = {(t["model"], t["knob"]): t for t in info.get("timed", [])}
+    for p in points:
+        t = timed.get((p.model, p.knob))
+        if p.split == "test" and t:
+            for k in ("latency_ms_b1", "latency_ms_b32", "speedup_b1", "speedup_b32", "realisation_b32"):
+                setattr(p, k, t.get(k))
+    result.stages = job.records
+
+    from adaptinf.run_report import write_run_report
+
+    result.report = write_run_report(points, cfg, out, result, timed)
+    (out / "run.json").write_text(json.dumps({
+        "finished": _now(), "report": str(result.report), "failed": result.failed, "skipped": result.skipped,
+        "stages": [vars(r) for r in result.stages]}, indent=2) + "\n")
+    return result
+
+
+def _add_reductions(points) -> None:
+    """FLOPs reduction of every point against the dense model on the same split."""
+    from adaptinf.evaluate import add_reductions
+
+    for split in {p.split for p in points}:
+        dense = [p for p in points if p.split == split and p.method == "dense"]
+        if dense:
+            add_reductions([p for p in points if p.split == split], dense[0].gflops)
+
+
+def choose_latency_points(points, max_drop: float) -> list[tuple[Any, str]]:
+    """The test points to time: per adaptive model, the cheapest point within `max_drop` (a fraction)
+    of dense on validation, else its most accurate point on validation. Returns (test point, why)."""
+    from adaptinf.evaluate import cheapest_within_drop
+
+    picked = {(t.method, t.model): (t, f"cheapest within {100 * max_drop:g} pt of dense (validation)")
+              for _, t, _ in cheapest_within_drop(points, max_drop)}
+    test = {(p.model, p.knob): p for p in points if p.split == "test"}
+    for p in sorted((p for p in points if p.split == "validation" and p.method != "dense"),
+                    key=lambda p: (-p.accuracy, p.gflops)):
+        if (p.method, p.model) not in picked and (p.model, p.knob) in test:
+            picked[(p.method, p.model)] = (test[(p.model, p.knob)], "most accurate (none within the drop)")
+    return list(picked.values())
+
+
+def measure_latency(chosen, task, seed: int, cfg: RunConfig, out: Path, progress: bool) -> list[dict]:
+    """Time the chosen points against dense in one interleaved run; write bench.csv/json to out and
+    return, per timed point, its latency fields."""
+    from adaptinf.bench import format_table, write_bench
+    from adaptinf.checkpoint import load_model
+    from adaptinf.steps import encode_split, time_points
+
+    run_dir = out.parent
+    dense = load_model(run_dir / "dense" / "best", expect_method="dense")
+    models = {}
+    for p, _ in chosen:
+        if p.model_dir not in models:
+            models[p.model_dir] = load_model(run_dir / p.model_dir)
+    enc = encode_split(dense, task, "test", None, seed)
+    pts = [p for p, _ in chosen]
+    lat = cfg.latency
+    rows = time_points(pts, models, dense, enc, seed, samples=lat.samples, repeats=lat.repeats, warmup=lat.warmup,
+                       compare_hf=lat.compare_hf, progress=progress)
+    write_bench(rows, out)
+    (out / "bench.md").write_text(format_table(rows) + "\n")
+    timed = []
+    for p, why in chosen:
+        timed.append({"method": p.method, "model": p.model, "knob": p.knob, "why": why,
+                      **{k: getattr(p, k) for k in ("latency_ms_b1", "latency_ms_b32", "speedup_b1", "speedup_b32",
+                                                    "realisation_b32")}})
+    dense_rows = {r.batch_size: r for r in rows if r.case == "dense"}
+    timed.append({"method": "dense", "model": "dense", "knob": None, "why": "reference",
+                  "latency_ms_b1": dense_rows[1].median_ms, "latency_ms_b32": dense_rows[32].median_ms,
+                  "speedup_b1": 1.0, "speedup_b32": 1.0, "realisation_b32": 1.0})
+    return timed

@@ -1,0 +1,296 @@
+"""The job's steps as plain functions, shared by the `adaptinf` commands and `adaptinf run`.
+
+Each step takes resolved settings (no argparse namespace) and writes to the directory it is given:
+fine-tune the dense baseline, convert and train a method, evaluate a model at every knob value,
+time chosen operating points against dense in one interleaved run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adaptinf.data import Encoded, TaskData
+    from adaptinf.evaluate import OperatingPoint
+    from adaptinf.model import AdaptiveClassifier
+    from adaptinf.train import TrainConfig
+
+DEFAULT_MODEL = "minilm-l6"
+DEFAULT_DATA = "rotten-tomatoes"
+
+
+@dataclass
+class TaskSettings:
+    """Which task a model is trained and evaluated on; recorded in every saved model as extra.task."""
+
+    data: str = DEFAULT_DATA
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("data", "text_column", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"TaskSettings.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.group_column is not None and not isinstance(self.group_column, str):
+            raise ValueError(f"TaskSettings.group_column must be a string or None, got {self.group_column!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"TaskSettings.seed must be an integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskSettings:
+        known = {k: d[k] for k in ("data", "text_column", "label_column", "group_column", "seed") if d.get(k) is not None}
+        return cls(**known)
+
+
+def load_task(settings: TaskSettings, labels=None) -> TaskData:
+    from adaptinf.data import load_task as _load
+
+    return _load(settings.data, settings.text_column, settings.label_column, settings.group_column, settings.seed,
+                 labels=labels)
+
+
+def encode_split(model: AdaptiveClassifier, task: TaskData, split: str, max_samples: int | None, seed: int) -> Encoded:
+    from adaptinf.data import encode, subsample
+
+    if model.tokenizer is None:
+        raise ValueError("the model directory has no tokenizer files (tokenizer.json); re-save it with adaptinf")
+    texts, labels = subsample(task.split(split), max_samples, seed)
+    return encode(texts, labels, model.tokenizer, model.spec.max_length)
+
+
+def recorded_task(model_dir: str | Path) -> dict | None:
+    """The task settings a saved model recorded (extra.task), or None."""
+    from adaptinf.checkpoint import read_config
+
+    return read_config(model_dir).get("extra", {}).get("task")
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether `path` is an adaptinf model directory (as opposed to a pretrained model name or an HF checkpoint)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == "adaptinf"
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return True  # let the checkpoint loader report what is wrong with it
+
+
+def dense_from_pretrained(model_name: str, labels, max_length: int, classifier_dropout: float, seed: int):
+    """A dense classifier with the pretrained encoder of `model_name` (built-in name or HF checkpoint
+    directory), a freshly initialised (seeded) head and its tokenizer: (model, checkpoint path)."""
+    import torch
+
+    from adaptinf.hf import load_encoder, load_tokenizer
+    from adaptinf.methods.dense import DenseClassifier, DenseConfig
+    from adaptinf.model import ModelSpec
+
+    if max_length < 2:
+        raise ValueError(f"--max-length must be at least 2 ([CLS] and [SEP]), got {max_length}")
+    encoder, path = load_encoder(model_name)
+    spec = ModelSpec(encoder.cfg, labels, max_length, base_model=str(model_name))
+    torch.manual_seed(seed)
+    model = DenseClassifier(spec, DenseConfig(classifier_dropout=classifier_dropout))
+    model.encoder.load_state_dict(encoder.state_dict())
+    model.tokenizer = load_tokenizer(model_name)
+    return model, path
+
+
+def load_source(source: str, task: TaskSettings | None, max_length: int, seed: int):
+    """The dense model a method starts from: a dense model directory, or a pretrained model (built-in
+    name or HF checkpoint) with a fresh head. Returns (dense model, recorded task settings or None)."""
+    from adaptinf.checkpoint import load_model
+    from adaptinf.methods.dense import DenseClassifier
+
+    if is_model_dir(source):
+        dense = load_model(source, expect_method="dense")
+        if not isinstance(dense, DenseClassifier):
+            raise ValueError(f"{source} is not a dense model")
+        return dense, recorded_task(source)
+    if task is None:
+        raise ValueError(f"{source} is a pretrained model: the task must be given")
+    labels = load_task(task).labels
+    dense, _ = dense_from_pretrained(source, labels, max_length, 0.1, seed)
+    return dense, None
+
+
+# --- fine-tune ----------------------------------------------------------------------------------------
+
+
+def finetune_dense(
+    model_name: str,
+    task_settings: TaskSettings,
+    cfg: TrainConfig,
+    out: str | Path,
+    max_length: int = 64,
+    max_train_samples: int | None = None,
+    classifier_dropout: float = 0.1,
+    progress: bool = True,
+    restart: bool = False,
+    task: TaskData | None = None,
+) -> dict | None:
+    """Fine-tune the dense baseline into out/ (best/, last/, metrics.csv, summary.json); resumable.
+    Returns the summary (None on ranks other than 0 under torchrun)."""
+    from adaptinf.checkpoint import load_model
+    from adaptinf.data import encode, subsample
+    from adaptinf.train import accuracy, dist_info, finetune
+
+    rank, _ = dist_info()
+    task = task or load_task(task_settings)
+    model, path = dense_from_pretrained(model_name, task.labels, max_length, classifier_dropout, task_settings.seed)
+    tokenizer = model.tokenizer
+    train = encode(*subsample(task.train, max_train_samples, task_settings.seed), tokenizer, max_length)
+    val = encode(*task.validation, tokenizer, max_length)
+    if rank == 0:
+        print(f"{task.summary()}; training on {len(train)} samples; model {model_name} ({path})")
+    # the task is recorded in the saved model so evaluate/bench find the same split
+    result = finetune(model, train, val, cfg, out, progress=progress, restart=restart,
+                      save_extra={"task": task_settings.to_dict()})
+    if rank != 0:
+        return None
+    best_dir = Path(out) / "best"
+    best = load_model(best_dir)
+    test = encode(*task.test, tokenizer, max_length)
+    test_acc, _ = accuracy(best, test)
+    summary = {"best_val_accuracy": result.best_val_score, "best_epoch": result.best_epoch,
+               "test_accuracy": test_acc, "n_train": len(train), "n_val": len(val), "n_test": len(test),
+               "steps": result.steps, "resumed_from_step": result.resumed_from_step,
+               "seconds_this_run": round(result.seconds, 1), "model_dir": str(best_dir)}
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"best validation accuracy {result.best_val_score:.4f} (epoch {result.best_epoch}); "
+          f"test accuracy {test_acc:.4f}; model saved to {best_dir}")
+    return summary
+
+
+# --- convert ------------------------------------------------------------------------------------------
+
+
+def convert_method(
+    dense: AdaptiveClassifier,
+    method: str,
+    sets: dict,
+    out: str | Path,
+    task_settings: TaskSettings | None,
+    cfg: TrainConfig | None,
+    train_dir: str | Path | None = None,
+    max_train_samples: int | None = None,
+    source_name: str = "",
+    progress: bool = True,
+    restart: bool = False,
+    task: TaskData | None = None,
+) -> AdaptiveClassifier | None:
+    """Convert `dense` with `method` (config fields `sets`), train what the method adds on the task
+    (state in `train_dir`, default out/train; resumable), and save the model to `out`.
+    Returns the model (None on ranks other than 0 under torchrun)."""
+    from adaptinf.checkpoint import save_model
+    from adaptinf.registry import get_method
+    from adaptinf.train import dist_info
+
+    cls = get_method(method)
+    config = cls.Config.from_dict(dict(sets))
+    model = cls.from_dense(dense, config)
+    model.tokenizer = dense.tokenizer
+    extra: dict = {"converted_from": source_name}
+    if task_settings is not None:
+        extra["task"] = task_settings.to_dict()
+    rank = 0
+    if cls.needs_training:
+        if task_settings is None or cfg is None:
+            raise ValueError(f"method {method!r} trains after conversion: it needs the task and training settings")
+        rank, _ = dist_info()
+        task = task or load_task(task_settings, labels=model.spec.labels)
+        train = encode_split(model, task, "train", max_train_samples, task_settings.seed)
+        val = encode_split(model, task, "validation", None, task_settings.seed)
+        state = Path(train_dir) if train_dir is not None else Path(out) / "train"
+        if rank == 0:
+            print(f"{task.summary()}; training {method} on {len(train)} samples (state in {state})")
+        summary = model.fit(train, val, cfg, state, progress=progress, restart=restart)
+        if summary:
+            extra["training"] = summary
+    if rank != 0:
+        return None
+    save_model(model, out, extra=extra)
+    return model
+
+
+# --- evaluate -----------------------------------------------------------------------------------------
+
+
+def evaluate_splits(
+    model: AdaptiveClassifier,
+    task: TaskData,
+    splits: list[str],
+    name: str,
+    model_dir: str | None,
+    seed: int,
+    batch_size: int = 64,
+    knobs: list[float | None] | None = None,
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> list[OperatingPoint]:
+    """Operating points of one model at every knob value (default the method's sweep) on each split."""
+    from adaptinf.evaluate import evaluate_model
+
+    points = []
+    for split in splits:
+        enc = encode_split(model, task, split, max_samples, seed)
+        pts = evaluate_model(model, enc, split, name=name, batch_size=batch_size, knobs=knobs, progress=progress)
+        for p in pts:
+            p.model_dir = None if model_dir is None else str(model_dir)
+        points += pts
+    return points
+
+
+# --- latency ------------------------------------------------------------------------------------------
+
+
+def time_points(
+    points: list[OperatingPoint],
+    models: dict[str, AdaptiveClassifier],
+    dense: AdaptiveClassifier,
+    enc: Encoded,
+    seed: int,
+    samples: int = 128,
+    repeats: int = 5,
+    warmup: int = 2,
+    compare_hf: bool = False,
+    progress: bool = True,
+):
+    """Time each point (its model, from `models` by model_dir, at its knob) at batch 1 and 32 against
+    the dense model, interleaved in one run, and fill the points' latency and speed-up fields in place.
+    Returns the bench rows (one per case and batch size)."""
+    from adaptinf.bench import hf_case, make_batches, model_case, run_bench
+
+    batches = {b: make_batches(enc, b, max(1, samples // b), seed) for b in (1, 32)}
+    cases = {"dense": model_case(dense)}
+    keys = {}
+    for i, p in enumerate(points):
+        if p.method == "dense" and p.knob is None:
+            keys[id(p)] = "dense"
+            continue
+        key = p.model if p.knob is None else f"{p.model}@{p.knob:g}"
+        if key in cases:
+            key = f"{key}#{i}"
+        cases[key] = model_case(models[str(p.model_dir)], p.knob)
+        keys[id(p)] = key
+    if compare_hf:
+        from adaptinf.hf import to_hf_sequence_classifier
+
+        cases["transformers"] = hf_case(to_hf_sequence_classifier(dense))
+    rows = run_bench(cases, batches, repeats=repeats, warmup=warmup, reference="dense", progress=progress)
+    by = {(r.case, r.batch_size): r for r in rows}
+    for p in points:
+        k = keys[id(p)]
+        p.latency_ms_b1, p.latency_ms_b32 = by[(k, 1)].median_ms, by[(k, 32)].median_ms
+        p.speedup_b1, p.speedup_b32 = by[(k, 1)].speedup_vs_reference, by[(k, 32)].speedup_vs_reference
+        if p.flops_reduction:
+            p.realisation_b32 = p.speedup_b32 / p.flops_reduction
+    return rows
