@@ -26,7 +26,7 @@ def tiny_preset(model_dir, **methods_extra) -> dict:
     methods = {
         "ee": {"source": "pretrained"},
         "acm": {"set": {"learners": 2, "distill_epochs": 1, "gate_epochs": 1}, "knobs": [-1, 0, 1]},
-        "planer": {},  # pending: skipped with a warning until registered
+        "planer": {},
     }
     methods.update(methods_extra)
     return {
@@ -128,13 +128,12 @@ def test_run_on_a_user_file_end_to_end(tiny_run):
     out, _ = tiny_run
     resolved = yaml.safe_load((out / "resolved.yaml").read_text())
     assert resolved == json.loads((out / "resolved.json").read_text())
-    assert resolved["task"]["text_column"] == "review" and [m["name"] for m in resolved["methods"]] == ["ee", "acm"]
-    assert "planer" in resolved["skipped"] or "planer" in list_methods()
+    assert resolved["task"]["text_column"] == "review" and [m["name"] for m in resolved["methods"]] == ["ee", "acm", "planer"]
     points = json.loads((out / "report" / "points.json").read_text())
-    assert {p["method"] for p in points} == {"dense", "ee", "acm"}
+    assert {p["method"] for p in points} == {"dense", "ee", "acm", "planer"}
     assert {p["split"] for p in points} == {"validation", "test"}
     timed = [p for p in points if p["latency_ms_b1"] is not None]
-    assert {p["method"] for p in timed} == {"dense", "ee", "acm"} and all(p["split"] == "test" for p in timed)
+    assert {p["method"] for p in timed} == {"dense", "ee", "acm", "planer"} and all(p["split"] == "test" for p in timed)
     for f in ("report.md", "points.csv", "tradeoff.png", "accuracy_vs_gflops.png", "accuracy_vs_latency.png"):
         assert (out / "report" / f).stat().st_size > 0, f
     md = (out / "report" / "report.md").read_text()
@@ -142,7 +141,7 @@ def test_run_on_a_user_file_end_to_end(tiny_run):
         assert text in md
     assert adaptinf.load(out / "methods" / "ee" / "model").spec.labels == ("bad", "good", "meh")
     stages = json.loads((out / "run.json").read_text())["stages"]
-    assert len(stages) == 7 and all(s["status"] == "ran" for s in stages)
+    assert len(stages) == 9 and all(s["status"] == "ran" for s in stages)
 
 
 def test_rerun_reuses_finished_stages_and_reruns_changed_ones(tiny_run, tiny_hf_dir, user_csv, tmp_path):
@@ -157,7 +156,7 @@ def test_rerun_reuses_finished_stages_and_reruns_changed_ones(tiny_run, tiny_hf_
     assert main(run_args(changed, user_csv, out)) == 0
     status = {s["name"]: s["status"] for s in json.loads((out / "run.json").read_text())["stages"]}
     assert status == {"dense: fine-tune": "cached", "dense: evaluate": "cached", "ee: convert and train": "ran",
-                      "ee: evaluate": "ran", "acm: convert and train": "cached", "acm: evaluate": "cached",
+                      "ee: evaluate": "ran", "acm: convert and train": "cached", "acm: evaluate": "cached", "planer: convert and train": "cached", "planer: evaluate": "cached",
                       "latency at chosen points": "ran"}
 
     # an interrupted stage (marker left at "started") resumes instead of starting over
