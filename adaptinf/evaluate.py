@@ -348,11 +348,15 @@ def cheapest_within_drop(
     Thresholds are chosen on validation and reported on test: returns one (selected point on
     `select_split`, the same model and knob on `report_split`, the dense point on `report_split`)
     per model that has a qualifying point, in the order the models first appear. Raises ValueError
-    when the points hold no single dense model on both splits.
+    when the points hold no single dense model on both splits (identical dense results from
+    several evaluations count as one).
     """
     if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
         raise ValueError(f"max_drop must be a non-negative number, got {max_drop!r}")
-    dense = {s: [p for p in points if p.method == "dense" and p.split == s] for s in (select_split, report_split)}
+    dense = {}
+    for s in (select_split, report_split):  # the same dense model evaluated in several runs counts once
+        found = {(p.accuracy, p.n, round(p.gflops, 9)): p for p in points if p.method == "dense" and p.split == s}
+        dense[s] = list(found.values())
     for s, found in dense.items():
         if len(found) != 1:
             raise ValueError(f"choosing points within a drop needs exactly one dense point on split {s!r}, "

@@ -206,6 +206,10 @@ def test_cheapest_within_drop_is_chosen_on_validation_and_reported_on_test():
         cheapest_within_drop([p for p in points if not (p.method == "dense" and p.split == "test")], 0.01)
     with pytest.raises(ValueError, match="max_drop"):
         cheapest_within_drop(points, -0.1)
+    # the same dense model evaluated twice (two points files) counts once; two different dense results do not
+    assert len(cheapest_within_drop(points + [pt("dense", 4.0, 0.80, split="validation")], 0.01)) == 1
+    with pytest.raises(ValueError, match="exactly one dense point on split 'validation'"):
+        cheapest_within_drop(points + [pt("dense", 4.0, 0.81, split="validation")], 0.01)
 
 
 # --- report ----------------------------------------------------------------------------------------
