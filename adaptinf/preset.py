@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from adaptinf.steps import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings
+from adaptinf.train import TrainConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-PENDING_METHODS = ("planer",)  # may appear in a preset before it is registered; the run skips it
+PENDING_METHODS: tuple[str, ...] = ()  # may appear in a preset before they are registered; the run skips them
 SOURCES = ("dense", "pretrained")
 
 
@@ -81,27 +82,27 @@ def _str(v, where: str, optional: bool = False, choices=None) -> str | None:
 # --- settings -----------------------------------------------------------------------------------------
 
 
+_TRAIN = TrainConfig()  # the preset's training defaults are the trainer's own
+
+
 @dataclass
 class TrainSettings:
-    """Training of the dense baseline or of a method (the fields of `adaptinf.train.TrainConfig`)."""
+    """Training of the dense baseline or of a method: the fields of `adaptinf.train.TrainConfig` a
+    preset sets (the seed comes from the run; evaluation batch size and logging keep their defaults)."""
 
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    save_every: int = 50
+    epochs: int = _TRAIN.epochs
+    batch_size: int = _TRAIN.batch_size
+    lr: float = _TRAIN.lr
+    weight_decay: float = _TRAIN.weight_decay
+    warmup_ratio: float = _TRAIN.warmup_ratio
+    max_grad_norm: float = _TRAIN.max_grad_norm
+    save_every: int = _TRAIN.save_every
 
     def __post_init__(self) -> None:
         self.to_train_config(0)  # validates every field
 
-    def to_train_config(self, seed: int):
-        from adaptinf.train import TrainConfig
-
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                           warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm, seed=seed,
-                           save_every=self.save_every)
+    def to_train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(seed=seed, **dataclasses.asdict(self))
 
     def updated(self, d: dict | None, where: str) -> TrainSettings:
         """A copy with the fields of `d` (a preset mapping) replaced, type-checked."""

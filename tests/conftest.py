@@ -69,6 +69,21 @@ def make_batch(lengths, vocab_size: int = 1000, seed: int = 0) -> dict[str, torc
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def random_batch(n: int, seed: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """n samples of seeded random lengths 2..24 (see make_batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return make_batch(torch.randint(2, 25, (n,), generator=g).tolist(), vocab_size, seed)
+
+
+def random_encoded(n: int, seed: int, vocab_size: int, num_labels: int):
+    """An `Encoded` split of n random samples (ids without padding) with seeded random labels."""
+    from adaptinf.data import Encoded
+
+    b = random_batch(n, seed, vocab_size)
+    ids = [row[:m].tolist() for row, m in zip(b["input_ids"], b["attention_mask"].sum(1))]
+    return Encoded(ids, torch.randint(0, num_labels, (n,), generator=torch.Generator().manual_seed(seed + 1)))
+
+
 @pytest.fixture
 def tiny_batch(tiny_spec) -> dict[str, torch.Tensor]:
     """input_ids / attention_mask [4, 32] with real lengths TINY_LENGTHS."""

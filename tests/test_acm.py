@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch
+from conftest import random_batch, random_encoded
 from safetensors.torch import load_file
 
 from adaptinf.backbone import EncoderConfig
@@ -52,14 +52,11 @@ def sharpen(model: AcmClassifier, seed: int = 1) -> AcmClassifier:
 
 
 def batch_of(n: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return make_batch(torch.randint(2, 25, (n,), generator=g).tolist(), VOCAB, seed)
+    return random_batch(n, seed, VOCAB)
 
 
 def encoded(n: int, seed: int) -> Encoded:
-    b = batch_of(n, seed)
-    ids = [row[:m].tolist() for row, m in zip(b["input_ids"], b["attention_mask"].sum(1))]
-    return Encoded(ids, torch.randint(0, C, (n,), generator=torch.Generator().manual_seed(seed + 1)))
+    return random_encoded(n, seed, VOCAB, C)
 
 
 def random_learners(n: int = 4, seed: int = 0, activation: str = "gelu") -> Learners:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch
+from conftest import make_batch, random_batch, random_encoded
 
 from adaptinf import flops, latency
 from adaptinf.backbone import EncoderConfig
@@ -58,14 +58,11 @@ def sharpen(model: PlanerClassifier, seed: int = 1) -> PlanerClassifier:
 
 
 def batch_of(n: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return make_batch(torch.randint(2, 25, (n,), generator=g).tolist(), VOCAB, seed)
+    return random_batch(n, seed, VOCAB)
 
 
 def encoded(n: int, seed: int) -> Encoded:
-    b = batch_of(n, seed)
-    ids = [row[:m].tolist() for row, m in zip(b["input_ids"], b["attention_mask"].sum(1))]
-    return Encoded(ids, torch.randint(0, C, (n,), generator=torch.Generator().manual_seed(seed + 1)))
+    return random_encoded(n, seed, VOCAB, C)
 
 
 def fake_table(blocks: dict[str, float], overhead: float = 1.0) -> latency.LatencyTable:
