@@ -168,8 +168,10 @@ def cmd_evaluate(args) -> int:
         name = args.name or f"{model.method} ({Path(d).name})"
         for split in splits:
             enc = _encode_split(model, task, split, args.max_samples, settings["seed"])
+            # --knobs applies to the models that have a knob; one without (dense) is evaluated once
+            knobs = _parse_floats(args.knobs) if model.knob_name else None
             pts = evaluate_model(model, enc, split, name=name, batch_size=args.batch_size,
-                                 knobs=_parse_floats(args.knobs), progress=not args.no_progress)
+                                 knobs=knobs, progress=not args.no_progress)
             for p in pts:
                 p.model_dir = str(d)
             points += pts
@@ -413,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="model directories")
     _add_data_args(p, default_data=None)
     p.add_argument("--split", choices=["validation", "test", "both"], default="both", help="split(s) to evaluate (validation is for selection, test for reporting)")
-    p.add_argument("--knobs", default=None, help="comma-separated knob values (default: each method's own sweep)")
+    p.add_argument("--knobs", default=None, help="comma-separated knob values for the models that have a knob "
+                   "(default: each method's own sweep); a model without one (dense) is evaluated once")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate on a seeded subset")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--latency", action="store_true", help="also measure latency at batch 1 and 32 vs dense")

@@ -77,6 +77,12 @@ def test_full_flow_on_a_user_file(tiny_hf_dir, user_csv, tmp_path, capsys):
     assert {r["case"] for r in rows} == {"dense", "dense:copy", "transformers"}
     assert all(r["torch_version"] and r["torch_threads"] >= 1 and r["machine"] for r in rows)
 
+    # --knobs applies to models that have a knob: a dense model among them is evaluated once, not refused
+    assert main(["evaluate", str(run / "best"), "--knobs", "0.5,1", "--split", "validation", "--out",
+                 str(tmp_path / "pk"), "--no-progress", "--threads", "1"]) == 0
+    knobbed = json.loads((tmp_path / "pk" / "points.json").read_text())
+    assert len(knobbed) == 1 and knobbed[0]["knob"] is None
+
     assert main(["report", str(pts), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "dense" in md and (tmp_path / "report" / "tradeoff.png").stat().st_size > 5000
