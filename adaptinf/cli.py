@@ -124,6 +124,26 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
+def _latency_target_sets(args) -> dict:
+    """--latency-target 0.5x / --latency-target-ms N as PLANER config fields (checked before any work)."""
+    out = {}
+    if args.latency_target is None and args.latency_target_ms is None:
+        return out
+    if args.method != "planer":
+        raise ValueError(f"--latency-target / --latency-target-ms are PLANER settings; method {args.method!r} has no latency target")
+    if args.latency_target is not None and args.latency_target_ms is not None:
+        raise ValueError("give --latency-target (a fraction of dense, e.g. 0.5x) or --latency-target-ms, not both")
+    if args.latency_target is not None:
+        text = args.latency_target.strip().lower()
+        try:
+            out["latency_target"] = float(text[:-1] if text.endswith("x") else text)
+        except ValueError:
+            raise ValueError(f"--latency-target expects a fraction of the dense latency such as 0.5x, got {args.latency_target!r}") from None
+    else:
+        out["latency_target_ms"] = args.latency_target_ms
+    return out
+
+
 def cmd_convert(args) -> int:
     from adaptinf.registry import get_method
     from adaptinf.steps import TaskSettings, convert_method, load_source
@@ -131,6 +151,7 @@ def cmd_convert(args) -> int:
 
     _set_threads(args.threads)
     cls = get_method(args.method)
+    sets = {**_parse_sets(args.set or []), **_latency_target_sets(args)}
     # a pretrained source (built-in name or HF checkpoint) takes its task from the flags
     flags = TaskSettings.from_dict(_task_settings(args))
     dense, recorded = load_source(args.dense, flags, args.max_length, flags.seed)
@@ -138,7 +159,7 @@ def cmd_convert(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings.seed,
                       save_every=args.save_every)
-    convert_method(dense, args.method, _parse_sets(args.set or []), args.out, settings, cfg,
+    convert_method(dense, args.method, sets, args.out, settings, cfg,
                    max_train_samples=args.max_train_samples, source_name=str(args.dense),
                    progress=not args.no_progress, restart=args.restart)
     rank, _ = dist_info() if cls.needs_training else (0, 1)
@@ -391,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method config field (repeatable), e.g. --set exits=[1,3,6] --set policy=entropy")
     p.add_argument("--out", required=True,
                    help="output model directory; a method that trains keeps its resumable state in OUT/train")
+    p.add_argument("--latency-target", default=None, metavar="FRACTION",
+                   help="planer: target latency as a fraction of the dense model's on this machine, e.g. 0.5x "
+                        "(same as --set latency_target=0.5)")
+    p.add_argument("--latency-target-ms", type=float, default=None, metavar="MS",
+                   help="planer: target latency in milliseconds at the deployment batch size (--set latency_batch_size=B)")
     _add_data_args(p, default_data=None)
     g = p.add_argument_group("training (methods that train after conversion, e.g. ee, sweet, multi-model; "
                              "rerun the same command to resume)")

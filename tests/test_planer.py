@@ -472,15 +472,28 @@ def test_convert_command(tiny_hf_dir, user_csv, tmp_path):
                  "--label-column", "verdict", "--out", str(dense_dir), "--epochs", "1", "--batch-size", "32",
                  "--max-length", "32", *QUIET]) == 0
     out = tmp_path / "planer"
-    assert main(["convert", str(dense_dir / "best"), "--method", "planer", "--set", "latency_target=0.7",
+    assert main(["convert", str(dense_dir / "best"), "--method", "planer", "--latency-target", "0.7x",
                  "--set", "latency_seq_len=16", "--set", "latency_repeats=1", "--set", "proxy_samples=16",
                  "--out", str(out), "--epochs", "1", "--batch-size", "16", "--max-train-samples", "32", *QUIET]) == 0
     cfg = json.loads((out / "config.json").read_text())
     training = cfg["extra"]["training"]
     assert cfg["method_config"]["architecture"] == training["architecture"] and len(training["architecture"]) == 2
+    assert cfg["method_config"]["latency_target"] == 0.7 and training["latency_target"] == 0.7
     assert "latency_target_met" in training and training["measured_ms"] > 0
     model = load_model(out)
     assert model.architecture == training["architecture"]
     batch = model.tokenizer(["a gorgeous, moving film", "dull"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert model(batch["input_ids"], batch["attention_mask"]).logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "ee", "--latency-target", "0.5x"], "PLANER settings"),
+    (["--method", "planer", "--latency-target", "half"], "expects a fraction"),
+    (["--method", "planer", "--latency-target", "0.5x", "--latency-target-ms", "5"], "not both"),
+    (["--method", "planer", "--latency-target", "1.5x"], "latency_target must be"),
+])
+def test_convert_latency_target_flags_are_checked(flags, message, tiny_hf_dir, tmp_path, capsys):
+    code = main(["convert", str(tiny_hf_dir), *flags, "--out", str(tmp_path / "o"), *QUIET])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
