@@ -57,6 +57,17 @@ def tiny_dense(tiny_spec) -> DenseClassifier:
     return DenseClassifier(tiny_spec).eval()
 
 
+def make_tiny_dense(seed: int = 0, *, hidden: int, heads: int, ffn: int, layers: int, vocab_size: int = 60) -> DenseClassifier:
+    """A dropout-free dense classifier over labels a/b/c (max length 32) for the method tests, seeded."""
+    from adaptinf.methods.dense import DenseConfig
+
+    torch.manual_seed(seed)
+    enc = EncoderConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return DenseClassifier(ModelSpec(enc, ("a", "b", "c"), 32), DenseConfig(classifier_dropout=0.0)).eval()
+
+
 def make_batch(lengths, vocab_size: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random token ids padded (id 0, mask 0) to the longest length: [CLS]-like first token 101."""
     g = torch.Generator().manual_seed(seed)

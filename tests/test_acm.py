@@ -12,27 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_batch, random_encoded
+from conftest import make_tiny_dense, random_batch, random_encoded
 from safetensors.torch import load_file
 
-from adaptinf.backbone import EncoderConfig
 from adaptinf.checkpoint import load_model, save_model
 from adaptinf.cli import main
 from adaptinf.data import Encoded
 from adaptinf.methods.acm import AcmClassifier, AcmConfig, Learners, split_linear, sufficient_k
-from adaptinf.methods.dense import DenseClassifier, DenseConfig
-from adaptinf.model import ModelSpec
+from adaptinf.methods.dense import DenseClassifier
 from adaptinf.train import TrainConfig
 
 VOCAB, D, FF, C, HEADS = 60, 16, 32, 3, 2
 
 
 def tiny_dense(seed: int = 0, layers: int = 2) -> DenseClassifier:
-    torch.manual_seed(seed)
-    enc = EncoderConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=layers, num_attention_heads=HEADS,
-                        intermediate_size=FF, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return DenseClassifier(ModelSpec(enc, ("a", "b", "c"), 32), DenseConfig(classifier_dropout=0.0)).eval()
+    return make_tiny_dense(seed, hidden=D, heads=HEADS, ffn=FF, layers=layers, vocab_size=VOCAB)
 
 
 def convert(dense: DenseClassifier, **config) -> AcmClassifier:

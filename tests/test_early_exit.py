@@ -9,15 +9,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, make_tiny_spec
+from conftest import make_batch, make_tiny_dense, make_tiny_spec
 
 import adaptinf
-from adaptinf.backbone import EncoderConfig
 from adaptinf.checkpoint import load_model, save_model
 from adaptinf.cli import main
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.evaluate import evaluate_model
-from adaptinf.methods.dense import DenseClassifier, DenseConfig
+from adaptinf.methods.dense import DenseClassifier
 from adaptinf.methods.early_exit import (
     ENTROPY_NEVER,
     MAX_SOFTMAX_NEVER,
@@ -26,7 +25,6 @@ from adaptinf.methods.early_exit import (
     MultiExitClassifier,
     fit_temperature,
 )
-from adaptinf.model import ModelSpec
 from adaptinf.registry import get_method
 
 VARIANTS = ["ee", "sweet", "multi-model"]
@@ -44,11 +42,7 @@ def one_thread():
 
 
 def tiny_dense(seed: int = 0, layers: int = LAYERS) -> DenseClassifier:
-    torch.manual_seed(seed)
-    enc = EncoderConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=FF, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return DenseClassifier(ModelSpec(enc, ("a", "b", "c"), 32), DenseConfig(classifier_dropout=0.0)).eval()
+    return make_tiny_dense(seed, hidden=D, heads=2, ffn=FF, layers=layers, vocab_size=VOCAB)
 
 
 def convert(name: str, dense: DenseClassifier, **config) -> MultiExitClassifier:

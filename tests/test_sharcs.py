@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch
+from conftest import make_batch, make_tiny_dense
 from safetensors.torch import load_file
 
 import adaptinf
@@ -17,7 +17,7 @@ from adaptinf.backbone import EncoderConfig
 from adaptinf.checkpoint import load_model, save_model
 from adaptinf.cli import main
 from adaptinf.data import Encoded, eval_batches
-from adaptinf.methods.dense import DenseClassifier, DenseConfig
+from adaptinf.methods.dense import DenseClassifier
 from adaptinf.methods.sharcs import (
     KNOB_EXTREME,
     SharcsClassifier,
@@ -34,11 +34,7 @@ SHAPES = {True: [(1, 8, 16), (2, 16, 32), (4, 32, 64)], False: [(1, D, 16), (2, 
 
 
 def tiny_dense(seed: int = 0) -> DenseClassifier:
-    torch.manual_seed(seed)
-    enc = EncoderConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                        intermediate_size=FF, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return DenseClassifier(ModelSpec(enc, ("a", "b", "c"), 32), DenseConfig(classifier_dropout=0.0)).eval()
+    return make_tiny_dense(seed, hidden=D, heads=HEADS, ffn=FF, layers=LAYERS, vocab_size=VOCAB)
 
 
 def convert(dense: DenseClassifier | None = None, **config) -> SharcsClassifier:

@@ -1,0 +1,93 @@
+"""What the one-layer benchmarks (acm_layer.py, planer_layer.py) share: the token states entering
+layer 1's FFN for batches of real validation samples, interleaved timing of cases, and the
+results files stamped with machine, threads, torch version, batch size and lengths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from adaptinf.backbone import attention_bias
+from adaptinf.bench import machine_name
+from adaptinf.data import encode, eval_batches, rotten_tomatoes
+
+
+def parser(description: str, model_help: str, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("model", help=model_help)
+    p.add_argument("--out", default=default_out)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=8, help="validation batches timed per case and repeat")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def ffn_inputs(model, args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(states [b*s, d] entering layer 1's FFN, real-token mask [b*s] bool, lengths [b]) per batch of
+    validation samples in split order, padded to the batch's longest sample."""
+    task = rotten_tomatoes(0)
+    enc = encode(*task.validation, model.tokenizer, args.max_length, warn=False)
+    block = model.encoder.blocks[0]
+    inputs = []
+    with torch.inference_mode():
+        for i, b in enumerate(eval_batches(enc, args.batch_size, sort_by_length=False)):
+            if i == args.batches:
+                break
+            x = block.attention(model.encoder.embed(b.input_ids, None), attention_bias(b.attention_mask, torch.float32))
+            inputs.append((x.reshape(-1, x.shape[-1]).contiguous(), b.attention_mask.reshape(-1).bool(), b.attention_mask.sum(1)))
+    return inputs
+
+
+def time_cases(cases: dict[str, Callable], inputs: list[tuple], repeats: int) -> dict[str, list[float]]:
+    """ms per batch of every case (called as fn(*input[:2])) over `inputs`, per repeat; cases
+    interleaved round-robin, alternating direction, after a warm-up on two batches."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with torch.inference_mode():
+        for fn in cases.values():
+            for x, real, *_ in inputs[:2]:
+                fn(x, real)
+        for r in range(repeats):
+            order = list(cases.items()) if r % 2 == 0 else list(reversed(cases.items()))
+            for name, fn in order:
+                t0 = time.perf_counter()
+                for x, real, *_ in inputs:
+                    fn(x, real)
+                times[name].append((time.perf_counter() - t0) * 1e3 / len(inputs))
+    return times
+
+
+def write_results(args, times: dict[str, list[float]], inputs: list[tuple], reference: str, extra: dict) -> None:
+    """results.json and results.md in args.out: the median ms per batch of each case and its ratio
+    to the `reference` case of the same run."""
+    lengths = torch.cat([ln for *_, ln in inputs])
+    ref_ms = statistics.median(times[reference])
+    rows = [{"case": name, "ms_per_batch": round(statistics.median(t), 4),
+             "ratio_vs_dense_ffn": round(statistics.median(t) / ref_ms, 3)} for name, t in times.items()]
+    results = {
+        "machine": machine_name(), "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "python_version": platform.python_version(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model, "layer": 0, **extra,
+        "batch_size": args.batch_size, "batches": len(inputs), "repeats": args.repeats, "max_length": args.max_length,
+        "mean_real_length": round(float(lengths.float().mean()), 2),
+        "mean_padded_length": round(inputs[0][0].shape[0] / args.batch_size, 2), "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| case | ms per batch | vs dense FFN |", "|---|---:|---:|"]
+    lines += [f"| {r['case']} | {r['ms_per_batch']:.3f} | {r['ratio_vs_dense_ffn']:.3f} |" for r in rows]
+    lines += ["", f"{results['machine']}, {results['torch_threads']} threads, torch {results['torch_version']}; "
+              f"batch {args.batch_size} of validation samples (mean real length {results['mean_real_length']} tokens, "
+              f"max length {args.max_length}), {len(inputs)} batches x {args.repeats} repeats, median; {results['timestamp']}"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
