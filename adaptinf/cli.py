@@ -187,12 +187,15 @@ def cmd_evaluate(args) -> int:
         if model.spec.labels != first.spec.labels:
             raise ValueError(f"{d} has labels {list(model.spec.labels)}, {models[0][0]} has {list(first.spec.labels)}")
         name = args.name or f"{model.method} ({Path(d).name})"
-        for split in splits:
+        # --knobs applies to the models that have a knob; one without (dense) is evaluated once
+        knobs = _parse_floats(args.knobs) if model.knob_name else None
+        for i, split in enumerate(splits):
             enc = _encode_split(model, task, split, args.max_samples, settings["seed"])
-            # --knobs applies to the models that have a knob; one without (dense) is evaluated once
-            knobs = _parse_floats(args.knobs) if model.knob_name else None
+            refine = args.refine if i == 0 and model.knob_name else 0
             pts = evaluate_model(model, enc, split, name=name, batch_size=args.batch_size,
-                                 knobs=knobs, progress=not args.no_progress)
+                                 knobs=knobs, progress=not args.no_progress, refine_rounds=refine)
+            if refine:  # the other split at the same knob values
+                knobs = [p.knob for p in pts]
             for p in pts:
                 p.model_dir = str(d)
             points += pts
@@ -443,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["validation", "test", "both"], default="both", help="split(s) to evaluate (validation is for selection, test for reporting)")
     p.add_argument("--knobs", default=None, help="comma-separated knob values for the models that have a knob "
                    "(default: each method's own sweep); a model without one (dense) is evaluated once")
+    p.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                   help="rounds of extra knob values where the cost jumps between neighbouring ones (by more than "
+                   "5%% of the costliest point's GFLOPs), decided on the first split by cost alone (adaptinf run: 3)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate on a seeded subset")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--latency", action="store_true", help="also measure latency at batch 1 and 32 vs dense")

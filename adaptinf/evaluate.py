@@ -197,6 +197,8 @@ def evaluate_model(
     knobs: list[float | None] | None = None,
     progress: bool = True,
     model_dir: str | None = None,
+    refine_rounds: int = 0,
+    refine_gap: float = 0.05,
 ) -> list[OperatingPoint]:
     """Accuracy and mean GFLOPs/sample at every knob value (default `model.knob_values()`).
 
@@ -204,11 +206,17 @@ def evaluate_model(
         name: display name of the model (default the method name), e.g. "ee (minilm-l6)".
         knobs: values to sweep; the model's own knob and train/eval mode are restored afterwards.
         model_dir: where the model was loaded from, recorded on each point.
+        refine_rounds: after the sweep, up to this many rounds of `refine_knobs`: where neighbouring
+            knob values differ in mean GFLOPs by more than `refine_gap` of the costliest point, their
+            midpoint is evaluated too. Cost only, never labels, decides, so refining on a split does
+            not tune on its answers. The points come back in knob order.
     """
     y = _check_labels(enc, model.spec.num_labels)
     values = list(model.knob_values() if knobs is None else knobs)
     if not values:
         raise ValueError("no knob values to evaluate (knobs is empty)")
+    if refine_rounds < 0 or not 0 < refine_gap < 1:
+        raise ValueError(f"refine_rounds must be >= 0 and refine_gap in (0, 1), got {refine_rounds}, {refine_gap}")
     name = name or model.method
     original, was_training = model.knob, model.training
 
@@ -231,10 +239,10 @@ def evaluate_model(
             extras=extras,
         )
 
-    points = []
-    try:
+    def sweep_values(values: list) -> list[OperatingPoint]:
         # A model may compute the whole sweep from fewer passes (e.g. early exit: one pass storing
         # every exit's logits); it promises the same predictions and FLOPs as `forward` per knob.
+        points = []
         sweep = getattr(model, "sweep_offline", None)
         swept = sweep(enc, values, batch_size=batch_size, progress=progress) if callable(sweep) else None
         if swept is not None:
@@ -256,10 +264,44 @@ def evaluate_model(
             desc = name if value is None else f"{name} {model.knob_name}={value:g}"
             logits, cost, counts = _run(model, enc, batch_size, progress, desc)
             points.append(point(value, logits.argmax(dim=1), cost, counts, {}))
+        return points
+
+    try:
+        points = sweep_values(values)
+        added = False
+        for _ in range(refine_rounds):
+            seen = {p.knob for p in points}
+            new = [v for v in refine_knobs(points, refine_gap, model.knob_between) if v not in seen]
+            if not new:
+                break
+            points += sweep_values(new)
+            added = True
     finally:
         model.set_knob(original)
         model.train(was_training)
+    if added:  # knob order, in the direction of the method's own grid
+        numeric = [v for v in values if v is not None]
+        descending = len(numeric) > 1 and numeric[0] > numeric[-1]
+        points.sort(key=lambda p: (p.knob is not None, 0.0 if p.knob is None else (-p.knob if descending else p.knob)))
     return points
+
+
+def refine_knobs(points: list[OperatingPoint], gap: float, between=lambda a, b: (a + b) / 2) -> list[float]:
+    """Values between neighbouring knob values (in knob order; `between(a, b)`, default the midpoint,
+    None for none) whose mean GFLOPs differ by more than `gap` times the costliest point's: where the
+    accuracy/cost curve jumps, one more value traces it (e.g. a SHARCS router that sends almost every
+    sample to one width up to a bias and to another just above it)."""
+    numeric = sorted((p for p in points if p.knob is not None), key=lambda p: p.knob)
+    if len(numeric) < 2:
+        return []
+    top = max(p.gflops for p in numeric)
+    found = []
+    for a, b in zip(numeric, numeric[1:]):
+        if abs(b.gflops - a.gflops) > gap * top and b.knob - a.knob > 1e-6 * max(1.0, abs(a.knob)):
+            mid = between(a.knob, b.knob)
+            if mid is not None:
+                found.append(float(mid))
+    return found
 
 
 def add_reductions(points: list[OperatingPoint], dense_gflops: float) -> list[OperatingPoint]:

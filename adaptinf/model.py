@@ -165,6 +165,11 @@ class AdaptiveClassifier(nn.Module):
         """The knob values `evaluate` sweeps to trace the accuracy/cost curve."""
         return [None]
 
+    def knob_between(self, a: float, b: float) -> float | None:
+        """A knob value between two of `knob_values()` (to trace a jump in the curve), or None when
+        there is none (an integer knob with nothing between)."""
+        return (a + b) / 2
+
     def set_knob(self, value: float | None) -> None:
         if self.knob_name is None and value is not None:
             raise ValueError(f"method {self.method!r} has no inference-time knob; got {value!r}")

@@ -69,6 +69,13 @@ def _float(v, where: str, optional: bool = False) -> float | None:
     return float(v)
 
 
+def _fraction(v, where: str) -> float:
+    f = _float(v, where)
+    if not 0 < f < 1:
+        raise ValueError(f"{where} must lie strictly between 0 and 1, got {f}")
+    return f
+
+
 def _str(v, where: str, optional: bool = False, choices=None) -> str | None:
     if v is None and optional:
         return None
@@ -147,6 +154,10 @@ class MethodSettings:
 class EvalSettings:
     batch_size: int = 64
     max_samples: int | None = None  # per split (validation, test); None: the whole split
+    # rounds of midpoints where neighbouring knob values' GFLOPs differ by more than refine_gap of
+    # the costliest point (decided on validation, by cost only; test uses the same knob values)
+    refine_rounds: int = 3
+    refine_gap: float = 0.05
 
 
 @dataclass
@@ -292,6 +303,8 @@ def parse_preset(raw: dict, name: str = "preset") -> RunConfig:
         evaluate=EvalSettings(
             batch_size=_int(ev.get("batch_size", 64), f"{name}: evaluate.batch_size", 1),
             max_samples=_int(ev.get("max_samples"), f"{name}: evaluate.max_samples", 1, optional=True),
+            refine_rounds=_int(ev.get("refine_rounds", 3), f"{name}: evaluate.refine_rounds", 0),
+            refine_gap=_fraction(ev.get("refine_gap", 0.05), f"{name}: evaluate.refine_gap"),
         ),
         latency=LatencySettings(
             samples=_int(lat.get("samples", 128), f"{name}: latency.samples", 1),

@@ -151,7 +151,8 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = 
     result = RunResult(out=out, report=None, skipped=dict(cfg.skipped))
     base = {"model": cfg.model, "max_length": cfg.max_length, "task": cfg.task.to_dict(),
             "max_train_samples": cfg.max_train_samples}
-    ev = {"batch_size": cfg.evaluate.batch_size, "max_samples": cfg.evaluate.max_samples}
+    ev = {"batch_size": cfg.evaluate.batch_size, "max_samples": cfg.evaluate.max_samples,
+          "refine_rounds": cfg.evaluate.refine_rounds, "refine_gap": cfg.evaluate.refine_gap}
 
     # --- dense baseline
     dense_dir = out / "dense"
@@ -173,7 +174,8 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = 
             # model directories are recorded relative to the run folder, so the folder can move
             pts = evaluate_splits(model, task, ["validation", "test"], name, model_dir.relative_to(out).as_posix(), seed,
                                   batch_size=cfg.evaluate.batch_size, knobs=knobs,
-                                  max_samples=cfg.evaluate.max_samples, progress=progress)
+                                  max_samples=cfg.evaluate.max_samples, progress=progress,
+                                  refine_rounds=cfg.evaluate.refine_rounds, refine_gap=cfg.evaluate.refine_gap)
             write_points(pts, folder)
             return {"points": len(pts)}
 

@@ -235,14 +235,21 @@ def evaluate_splits(
     knobs: list[float | None] | None = None,
     max_samples: int | None = None,
     progress: bool = True,
+    refine_rounds: int = 0,
+    refine_gap: float = 0.05,
 ) -> list[OperatingPoint]:
-    """Operating points of one model at every knob value (default the method's sweep) on each split."""
+    """Operating points of one model at every knob value (default the method's sweep) on each split.
+    With `refine_rounds`, the first split's sweep adds midpoints where the cost jumps
+    (`evaluate.refine_knobs`) and the other splits are evaluated at the same knob values."""
     from adaptinf.evaluate import evaluate_model
 
     points = []
-    for split in splits:
+    for i, split in enumerate(splits):
         enc = encode_split(model, task, split, max_samples, seed)
-        pts = evaluate_model(model, enc, split, name=name, batch_size=batch_size, knobs=knobs, progress=progress)
+        pts = evaluate_model(model, enc, split, name=name, batch_size=batch_size, knobs=knobs, progress=progress,
+                             refine_rounds=refine_rounds if i == 0 else 0, refine_gap=refine_gap)
+        if i == 0 and refine_rounds:
+            knobs = [p.knob for p in pts]
         for p in pts:
             p.model_dir = None if model_dir is None else str(model_dir)
         points += pts

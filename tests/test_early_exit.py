@@ -145,6 +145,9 @@ def test_knob_is_validated():
             model.set_knob(bad)
     model.set_knob(2.0)
     assert model.knob_values() == [1.0, 2.0, 3.0]
+    # refining a jump in the curve: an integer patience between, or none
+    assert model.knob_between(1.0, 2.0) is None and model.knob_between(1.0, 3.0) == 2.0
+    assert convert("ee", tiny_dense()).knob_between(0.5, 0.7) == pytest.approx(0.6)
     ms = convert("ee", tiny_dense()).knob_values()
     assert ms[0] == pytest.approx(1 / C, abs=1e-6) and ms[-1] == MAX_SOFTMAX_NEVER and len(ms) >= 20
     ent = convert("ee", tiny_dense(), policy="entropy").knob_values()
@@ -473,6 +476,13 @@ def test_convert_trains_then_evaluate_sweeps(dense_run, tmp_path):
     assert [p["knob"] for p in points] == model.knob_values()
     assert all(set(p["extras"]["shares"]["exit"]) <= {"0", "1"} for p in points)
     assert points[0]["extras"]["shares"]["exit"] == {"0": 1.0} and points[-1]["extras"]["shares"]["exit"] == {"1": 1.0}
+    # --refine: extra thresholds where the cost jumps, decided on validation, the same ones on test
+    refined = tmp_path / "refined"
+    assert main(["evaluate", str(ee), "--split", "both", "--refine", "2", "--out", str(refined), *quiet]) == 0
+    refined_pts = json.loads((refined / "points.json").read_text())
+    val_knobs = [p["knob"] for p in refined_pts if p["split"] == "validation"]
+    assert val_knobs == [p["knob"] for p in refined_pts if p["split"] == "test"] == sorted(val_knobs)
+    assert set(model.knob_values()) <= set(val_knobs)
 
     batch = model.tokenizer(["a gorgeous, moving film", "dull"], return_tensors="pt", padding=True)
     for knob in (0.2, 0.6, 0.99, 3.0):

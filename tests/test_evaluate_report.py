@@ -20,6 +20,7 @@ from adaptinf.evaluate import (
     pareto_front,
     predict_all,
     read_points,
+    refine_knobs,
     write_points,
 )
 from adaptinf.methods.dense import DenseClassifier
@@ -113,6 +114,47 @@ def test_knob_sweep_restores_knob_and_records_shares(enc):
     with pytest.raises(RuntimeError, match="boom"):
         evaluate_model(model, enc, "test", knobs=[0.25, 99.0], progress=False)
     assert model.knob == 0.5
+
+
+class StepDense(KnobbedDense):
+    """Cost is the dense cost at knob >= 0.6 and a tenth of it below: a curve with one jump."""
+
+    def knob_values(self):
+        return [1.0, 0.5, 0.0]  # a descending grid
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
+        out = DenseClassifier.forward(self, input_ids, attention_mask, token_type_ids)
+        return ClassifierOutput(out.logits, out.flops * (1.0 if self.knob >= 0.6 else 0.1))
+
+
+def test_refine_knobs_bisects_only_where_the_cost_jumps():
+    points = [pt("x", 1.0, 0.7, knob=0.0), pt("x", 1.02, 0.7, knob=1.0), pt("x", 4.0, 0.8, knob=2.0),
+              pt("x", 4.1, 0.8, knob=4.0), pt("dense", 4.0, 0.8)]
+    assert refine_knobs(points, 0.05) == [1.5]  # 1 -> 2 jumps by 3 of 4.1; the others by < 5%
+    assert refine_knobs(points, 0.5) == [1.5] and refine_knobs(points, 0.9) == []
+    assert refine_knobs(points, 0.05, between=lambda a, b: None) == []
+    assert refine_knobs(points[:1], 0.05) == [] and refine_knobs([], 0.05) == []
+
+
+def test_evaluate_model_refines_the_jump_and_keeps_knob_order(enc):
+    torch.manual_seed(0)
+    model = StepDense(SPEC).eval()
+    plain = evaluate_model(model, enc, "validation", progress=False)
+    assert [p.knob for p in plain] == [1.0, 0.5, 0.0]
+    points = evaluate_model(model, enc, "validation", progress=False, refine_rounds=3)
+    # 0.75, then 0.625, then 0.5625: the jump now lies between 0.5625 and 0.625
+    assert [p.knob for p in points] == [1.0, 0.75, 0.625, 0.5625, 0.5, 0.0]
+    small, full = points[-1].gflops, points[0].gflops
+    assert [p.gflops == pytest.approx(full) for p in points] == [True, True, True, False, False, False]
+    assert points[3].gflops == pytest.approx(small)
+    assert model.knob is None
+    # one round adds one value; rounds stop early once nothing is left to refine
+    assert [p.knob for p in evaluate_model(model, enc, "test", progress=False, refine_rounds=1)] == [1.0, 0.75, 0.5, 0.0]
+    assert len(evaluate_model(model, enc, "test", knobs=[0.0, 0.1], progress=False, refine_rounds=5)) == 2
+    with pytest.raises(ValueError, match="refine_rounds"):
+        evaluate_model(model, enc, "test", progress=False, refine_rounds=-1)
+    with pytest.raises(ValueError, match="refine_gap"):
+        evaluate_model(model, enc, "test", progress=False, refine_rounds=1, refine_gap=1.5)
 
 
 # --- points files and the Pareto front -------------------------------------------------------------

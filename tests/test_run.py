@@ -99,6 +99,8 @@ def test_shipped_presets():
     ({"data": {"max_train_samples": 0}}, "data.max_train_samples must be at least 1"),
     ({"latency": {"compare_hf": "yes"}}, "compare_hf must be true or false"),
     ({"methods": {"ee": {"knobs": []}}}, "knobs must be a non-empty list"),
+    ({"evaluate": {"refine_rounds": -1}}, "evaluate.refine_rounds must be at least 0"),
+    ({"evaluate": {"refine_gap": 1.0}}, "evaluate.refine_gap must lie strictly between 0 and 1"),
 ])
 def test_bad_presets_are_clear_errors(change, message):
     raw = {**read_preset("quick"), **change}

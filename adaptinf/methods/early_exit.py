@@ -272,6 +272,12 @@ class MultiExitClassifier(AdaptiveClassifier):
         self._check_knob(value)
         super().set_knob(value)
 
+    def knob_between(self, a: float, b: float) -> float | None:
+        if self.config.policy != "patience":
+            return (a + b) / 2
+        mid = float(math.floor((a + b) / 2))  # patience counts exits: an integer strictly between, if any
+        return mid if min(a, b) < mid < max(a, b) else None
+
     def _check_knob(self, value) -> None:
         if value is None:
             return
