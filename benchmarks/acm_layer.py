@@ -18,30 +18,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from layer_timing import ffn_inputs, parser, time_cases, write_results
+from layer_timing import ffn_inputs, load_model, parser, time_cases, write_results
 
-from adaptinf.methods.acm import AcmClassifier, AcmConfig
-
-
-def load_acm(path: str) -> AcmClassifier:
-    import adaptinf
-
-    model = adaptinf.load(path)
-    if isinstance(model, AcmClassifier):
-        return model
-    if model.method != "dense":
-        raise SystemExit(f"{path} holds a {model.method!r} model; give an ACM model or a dense model to convert")
-    acm = AcmClassifier.from_dense(model, AcmConfig())
-    acm.tokenizer = model.tokenizer
-    return acm
+from adaptinf.methods.acm import AcmClassifier
 
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0], "an ACM model directory, or a dense one (converted here)",
                   "results/acm-layer").parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_acm(args.model).eval()
+    model = load_model(args.model, AcmClassifier, args.threads)
     if "ffn" not in model.config.targets:
         raise SystemExit("this benchmark times an FFN ACM; the model has no FFN ACMs")
     inputs = ffn_inputs(model, args)

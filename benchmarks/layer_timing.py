@@ -32,6 +32,22 @@ def parser(description: str, model_help: str, default_out: str) -> argparse.Argu
     return p
 
 
+def load_model(path: str, cls, threads: int | None):
+    """The model at `path` as `cls` (a method class): itself, or a dense model converted with the
+    method's default config (timing depends on shapes, not on trained weights); sets torch threads."""
+    import adaptinf
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = adaptinf.load(path)
+    if not isinstance(model, cls):
+        if model.method != "dense":
+            raise SystemExit(f"{path} holds a {model.method!r} model; give a {cls.method} model or a dense model to convert")
+        tokenizer, model = model.tokenizer, cls.from_dense(model, cls.Config())
+        model.tokenizer = tokenizer
+    return model.eval()
+
+
 def ffn_inputs(model, args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(states [b*s, d] entering layer 1's FFN, real-token mask [b*s] bool, lengths [b]) per batch of
     validation samples in split order, padded to the batch's longest sample."""

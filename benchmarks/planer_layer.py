@@ -19,30 +19,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from layer_timing import ffn_inputs, parser, time_cases, write_results
+from layer_timing import ffn_inputs, load_model, parser, time_cases, write_results
 
-from adaptinf.methods.planer import PlanerClassifier, PlanerConfig, grouped_experts, grouped_mm_works, select_experts
-
-
-def load_planer(path: str) -> PlanerClassifier:
-    import adaptinf
-
-    model = adaptinf.load(path)
-    if isinstance(model, PlanerClassifier):
-        return model
-    if model.method != "dense":
-        raise SystemExit(f"{path} holds a {model.method!r} model; give a PLANER model or a dense model to convert")
-    planer = PlanerClassifier.from_dense(model, PlanerConfig())
-    planer.tokenizer = model.tokenizer
-    return planer
+from adaptinf.methods.planer import PlanerClassifier, grouped_experts, grouped_mm_works, select_experts
 
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0], "a PLANER model directory, or a dense one (converted here, routers untrained)",
                   "results/planer-layer").parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_planer(args.model).eval()
+    model = load_model(args.model, PlanerClassifier, args.threads)
     # real tokens as row indices, computed once per batch as the model does (`prepare`)
     inputs = [(x, real.nonzero().squeeze(1), ln) for x, real, ln in ffn_inputs(model, args)]
     ffn, router = model.encoder.blocks[0].ffn, model.routers[0]
