@@ -173,7 +173,8 @@ def cmd_convert(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from adaptinf.checkpoint import load_model
-    from adaptinf.evaluate import add_reductions, evaluate_model, write_points
+    from adaptinf.evaluate import add_reductions, write_points
+    from adaptinf.steps import evaluate_splits
 
     _set_threads(args.threads)
     models = [(d, load_model(d)) for d in args.models]
@@ -187,18 +188,11 @@ def cmd_evaluate(args) -> int:
         if model.spec.labels != first.spec.labels:
             raise ValueError(f"{d} has labels {list(model.spec.labels)}, {models[0][0]} has {list(first.spec.labels)}")
         name = args.name or f"{model.method} ({Path(d).name})"
-        # --knobs applies to the models that have a knob; one without (dense) is evaluated once
-        knobs = _parse_floats(args.knobs) if model.knob_name else None
-        for i, split in enumerate(splits):
-            enc = _encode_split(model, task, split, args.max_samples, settings["seed"])
-            refine = args.refine if i == 0 and model.knob_name else 0
-            pts = evaluate_model(model, enc, split, name=name, batch_size=args.batch_size,
-                                 knobs=knobs, progress=not args.no_progress, refine_rounds=refine)
-            if refine:  # the other split at the same knob values
-                knobs = [p.knob for p in pts]
-            for p in pts:
-                p.model_dir = str(d)
-            points += pts
+        # --knobs and --refine apply to the models that have a knob; one without (dense) is evaluated once
+        has_knob = model.knob_name is not None
+        points += evaluate_splits(model, task, splits, name, str(d), settings["seed"], batch_size=args.batch_size,
+                                  knobs=_parse_floats(args.knobs) if has_knob else None, max_samples=args.max_samples,
+                                  progress=not args.no_progress, refine_rounds=args.refine if has_knob else 0)
     dense_pts = [p for p in points if p.method == "dense" and p.split == splits[-1]]
     if dense_pts:
         add_reductions(points, dense_pts[0].gflops)

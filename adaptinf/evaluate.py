@@ -268,18 +268,16 @@ def evaluate_model(
 
     try:
         points = sweep_values(values)
-        added = False
         for _ in range(refine_rounds):
             seen = {p.knob for p in points}
             new = [v for v in refine_knobs(points, refine_gap, model.knob_between) if v not in seen]
             if not new:
                 break
             points += sweep_values(new)
-            added = True
     finally:
         model.set_knob(original)
         model.train(was_training)
-    if added:  # knob order, in the direction of the method's own grid
+    if len(points) > len(values):  # refined: knob order, in the direction of the method's own grid
         numeric = [v for v in values if v is not None]
         descending = len(numeric) > 1 and numeric[0] > numeric[-1]
         points.sort(key=lambda p: (p.knob is not None, 0.0 if p.knob is None else (-p.knob if descending else p.knob)))
