@@ -6,13 +6,13 @@ do not until a command needs them.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from adaptinf.version import __version__
 
 __all__ = ["__version__", "list_methods", "load"]
 
 
 def list_methods() -> list[str]:
-    """Names of the registered methods, the dense baseline first."""
+    """Names of the methods in the catalogue (`adaptinf.registry.METHODS`), the dense baseline first."""
     from adaptinf.registry import list_methods as _list
 
     return _list()
@@ -20,6 +20,6 @@ def list_methods() -> list[str]:
 
 def load(path):
     """Load a saved adaptinf model directory (config.json + model.safetensors + tokenizer)."""
-    from adaptinf.checkpoint import load_model
+    from adaptinf.registry import load_model
 
     return load_model(path)

@@ -134,28 +134,28 @@ def make_batches(
 
 
 def model_case(model: torch.nn.Module, knob: float | None = None) -> Case:
-    """A case that runs `model(batch.input_ids, batch.attention_mask)` in eval mode.
+    """A case that runs `model(batch.input_ids, batch.attention_mask, knob=knob)` in eval mode.
 
-    The knob is set on every call, so several cases may share one model with different knobs
-    while rounds interleave them. `knob=None` runs the model at its default setting.
+    The knob is an argument of each call, so several cases may share one model with different
+    knobs while rounds interleave them. `knob=None` runs the model at full budget / its own decision.
     """
     model.eval()
-    has_knob = hasattr(model, "set_knob")
+    has_knob = hasattr(model, "check_knob")
     if has_knob:
-        model.set_knob(knob)  # validates now: ValueError for a knob on a method without one
+        knob = model.check_knob(knob)  # validates now: ValueError for a knob on a method without one
     elif knob is not None:
-        raise ValueError(f"{type(model).__name__} has no set_knob(); cannot run it at knob {knob!r}")
+        raise ValueError(f"{type(model).__name__} has no knob; cannot run it at knob {knob!r}")
 
     def run(batch: Batch) -> object:
         if has_knob:
-            model.set_knob(knob)
+            return model(batch.input_ids, batch.attention_mask, knob=knob)
         return model(batch.input_ids, batch.attention_mask)
 
     return run
 
 
 def hf_case(hf_model: torch.nn.Module) -> Case:
-    """A case that runs a `transformers` sequence classifier (e.g. from `adaptinf.hf.to_hf_sequence_classifier`)."""
+    """A case that runs a `transformers` sequence classifier (e.g. from `DenseClassifier.to_hf`)."""
     hf_model.eval()
 
     def run(batch: Batch) -> torch.Tensor:

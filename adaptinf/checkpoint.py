@@ -1,7 +1,9 @@
 """Saved models: a directory with `config.json` (versioned), `model.safetensors` and the tokenizer.
 
-Never pickle. Loading validates the format, version, method and every tensor's shape, and fails
-with a message that says what is wrong and what to do.
+Never pickle. This module is the on-disk format only (it knows no method): `save_model`,
+`read_config` and `load_weights` validate the format, version and every tensor's shape, and fail with
+a message that says what is wrong and what to do. Loading a model by its method name is
+`adaptinf.registry.load_model` (`adaptinf.load`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from adaptinf.model import AdaptiveClassifier, ModelSpec
+from adaptinf.model import AdaptiveClassifier
+from adaptinf.version import __version__
 
 FORMAT = "adaptinf"
 FORMAT_VERSION = 1
@@ -56,8 +59,6 @@ def save_model(model: AdaptiveClassifier, directory: str | os.PathLike, extra: d
     else:  # a tokenizer left from an earlier save would be attached to this model on load
         for name in TOKENIZER_FILES:
             (out / name).unlink(missing_ok=True)
-    from adaptinf import __version__
-
     write_json_atomic(
         out / CONFIG_FILE,
         {
@@ -100,18 +101,9 @@ def read_config(directory: str | os.PathLike) -> dict:
     return cfg
 
 
-def load_model(directory: str | os.PathLike, expect_method: str | None = None, with_tokenizer: bool = True) -> AdaptiveClassifier:
-    """Rebuild a saved model without re-running conversion; the tokenizer is attached when present."""
-    from adaptinf.registry import get_method
-
-    d = Path(directory)
-    cfg = read_config(d)
-    if expect_method is not None and cfg["method"] != expect_method:
-        raise ValueError(f"{d} holds a {cfg['method']!r} model, expected {expect_method!r}")
-    cls = get_method(cfg["method"])
-    spec = ModelSpec.from_dict(cfg["spec"])
-    model = cls(spec, cls.Config.from_dict(cfg["method_config"]))
-    weights = d / WEIGHTS_FILE
+def load_weights(model: AdaptiveClassifier, directory: str | os.PathLike, method: str) -> None:
+    """Load `directory`'s weights into `model` (built from its config), checking every name and shape."""
+    weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"{weights} not found; the checkpoint is incomplete")
     try:
@@ -123,7 +115,7 @@ def load_model(directory: str | os.PathLike, expect_method: str | None = None, w
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{weights} does not match a {cfg['method']!r} model with this config: "
+            f"{weights} does not match a {method!r} model with this config: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
@@ -131,10 +123,3 @@ def load_model(directory: str | os.PathLike, expect_method: str | None = None, w
         if v.shape != expected[k].shape:
             raise ValueError(f"{weights}: tensor {k!r} has shape {tuple(v.shape)}, the config implies {tuple(expected[k].shape)}")
     model.load_state_dict(state)
-    model.set_knob(cfg.get("knob"))
-    model.eval()
-    if with_tokenizer and (d / "tokenizer.json").is_file():
-        from adaptinf.hf import load_tokenizer
-
-        model.tokenizer = load_tokenizer(d)
-    return model

@@ -13,8 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "minilm-l6"
-DEFAULT_DATA = "rotten-tomatoes"
+from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL
 
 
 # --- shared helpers -----------------------------------------------------------------------------------
@@ -95,7 +94,7 @@ def _parse_ints(s: str, flag: str) -> list[int]:
 
 def cmd_finetune(args) -> int:
     from adaptinf.steps import TaskSettings, finetune_dense
-    from adaptinf.train import TrainConfig
+    from adaptinf.settings import TrainConfig
 
     _set_threads(args.threads)
     settings = TaskSettings.from_dict(_task_settings(args))
@@ -145,12 +144,13 @@ def _latency_target_sets(args) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from adaptinf.registry import get_method
+    from adaptinf.recipes.finetune import dist_info
+    from adaptinf.registry import needs_training
+    from adaptinf.settings import TrainConfig
     from adaptinf.steps import TaskSettings, convert_method, load_source
-    from adaptinf.train import TrainConfig, dist_info
 
     _set_threads(args.threads)
-    cls = get_method(args.method)
+    needs_training(args.method)  # an unknown method fails here, before any work
     sets = {**_parse_sets(args.set or []), **_latency_target_sets(args)}
     # a pretrained source (built-in name or HF checkpoint) takes its task from the flags
     flags = TaskSettings.from_dict(_task_settings(args))
@@ -162,7 +162,7 @@ def cmd_convert(args) -> int:
     convert_method(dense, args.method, sets, args.out, settings, cfg,
                    max_train_samples=args.max_train_samples, source_name=str(args.dense),
                    progress=not args.no_progress, restart=args.restart)
-    rank, _ = dist_info() if cls.needs_training else (0, 1)
+    rank, _ = dist_info() if needs_training(args.method) else (0, 1)
     if rank == 0:
         print(f"converted {args.dense} with method {args.method!r} -> {args.out}")
     return 0
@@ -172,7 +172,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from adaptinf.checkpoint import load_model
+    from adaptinf.registry import load_model
     from adaptinf.evaluate import add_reductions, write_points
     from adaptinf.steps import evaluate_splits
 
@@ -209,7 +209,7 @@ def cmd_evaluate(args) -> int:
 
 def _measure_latency(args, points, models, dense_dir, task, settings) -> None:
     """Latency of every test point at batch 1 and 32, interleaved with the dense model in one run."""
-    from adaptinf.checkpoint import load_model
+    from adaptinf.registry import load_model
     from adaptinf.steps import time_points
 
     if dense_dir is None:
@@ -236,8 +236,8 @@ def _model_at_knob(arg: str) -> tuple[str, float | None]:
 
 def cmd_bench(args) -> int:
     from adaptinf.bench import format_table, hf_case, make_batches, model_case, run_bench, write_bench
-    from adaptinf.checkpoint import load_model
-    from adaptinf.hf import to_hf_sequence_classifier
+    from adaptinf.registry import load_model
+    from adaptinf.methods.dense import to_hf_sequence_classifier
 
     _set_threads(args.threads)
     specs = [_model_at_knob(m) for m in args.models]  # (directory, knob fixed with DIR@KNOB or None)
@@ -322,7 +322,7 @@ def cmd_select(args) -> int:
 def cmd_predict(args) -> int:
     import warnings
 
-    from adaptinf.checkpoint import load_model
+    from adaptinf.registry import load_model
     from adaptinf.predict import predict_file
 
     _set_threads(args.threads)

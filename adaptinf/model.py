@@ -1,15 +1,17 @@
 """What every adaptive model is: a classifier with a typed output, a cost per sample and a knob.
 
 `AdaptiveClassifier` is the base of the dense model and of every method's model. A method
-subclasses it, declares its `Config` dataclass (a `MethodConfig`), registers itself
-(`adaptinf.registry.register`) and so becomes subject to the contract tests.
+subclasses it and declares its `Config` dataclass (a `MethodConfig`); its entry in the catalogue
+(`adaptinf.registry.METHODS`) makes it subject to the contract tests.
+
+The knob is an argument of the forward pass (`model(ids, mask, knob=0.9)`); `model.knob` is only the
+operating point a saved model is served at, used when the call gives none (`AT_DEFAULT`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -19,9 +21,18 @@ from torch import nn
 
 from adaptinf.backbone import EncoderConfig
 
+from adaptinf.data import eval_batches
+
 if TYPE_CHECKING:
     from adaptinf.data import Encoded
-    from adaptinf.train import TrainConfig
+
+
+class _AtDefault:
+    def __repr__(self) -> str:
+        return "AT_DEFAULT"
+
+
+AT_DEFAULT: Any = _AtDefault()  # forward's `knob` when not given: the model's operating point (`model.knob`)
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,6 @@ class AdaptiveClassifier(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     knob_name: ClassVar[str | None] = None  # e.g. "threshold"; None when the method has no knob
     description: ClassVar[str] = ""
-    needs_training: ClassVar[bool] = False  # True: `adaptinf convert` calls `fit` after `from_dense`
 
     def __init__(self, spec: ModelSpec, config: MethodConfig):
         super().__init__()
@@ -151,8 +161,11 @@ class AdaptiveClassifier(nn.Module):
 
     # --- to implement -------------------------------------------------------------------------
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+        knob: float | None = AT_DEFAULT,
     ) -> ClassifierOutput:
+        """`knob`: the inference-time knob for this call (None: full budget / the method's own
+        decision); not given, the model's operating point `self.knob`. Resolve it with `run_knob`."""
         raise NotImplementedError
 
     @classmethod
@@ -170,10 +183,19 @@ class AdaptiveClassifier(nn.Module):
         there is none (an integer knob with nothing between)."""
         return (a + b) / 2
 
-    def set_knob(self, value: float | None) -> None:
+    def check_knob(self, value: float | None) -> float | None:
+        """Validate a knob value (ValueError naming the rule) and return it normalised. Subclasses extend this."""
         if self.knob_name is None and value is not None:
             raise ValueError(f"method {self.method!r} has no inference-time knob; got {value!r}")
-        self.knob = value
+        return value
+
+    def run_knob(self, knob: float | None) -> float | None:
+        """The knob a forward pass runs at: `knob` checked, or the operating point when AT_DEFAULT."""
+        return self.knob if knob is AT_DEFAULT else self.check_knob(knob)
+
+    def set_knob(self, value: float | None) -> None:
+        """Set the operating point: the knob a saved model is served at when a call gives none."""
+        self.knob = self.check_knob(value)
 
     # --- training -------------------------------------------------------------------------------
     def loss(self, out: ClassifierOutput, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -185,32 +207,12 @@ class AdaptiveClassifier(nn.Module):
 
     def selection_score(self, val: Encoded, batch_size: int = 64) -> float:
         """Model selection on validation (higher is better): the epoch `finetune` keeps as best.
-        Default: accuracy of `logits`. Methods with several predictions per sample override it."""
-        from adaptinf.train import accuracy
-
-        return accuracy(self, val, batch_size, self.spec.encoder.pad_token_id)[0]
+        Default: accuracy of `logits` at full budget (knob None). Methods with several predictions per
+        sample override it."""
+        return accuracy(self, val, batch_size, self.spec.encoder.pad_token_id, knob=None)[0]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    def fit(
-        self,
-        train: Encoded,
-        val: Encoded,
-        cfg: TrainConfig,
-        out_dir: str | os.PathLike,
-        progress: bool = True,
-        restart: bool = False,
-    ) -> dict | None:
-        """Train what the method needs after `from_dense` (called by `adaptinf convert` when
-        `needs_training` is set), leaving the model ready to save.
-
-        `val` is the validation split (model selection, calibration, thresholds; never the test
-        split). `out_dir` holds the resumable training state: rerunning with the same arguments
-        continues an interrupted run. Returns a JSON-ready summary (recorded in the saved model's
-        config), or None when there is nothing to train (the default).
-        """
-        return None
 
     # --- evaluation -----------------------------------------------------------------------------
     def sweep_offline(
@@ -231,3 +233,22 @@ class AdaptiveClassifier(nn.Module):
         from adaptinf.predict import predict_texts
 
         return predict_texts(self, texts, batch_size=batch_size, progress=progress)
+
+
+@torch.inference_mode()
+def accuracy(model: AdaptiveClassifier, enc: Encoded, batch_size: int = 64, pad_id: int = 0,
+             knob: float | None = AT_DEFAULT) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the model on an encoded split, at `knob` (default: the
+    model's operating point). Eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    try:
+        for b in eval_batches(enc, batch_size, pad_id):
+            out = model(b.input_ids, b.attention_mask, knob=knob)
+            correct += int((out.logits.argmax(-1) == b.labels).sum())
+            loss += float(F.cross_entropy(out.logits, b.labels, reduction="sum"))
+            n += len(b.labels)
+    finally:
+        model.train(was_training)
+    return correct / n, loss / n

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptinf.steps import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings
-from adaptinf.train import TrainConfig
+from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings
+from adaptinf.settings import TrainConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 PENDING_METHODS: tuple[str, ...] = ()  # may appear in a preset before they are registered; the run skips them
@@ -94,7 +94,7 @@ _TRAIN = TrainConfig()  # the preset's training defaults are the trainer's own
 
 @dataclass
 class TrainSettings:
-    """Training of the dense baseline or of a method: the fields of `adaptinf.train.TrainConfig` a
+    """Training of the dense baseline or of a method: the fields of `adaptinf.settings.TrainConfig` a
     preset sets (the seed comes from the run; evaluation batch size and logging keep their defaults)."""
 
     epochs: int = _TRAIN.epochs

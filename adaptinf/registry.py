@@ -1,34 +1,92 @@
-"""The method registry: name -> model class. Registering a method subjects it to the contract tests."""
+"""The catalogue: every method, by name, with its model class and its training recipe.
+
+`METHODS` is written out here, the one place a newcomer sees every method. Entries are checked by
+the contract tests (tests/test_contract.py). The model classes (`adaptinf.methods`) know nothing of
+training or disk; the recipes (`adaptinf.recipes`) train them; this module sits above both, and so
+does loading a saved model by its method name (`load_model`, `adaptinf.load`).
+"""
 
 from __future__ import annotations
 
-from adaptinf.model import AdaptiveClassifier
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-_METHODS: dict[str, type[AdaptiveClassifier]] = {}
+from adaptinf.checkpoint import load_weights, read_config
+from adaptinf.methods.acm import AcmClassifier
+from adaptinf.methods.dense import DenseClassifier
+from adaptinf.methods.early_exit import EarlyExitClassifier, MultiModelClassifier, SweetClassifier
+from adaptinf.methods.planer import PlanerClassifier
+from adaptinf.methods.sharcs import SharcsClassifier
+from adaptinf.model import AdaptiveClassifier, ModelSpec
+from adaptinf.recipes import acm as acm_recipe
+from adaptinf.recipes import early_exit as early_exit_recipe
+from adaptinf.recipes import planer as planer_recipe
+from adaptinf.recipes import sharcs as sharcs_recipe
+
+# fit(model, train, val, cfg, out_dir, progress=True, restart=False) -> JSON-ready summary
+Recipe = Callable[..., dict]
 
 
-def register(cls: type[AdaptiveClassifier]) -> type[AdaptiveClassifier]:
-    """Class decorator: `@register` on an AdaptiveClassifier subclass with a unique `method` name."""
-    if not cls.method:
-        raise ValueError(f"{cls.__name__} must set the class attribute `method` before registering")
-    if cls.method in _METHODS and _METHODS[cls.method] is not cls:
-        raise ValueError(f"method {cls.method!r} is already registered by {_METHODS[cls.method].__name__}")
-    _METHODS[cls.method] = cls
-    return cls
+@dataclass(frozen=True)
+class Method:
+    """A catalogue entry: the model class (config, conversion, forward, knob, cost) and the recipe
+    that trains what conversion adds (None: the converted model is ready as it is)."""
+
+    model: type[AdaptiveClassifier]
+    fit: Recipe | None = None
 
 
-def _ensure_loaded() -> None:
-    import adaptinf.methods  # noqa: F401  (importing registers the built-in methods)
+METHODS: dict[str, Method] = {
+    "dense": Method(DenseClassifier),
+    "ee": Method(EarlyExitClassifier, early_exit_recipe.fit),
+    "sweet": Method(SweetClassifier, early_exit_recipe.fit),
+    "multi-model": Method(MultiModelClassifier, early_exit_recipe.fit),
+    "sharcs": Method(SharcsClassifier, sharcs_recipe.fit),
+    "acm": Method(AcmClassifier, acm_recipe.fit),
+    "planer": Method(PlanerClassifier, planer_recipe.fit),
+}
 
 
 def list_methods() -> list[str]:
-    """Registered method names, the dense baseline first."""
-    _ensure_loaded()
-    return sorted(_METHODS, key=lambda n: (n != "dense", n))
+    """Method names, the dense baseline first."""
+    return sorted(METHODS, key=lambda n: (n != "dense", n))
+
+
+def _entry(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    return METHODS[name]
 
 
 def get_method(name: str) -> type[AdaptiveClassifier]:
-    _ensure_loaded()
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
-    return _METHODS[name]
+    """The model class of method `name` (ValueError naming the known methods otherwise)."""
+    return _entry(name).model
+
+
+def get_recipe(name: str) -> Recipe | None:
+    """The training recipe of method `name`, or None when conversion alone makes the model."""
+    return _entry(name).fit
+
+
+def needs_training(name: str) -> bool:
+    return get_recipe(name) is not None
+
+
+def load_model(directory: str | os.PathLike, expect_method: str | None = None, with_tokenizer: bool = True) -> AdaptiveClassifier:
+    """Rebuild a saved model without re-running conversion; the tokenizer is attached when present."""
+    d = Path(directory)
+    cfg = read_config(d)
+    if expect_method is not None and cfg["method"] != expect_method:
+        raise ValueError(f"{d} holds a {cfg['method']!r} model, expected {expect_method!r}")
+    cls = get_method(cfg["method"])
+    model = cls(ModelSpec.from_dict(cfg["spec"]), cls.Config.from_dict(cfg["method_config"]))
+    load_weights(model, d, cfg["method"])
+    model.set_knob(cfg.get("knob"))
+    model.eval()
+    if with_tokenizer and (d / "tokenizer.json").is_file():
+        from adaptinf.hf import load_tokenizer
+
+        model.tokenizer = load_tokenizer(d)
+    return model

@@ -133,7 +133,7 @@ class _Job:
 
 def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = False) -> RunResult:
     """Run (or resume) the whole job for `cfg` into `out`; see the module docstring."""
-    from adaptinf.checkpoint import load_model
+    from adaptinf.registry import load_model
     from adaptinf.evaluate import read_points, write_points
     from adaptinf.steps import convert_method, dense_from_pretrained, evaluate_splits, finetune_dense, load_task
 
@@ -273,7 +273,7 @@ def measure_latency(chosen, task, seed: int, cfg: RunConfig, out: Path, progress
     """Time the chosen points against dense in one interleaved run; write bench.csv/json to out and
     return, per timed point, its latency fields."""
     from adaptinf.bench import format_table, write_bench
-    from adaptinf.checkpoint import load_model
+    from adaptinf.registry import load_model
     from adaptinf.steps import encode_split, time_points
 
     run_dir = out.parent

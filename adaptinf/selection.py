@@ -96,7 +96,8 @@ def _name(p: OperatingPoint) -> str:
 
 def export(run_dir: str | Path, budget: Budget, out: str | Path) -> tuple[Path, OperatingPoint, OperatingPoint | None]:
     """Select under `budget` and save the chosen model with its knob fixed to `out`."""
-    from adaptinf.checkpoint import load_model, read_config, save_model
+    from adaptinf.checkpoint import read_config, save_model
+    from adaptinf.registry import load_model
 
     run = Path(run_dir)
     chosen, twin = select_point(run_points(run), budget)

@@ -8,47 +8,16 @@ time chosen operating points against dense in one interleaved run.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from adaptinf.data import Encoded, TaskData
     from adaptinf.evaluate import OperatingPoint
     from adaptinf.model import AdaptiveClassifier
-    from adaptinf.train import TrainConfig
-
-DEFAULT_MODEL = "minilm-l6"
-DEFAULT_DATA = "rotten-tomatoes"
-
-
-@dataclass
-class TaskSettings:
-    """Which task a model is trained and evaluated on; recorded in every saved model as extra.task."""
-
-    data: str = DEFAULT_DATA
-    text_column: str = "text"
-    label_column: str = "label"
-    group_column: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("data", "text_column", "label_column"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"TaskSettings.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if self.group_column is not None and not isinstance(self.group_column, str):
-            raise ValueError(f"TaskSettings.group_column must be a string or None, got {self.group_column!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"TaskSettings.seed must be an integer, got {self.seed!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TaskSettings:
-        known = {k: d[k] for k in ("data", "text_column", "label_column", "group_column", "seed") if d.get(k) is not None}
-        return cls(**known)
-
+    from adaptinf.settings import TrainConfig
 
 def load_task(settings: TaskSettings, labels=None) -> TaskData:
     from adaptinf.data import load_task as _load
@@ -107,7 +76,7 @@ def dense_from_pretrained(model_name: str, labels, max_length: int, classifier_d
 def load_source(source: str, task: TaskSettings | None, max_length: int, seed: int):
     """The dense model a method starts from: a dense model directory, or a pretrained model (built-in
     name or HF checkpoint) with a fresh head. Returns (dense model, recorded task settings or None)."""
-    from adaptinf.checkpoint import load_model
+    from adaptinf.registry import load_model
     from adaptinf.methods.dense import DenseClassifier
 
     if is_model_dir(source):
@@ -139,9 +108,10 @@ def finetune_dense(
 ) -> dict | None:
     """Fine-tune the dense baseline into out/ (best/, last/, metrics.csv, summary.json); resumable.
     Returns the summary (None on ranks other than 0 under torchrun)."""
-    from adaptinf.checkpoint import load_model
+    from adaptinf.registry import load_model
     from adaptinf.data import encode, subsample
-    from adaptinf.train import accuracy, dist_info, finetune
+    from adaptinf.model import accuracy
+    from adaptinf.recipes.finetune import dist_info, finetune
 
     rank, _ = dist_info()
     task = task or load_task(task_settings)
@@ -191,10 +161,10 @@ def convert_method(
     (state in `train_dir`, default out/train; resumable), and save the model to `out`.
     Returns the model (None on ranks other than 0 under torchrun)."""
     from adaptinf.checkpoint import save_model
-    from adaptinf.registry import get_method
-    from adaptinf.train import dist_info
+    from adaptinf.recipes.finetune import dist_info
+    from adaptinf.registry import get_method, get_recipe
 
-    cls = get_method(method)
+    cls, recipe = get_method(method), get_recipe(method)
     config = cls.Config.from_dict(dict(sets))
     model = cls.from_dense(dense, config)
     model.tokenizer = dense.tokenizer
@@ -202,7 +172,7 @@ def convert_method(
     if task_settings is not None:
         extra["task"] = task_settings.to_dict()
     rank = 0
-    if cls.needs_training:
+    if recipe is not None:
         if task_settings is None or cfg is None:
             raise ValueError(f"method {method!r} trains after conversion: it needs the task and training settings")
         rank, _ = dist_info()
@@ -212,7 +182,7 @@ def convert_method(
         state = Path(train_dir) if train_dir is not None else Path(out) / "train"
         if rank == 0:
             print(f"{task.summary()}; training {method} on {len(train)} samples (state in {state})")
-        summary = model.fit(train, val, cfg, state, progress=progress, restart=restart)
+        summary = recipe(model, train, val, cfg, state, progress=progress, restart=restart)
         if summary:
             extra["training"] = summary
     if rank != 0:
@@ -289,7 +259,7 @@ def time_points(
         cases[key] = model_case(models[str(p.model_dir)], p.knob)
         keys[id(p)] = key
     if compare_hf:
-        from adaptinf.hf import to_hf_sequence_classifier
+        from adaptinf.methods.dense import to_hf_sequence_classifier
 
         cases["transformers"] = hf_case(to_hf_sequence_classifier(dense))
     rows = run_bench(cases, batches, repeats=repeats, warmup=warmup, reference="dense", progress=progress)

@@ -30,7 +30,8 @@ from adaptinf.data import encode, eval_batches, rotten_tomatoes, steps_per_epoch
 from adaptinf.hf import load_encoder, load_tokenizer, resolve_model_path
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import ModelSpec
-from adaptinf.train import TrainConfig, lr_at, make_optimizer
+from adaptinf.recipes.finetune import lr_at, make_optimizer
+from adaptinf.settings import TrainConfig
 
 
 @torch.inference_mode()

@@ -10,7 +10,7 @@ from test_acm import distilled
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     model = distilled(out, workers=1)
-    from adaptinf.train import dist_info
+    from adaptinf.recipes.finetune import dist_info
 
     if dist_info()[0] == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))

@@ -9,7 +9,8 @@ import sys
 
 from test_train import tiny_data, tiny_model
 
-from adaptinf.train import TrainConfig, finetune
+from adaptinf.recipes.finetune import finetune
+from adaptinf.settings import TrainConfig
 
 if __name__ == "__main__":
     out = sys.argv[1]

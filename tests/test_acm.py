@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from conftest import make_tiny_dense, random_batch, random_encoded
 from safetensors.torch import load_file
 
-from adaptinf.checkpoint import load_model, save_model
+from adaptinf.checkpoint import save_model
+from adaptinf.registry import load_model
 from adaptinf.cli import main
 from adaptinf.data import Encoded
 from adaptinf.methods.acm import AcmClassifier, AcmConfig, Learners, split_linear, sufficient_k
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.train import TrainConfig
+from adaptinf.settings import TrainConfig
 
 VOCAB, D, FF, C, HEADS = 60, 16, 32, 3, 2
 

@@ -13,7 +13,7 @@ from conftest import make_tiny_spec
 
 from adaptinf.bench import BenchRow, format_table, hf_case, make_batches, model_case, run_bench, write_bench
 from adaptinf.data import Encoded, collate
-from adaptinf.hf import to_hf_sequence_classifier
+from adaptinf.methods.dense import to_hf_sequence_classifier
 from adaptinf.methods.dense import DenseClassifier
 
 STAMPS = ("machine", "device", "torch_threads", "torch_version", "python_version", "timestamp")
@@ -150,8 +150,8 @@ def test_rows_carry_analytic_flops_reduction_and_realisation(one_thread):
              "hf": hf_case(to_hf_sequence_classifier(dense))}
     rows = {r.case: r for r in run_bench(cases, batches, repeats=2, warmup=0, progress=False)}
     with torch.inference_mode():
-        expect = {name: sum(float(m(b.input_ids, b.attention_mask).flops.sum()) for b in batches[4]) / 12 / 1e9
-                  for name, m in (("dense", dense), ("ee", ee))}
+        expect = {name: sum(float(m(b.input_ids, b.attention_mask, knob=k).flops.sum()) for b in batches[4]) / 12 / 1e9
+                  for name, m, k in (("dense", dense, None), ("ee", ee, 0.5))}
     for name in ("dense", "ee"):
         assert rows[name].gflops_per_sample == pytest.approx(expect[name], rel=1e-12)
     assert rows["dense"].flops_reduction_vs_reference == 1.0

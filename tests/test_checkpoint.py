@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from adaptinf import hf
 from adaptinf.backbone import EncoderConfig
-from adaptinf.checkpoint import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, load_model, read_config, save_model
+from adaptinf.checkpoint import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_config, save_model
+from adaptinf.registry import load_model
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import ModelSpec
 

@@ -11,7 +11,8 @@ import torch
 from conftest import TINY_LENGTHS, make_batch
 
 import adaptinf
-from adaptinf.checkpoint import load_model, save_model
+from adaptinf.checkpoint import save_model
+from adaptinf.registry import load_model
 from adaptinf.data import Encoded, collate
 from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig
 from adaptinf.registry import get_method

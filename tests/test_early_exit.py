@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import make_batch, make_tiny_dense, make_tiny_spec
 
 import adaptinf
-from adaptinf.checkpoint import load_model, save_model
+from adaptinf.checkpoint import save_model
+from adaptinf.registry import load_model
 from adaptinf.cli import main
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.evaluate import evaluate_model

@@ -24,7 +24,7 @@ from adaptinf.evaluate import (
     write_points,
 )
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.model import ClassifierOutput
+from adaptinf.model import AT_DEFAULT, ClassifierOutput
 from adaptinf.report import write_report
 
 SPEC = make_tiny_spec(vocab_size=100, labels=("a", "b"))
@@ -59,11 +59,12 @@ class KnobbedDense(DenseClassifier):
     def knob_values(self):
         return [0.25, 0.5, 1.0]
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
-        if self.knob == 99.0:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
+        knob = self.run_knob(knob)
+        if knob == 99.0:
             raise RuntimeError("boom")
         out = super().forward(input_ids, attention_mask, token_type_ids)
-        scale = 1.0 if self.knob is None else self.knob
+        scale = 1.0 if knob is None else knob
         exit_layer = (attention_mask.sum(1) > 10).long() + 1  # [b] 1 or 2
         return ClassifierOutput(out.logits, out.flops * scale, extras={"exit_layer": exit_layer})
 
@@ -122,9 +123,10 @@ class StepDense(KnobbedDense):
     def knob_values(self):
         return [1.0, 0.5, 0.0]  # a descending grid
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
+        knob = self.run_knob(knob)
         out = DenseClassifier.forward(self, input_ids, attention_mask, token_type_ids)
-        return ClassifierOutput(out.logits, out.flops * (1.0 if self.knob >= 0.6 else 0.1))
+        return ClassifierOutput(out.logits, out.flops * (1.0 if knob >= 0.6 else 0.1))
 
 
 def test_refine_knobs_bisects_only_where_the_cost_jumps():

@@ -6,7 +6,7 @@ import sys
 
 def test_import_is_light():
     code = (
-        "import sys, adaptinf, adaptinf.cli, adaptinf.train, adaptinf.evaluate, adaptinf.report, adaptinf.bench;"
+        "import sys, adaptinf, adaptinf.cli, adaptinf.recipes.finetune, adaptinf.evaluate, adaptinf.report, adaptinf.bench;"
         "adaptinf.list_methods(); adaptinf.cli.build_parser();"
         "heavy = [m for m in ('matplotlib', 'transformers', 'tokenizers') if m in sys.modules];"
         "assert not heavy, heavy"

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import adaptinf
 from adaptinf.backbone import EncoderConfig
-from adaptinf.checkpoint import load_model, save_model
+from adaptinf.checkpoint import save_model
+from adaptinf.registry import load_model
 from adaptinf.cli import main
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
@@ -26,7 +27,7 @@ from adaptinf.methods.sharcs import (
     hardness_labels,
 )
 from adaptinf.model import ModelSpec
-from adaptinf.train import TrainConfig
+from adaptinf.settings import TrainConfig
 
 VOCAB, D, HEADS, FF, C, LAYERS = 60, 32, 4, 64, 3, 3
 HD = D // HEADS

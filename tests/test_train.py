@@ -16,7 +16,8 @@ from adaptinf.backbone import EncoderConfig
 from adaptinf.data import Encoded
 from adaptinf.methods.dense import DenseClassifier, DenseConfig
 from adaptinf.model import ModelSpec
-from adaptinf.train import TrainConfig, finetune, lr_at
+from adaptinf.recipes.finetune import finetune, lr_at
+from adaptinf.settings import TrainConfig
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

@@ -24,7 +24,7 @@ Training (`fit`, one verb, three phases, each resumable under out_dir):
    error by less than a factor tau" (`sufficient_k`), plain cross-entropy, learners frozen; also
    module-wise and parallel the same way. The label histogram per module is the "sufficient k"
    distribution the summary reports.
-3. `e2e/`: end-to-end fine-tuning of the whole model with `adaptinf.train.finetune` (resumable
+3. `e2e/`: end-to-end fine-tuning of the whole model with `adaptinf.recipes.finetune.finetune` (resumable
    mid-epoch, DDP under torchrun): task loss + budget + entropy + diversity terms. The gate's
    Gumbel-softmax hard one-hot (straight-through) multiplies the cumulative learner outputs, so the
    task loss reaches the gates.
@@ -61,8 +61,7 @@ from adaptinf import flops
 from adaptinf.backbone import Encoder, EncoderConfig, attention_bias
 from adaptinf.data import Encoded
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
-from adaptinf.registry import register
+from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
 TARGETS = ("ffn", "attn")
 ATTN_PROJECTIONS = ("q", "k", "v", "out")
@@ -317,7 +316,6 @@ class _Routing:
 # --- the model -------------------------------------------------------------------------------------
 
 
-@register
 class AcmClassifier(AdaptiveClassifier):
     """The dense classifier with every target module replaced by learners and a gate.
 
@@ -400,19 +398,20 @@ class AcmClassifier(AdaptiveClassifier):
     def knob_values(self) -> list[float]:
         return list(KNOB_VALUES)
 
-    def set_knob(self, value: float | None) -> None:
+    def check_knob(self, value: float | None) -> float | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise ValueError(f"acm: the gate_bias knob must be a finite number (added as -knob * k to the gate logits), got {value!r}")
-        super().set_knob(None if value is None else float(value))
+        return super().check_knob(None if value is None else float(value))
 
     # --- forward --------------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
+        knob = self.run_knob(knob)
         b, s = input_ids.shape
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
         bias = attention_bias(attention_mask, h.dtype)
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
         mode = "train" if self.training else ("fixed" if self.forced_k is not None else "gate")
-        ctx = _Routing(real, torch.div(real, s, rounding_mode="floor"), b, s, mode, self.knob, self.forced_k)
+        ctx = _Routing(real, torch.div(real, s, rounding_mode="floor"), b, s, mode, knob, self.forced_k)
         for block, mods in zip(self.encoder.blocks, self.acm):
             if "q" in mods:
                 h = self._attention(block.attention, mods, h, bias, ctx)
@@ -522,9 +521,10 @@ class AcmClassifier(AdaptiveClassifier):
 
     # --- training: the three phases ----------------------------------------------------------------
     def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
-        """Phase 1 (distill/), phase 2 (gates/), phase 3 (e2e/, `adaptinf.train.finetune`), each
+        """Phase 1 (distill/), phase 2 (gates/), phase 3 (e2e/, `adaptinf.recipes.finetune.finetune`), each
         resumed from out_dir when rerun with the same settings. Returns a summary."""
-        from adaptinf.train import _barrier, accuracy, dist_info, finetune
+        from adaptinf.model import accuracy
+        from adaptinf.recipes.finetune import barrier as _barrier, dist_info, finetune
 
         rank, world = dist_info()
         out = Path(out_dir)
@@ -565,7 +565,7 @@ class AcmClassifier(AdaptiveClassifier):
     def _phase(self, phase: str, train: Encoded, cfg, out: Path, progress: bool) -> dict:
         """Run phase "distill" or "gates" module-wise (resumable per module), in parallel across
         torchrun ranks or `workers` processes, and load every module's result. Returns per-module stats."""
-        from adaptinf.train import _barrier, dist_info
+        from adaptinf.recipes.finetune import barrier as _barrier, dist_info
 
         rank, world = dist_info()
         c = self.config
@@ -611,7 +611,8 @@ class AcmClassifier(AdaptiveClassifier):
         result does not depend on which other modules trained beside it. Writes out/<name>.*."""
         from adaptinf.checkpoint import save_tensors_atomic, write_json_atomic
         from adaptinf.data import steps_per_epoch, train_batches
-        from adaptinf.train import TrainConfig, lr_at
+        from adaptinf.recipes.finetune import lr_at
+        from adaptinf.settings import TrainConfig
 
         c = self.config
         teacher = self._teacher[0]

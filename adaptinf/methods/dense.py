@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from adaptinf import flops
+from adaptinf.hf import BERT_FIELDS, hf_weight_names
 from adaptinf.backbone import Encoder, attention_bias
-from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
-from adaptinf.registry import register
+from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
 
 @dataclass
@@ -22,7 +22,6 @@ class DenseConfig(MethodConfig):
             raise ValueError(f"DenseConfig.classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
 
 
-@register
 class DenseClassifier(AdaptiveClassifier):
     """BERT-style sequence classifier: encoder -> pooler -> dropout -> Linear."""
 
@@ -46,9 +45,47 @@ class DenseClassifier(AdaptiveClassifier):
         model.load_state_dict(dense.state_dict())
         return model
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
+        self.run_knob(knob)  # dense has no knob: anything but None is refused
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
         h = self.encoder.run_blocks(h, attention_bias(attention_mask, h.dtype))
         logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
         cost = flops.dense_model(flops.lengths_of(attention_mask), self.spec.encoder, self.spec.num_labels)
         return ClassifierOutput(logits=logits, flops=cost.to(torch.float64))
+
+    @torch.no_grad()
+    def to_hf(self):
+        """This model as a `transformers.BertForSequenceClassification` (SDPA attention), logits equal.
+
+        The inverse of `adaptinf.hf.copy_weights_from_hf`: the fused q/k/v projection is split back
+        into query/key/value, and the pooler and classifier are copied as they are. The result is in
+        eval mode on this model's device and dtype; `adaptinf bench --compare-hf` times it against ours.
+        """
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = self.spec.encoder
+        hf_config = BertConfig(**{f: getattr(cfg, f) for f in BERT_FIELDS}, hidden_act="gelu",
+                               classifier_dropout=self.config.classifier_dropout, num_labels=self.spec.num_labels,
+                               attn_implementation="sdpa")
+        enc = self.encoder
+        sd = {f"bert.{key}": tensor for tensor, key in hf_weight_names(enc)}
+        sd.update({
+            "bert.pooler.dense.weight": enc.pooler.dense.weight,
+            "bert.pooler.dense.bias": enc.pooler.dense.bias,
+            "classifier.weight": self.classifier.weight,
+            "classifier.bias": self.classifier.bias,
+        })
+        ref = self.classifier.weight
+        hf_model = BertForSequenceClassification(hf_config).to(device=ref.device, dtype=ref.dtype)
+        hf_model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+        return hf_model.eval()
+
+
+def to_hf_sequence_classifier(dense: AdaptiveClassifier):
+    """`dense.to_hf()`, refusing a model that is not dense (adaptive methods have no transformers equivalent)."""
+    if not isinstance(dense, DenseClassifier):
+        raise ValueError(
+            f"to_hf_sequence_classifier needs a dense model (DenseClassifier), got {type(dense).__name__}; "
+            "adaptive methods have no transformers equivalent"
+        )
+    return dense.to_hf()

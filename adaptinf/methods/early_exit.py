@@ -47,8 +47,7 @@ from adaptinf import flops
 from adaptinf.backbone import Encoder, attention_bias
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier, DenseConfig
-from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
-from adaptinf.registry import register
+from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
 
 POLICIES = ("max-softmax", "entropy", "patience")
 POOLINGS = ("cls", "mean")
@@ -268,9 +267,9 @@ class MultiExitClassifier(AdaptiveClassifier):
         grid = math.log(c) * (1.0 - u)  # log C (nearly everything exits first) .. near 0
         return sorted({round(float(v), 6) for v in grid} | {ENTROPY_NEVER}, reverse=True)
 
-    def set_knob(self, value: float | None) -> None:
+    def check_knob(self, value: float | None) -> float | None:
         self._check_knob(value)
-        super().set_knob(value)
+        return super().check_knob(value)
 
     def knob_between(self, a: float, b: float) -> float | None:
         if self.config.policy != "patience":
@@ -323,14 +322,15 @@ class MultiExitClassifier(AdaptiveClassifier):
         return (self.layers_run[exit_index] * per_block + heads).to(torch.float64)
 
     # --- forward --------------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
+        knob = self.run_knob(knob)
         lengths = flops.lengths_of(attention_mask)  # [b]
-        if self.training or self.knob is None:
+        if self.training or knob is None:
             exit_logits = self.all_exit_logits(input_ids, attention_mask, token_type_ids)  # [n, b, C]
             last = torch.full_like(lengths, self.num_exits - 1)
             extras = {"exit_logits": exit_logits, "exit": last}
             return ClassifierOutput(logits=exit_logits[-1], flops=self.cost(last, lengths), extras=extras)
-        logits, exit_index = self._exit_early(input_ids, attention_mask, token_type_ids, lengths, self.knob)
+        logits, exit_index = self._exit_early(input_ids, attention_mask, token_type_ids, lengths, knob)
         return ClassifierOutput(logits=logits, flops=self.cost(exit_index, lengths), extras={"exit": exit_index})
 
     def all_exit_logits(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
@@ -402,13 +402,13 @@ class MultiExitClassifier(AdaptiveClassifier):
         return loss
 
     def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
-        """Train every exit with `adaptinf.train.finetune` and this model's loss (resumable from
+        """Train every exit with `adaptinf.recipes.finetune.finetune` and this model's loss (resumable from
         out_dir), keep the epoch best on validation (by the last exit's accuracy, finetune's
         criterion), then fit the temperatures on `val`. Returns a summary."""
         from safetensors.torch import load_file
 
         from adaptinf.checkpoint import WEIGHTS_FILE
-        from adaptinf.train import finetune
+        from adaptinf.recipes.finetune import finetune
 
         knob = self.knob
         self.set_knob(None)  # finetune validates with the full forward (logits = the last exit)
@@ -516,7 +516,6 @@ class MultiExitClassifier(AdaptiveClassifier):
 # --- EE and SWEET: one backbone, a head after each exit layer ---------------------------------------
 
 
-@register
 class EarlyExitClassifier(MultiExitClassifier):
     """One backbone with an exit head after each exit layer; every exit trains all layers below it."""
 
@@ -561,7 +560,6 @@ class EarlyExitClassifier(MultiExitClassifier):
         return h[rows, :length], bias[rows, :, :, :length], layer
 
 
-@register
 class SweetClassifier(EarlyExitClassifier):
     """EE with the hidden state detached at each exit boundary in training (SWEET, ACL 2023)."""
 
@@ -575,13 +573,12 @@ class SweetClassifier(EarlyExitClassifier):
 # --- Multi-Model: a cascade of independent models of increasing depth -------------------------------
 
 
-@register
 class MultiModelClassifier(MultiExitClassifier):
     """One independent model per exit depth e_i, run as a cascade at inference.
 
     Training minimises the sum of the sub-models' cross-entropies; their parameters are disjoint,
     so each sub-model gets exactly its own gradient. Note that gradient clipping in
-    `adaptinf.train.finetune` is over the global norm of all sub-models together.
+    `adaptinf.recipes.finetune.finetune` is over the global norm of all sub-models together.
     """
 
     method = "multi-model"

@@ -72,8 +72,7 @@ from adaptinf import flops
 from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, attention_bias
 from adaptinf.data import Encoded
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
-from adaptinf.registry import register
+from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
 ATTN = ("full", "half", "skip")
 FFN = ("dense", "half", "skip")  # plus "moe<k>"
@@ -390,13 +389,13 @@ class _Tokens:
     real: torch.Tensor  # [T] flat positions (b * s) of the real tokens
     sample: torch.Tensor  # [T] the sample each belongs to
     batch: int
+    knob: float | None = None  # tau for this call
     experts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T] experts run per token
 
 
 # --- the model -------------------------------------------------------------------------------------
 
 
-@register
 class PlanerClassifier(AdaptiveClassifier):
     """The dense classifier with a per-layer choice of attention and FFN blocks (MoE among them).
 
@@ -484,20 +483,21 @@ class PlanerClassifier(AdaptiveClassifier):
     def knob_values(self) -> list[float]:
         return list(KNOB_VALUES)
 
-    def set_knob(self, value: float | None) -> None:
+    def check_knob(self, value: float | None) -> float | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or not 0 <= value <= 1):
             raise ValueError(f"planer: the tau knob must be a number in [0, 1] (dynamic-k threshold: experts "
                              f">= (1 - tau) * max among the top k), got {value!r}")
-        super().set_knob(None if value is None else float(value))
+        return super().check_knob(None if value is None else float(value))
 
     # --- forward --------------------------------------------------------------------------------
-    def prepare(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, torch.Tensor, _Tokens]:
-        """Embeddings [b, s, d], the SDPA mask and the real-token context of a batch."""
+    def prepare(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> tuple[torch.Tensor, torch.Tensor, _Tokens]:
+        """Embeddings [b, s, d], the SDPA mask and the real-token context of a batch (with the knob)."""
         b, s = input_ids.shape
         h = self.encoder.embed(input_ids, token_type_ids)
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
-        return h, attention_bias(attention_mask, h.dtype), _Tokens(real, torch.div(real, s, rounding_mode="floor"), b)
+        return h, attention_bias(attention_mask, h.dtype), _Tokens(real, torch.div(real, s, rounding_mode="floor"), b,
+                                                                  knob=self.run_knob(knob))
 
     def run_layer(self, layer: int, h: torch.Tensor, bias: torch.Tensor, ctx: _Tokens,
                   slot: tuple[str, str, int] | None = None) -> torch.Tensor:
@@ -509,7 +509,7 @@ class PlanerClassifier(AdaptiveClassifier):
             h = block.attention(h, bias)
         elif a == "half":
             h = attention_heads(block.attention, h, bias, half_heads(cfg), block.attention.attn_dropout if self.training else 0.0)
-        if f == "dense" and self.knob is not None and self.knob < 1:
+        if f == "dense" and ctx.knob is not None and ctx.knob < 1:
             h = self._moe(layer, block.ffn, h, ctx, self.config.num_experts)  # the knob thins dense FFNs too
         elif f == "dense":
             h = block.ffn(h)
@@ -524,14 +524,14 @@ class PlanerClassifier(AdaptiveClassifier):
         flat = h.reshape(b * s, d)
         x = flat.index_select(0, ctx.real)  # [T, d]
         with torch.no_grad():
-            sel = select_experts(self.routers[layer](x), k, self.knob)  # [T, E]
+            sel = select_experts(self.routers[layer](x), k, ctx.knob)  # [T, E]
         y = grouped_experts(x, sel, ffn.up.weight, ffn.up.bias, ffn.down.weight) + ffn.down.bias  # [T, d]
         ctx.experts[layer] = sel.sum(dim=1)
         out = flat.new_zeros(b * s, d).index_copy(0, ctx.real, y)  # padding rows: 0
         return ffn.norm(h + ffn.dropout(out.view(b, s, d)))
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> ClassifierOutput:
-        h, bias, ctx = self.prepare(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
+        h, bias, ctx = self.prepare(input_ids, attention_mask, token_type_ids, knob)
         for layer in range(len(self.encoder.blocks)):
             h = self.run_layer(layer, h, bias, ctx)
         logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
@@ -544,7 +544,7 @@ class PlanerClassifier(AdaptiveClassifier):
         aux = None
         if self.training and self._teacher and self.config.distill_weight > 0:
             with torch.no_grad():
-                t_logits = self._teacher[0](input_ids, attention_mask, token_type_ids).logits
+                t_logits = self._teacher[0](input_ids, attention_mask, token_type_ids, knob=None).logits
             T = self.config.distill_temperature
             kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
                           reduction="batchmean")
@@ -587,9 +587,10 @@ class PlanerClassifier(AdaptiveClassifier):
         step resumed from out_dir when rerun. Under torchrun, rank 0 does the routers, table and
         search (the others read its files, so every rank has the same architecture), all ranks
         fine-tune, rank 0 measures. Returns the summary (rank 0; {} elsewhere)."""
-        from adaptinf import latency
+        from adaptinf.recipes import latency_table as latency
         from adaptinf.checkpoint import save_tensors_atomic, write_json_atomic
-        from adaptinf.train import _barrier, accuracy, dist_info, finetune
+        from adaptinf.model import accuracy
+        from adaptinf.recipes.finetune import barrier as _barrier, dist_info, finetune
 
         rank, _ = dist_info()
         c = self.config
@@ -698,7 +699,7 @@ class PlanerClassifier(AdaptiveClassifier):
         by the miss and continue the descent from it (at most `rounds` searches). The table's absolute
         times drift with the machine's load, so the target is checked as the measured ratio to dense
         (a relative target, so drift cancels) or as measured milliseconds (a target in ms)."""
-        from adaptinf import latency
+        from adaptinf.recipes import latency_table as latency
 
         c, layers = self.config, self.spec.encoder.num_hidden_layers
         dense_est = table.dense_ms(layers)

@@ -49,8 +49,7 @@ from adaptinf import flops
 from adaptinf.backbone import Attention, Encoder, FeedForward, attention_bias
 from adaptinf.data import Encoded, collate, eval_batches
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.model import AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
-from adaptinf.registry import register
+from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
 
 LOGIT_CAP = 30.0  # router logits are clamped to +-30 for the decision (sigmoid(30) is 1 in float32)
 KNOB_EXTREME = 100.0  # |bias| > 2 * LOGIT_CAP: every sample goes to the smallest / largest width
@@ -313,7 +312,6 @@ def epoch_plan(assigned: torch.Tensor, n_widths: int, batch_size: int, oversampl
 # --- the model ---------------------------------------------------------------------------------------
 
 
-@register
 class SharcsClassifier(AdaptiveClassifier):
     """Full-width layers 1..k, a router, then layers k+1..L at the routed width (see the module doc).
 
@@ -399,9 +397,9 @@ class SharcsClassifier(AdaptiveClassifier):
         steps = [0.125 * 2 ** (i / 2) for i in range(17)]  # 0.125 .. 32
         return [-KNOB_EXTREME] + [-v for v in reversed(steps)] + [0.0] + steps + [KNOB_EXTREME]
 
-    def set_knob(self, value: float | None) -> None:
+    def check_knob(self, value: float | None) -> float | None:
         self._check_knob(value)
-        super().set_knob(None if value is None else float(value))
+        return super().check_knob(None if value is None else float(value))
 
     def _check_knob(self, value) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
@@ -489,8 +487,9 @@ class SharcsClassifier(AdaptiveClassifier):
             logits[rows] = z
         return logits
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, width: int | None = None,
+    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT, width: int | None = None,
                 router_targets: torch.Tensor | None = None) -> ClassifierOutput:
+        knob = self.run_knob(knob)
         lengths = flops.lengths_of(attention_mask)  # [b]
         h, bias, z = self._prefix(input_ids, attention_mask, token_type_ids)
         extras: dict[str, Any] = {"router_logits": z}
@@ -506,7 +505,7 @@ class SharcsClassifier(AdaptiveClassifier):
             logits, index = width_logits[-1], torch.full_like(lengths, self.num_widths - 1)
             cost = (self._shared_cost(lengths) + self._suffix_costs(lengths).sum(dim=0)).to(torch.float64)
         else:
-            index = self.route(z, self.knob)
+            index = self.route(z, knob)
             logits = self._routed(h, bias, lengths, index)
             cost = self.cost(index, lengths)
         extras["width_pct"] = self.width_pct[index]
@@ -654,7 +653,7 @@ class SharcsClassifier(AdaptiveClassifier):
     def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
         """Train every width and the router as the paper does (see `_train`), after importance
         reordering; keep the best epoch on validation. Resumable per epoch from out_dir."""
-        from adaptinf.train import dist_info
+        from adaptinf.recipes.finetune import dist_info
 
         _, world = dist_info()
         if world > 1:
@@ -685,7 +684,7 @@ class SharcsClassifier(AdaptiveClassifier):
         from safetensors.torch import load_file
 
         from adaptinf.checkpoint import WEIGHTS_FILE, save_model, save_tensors_atomic, write_json_atomic
-        from adaptinf.train import _load_state, _save_state, make_optimizer
+        from adaptinf.recipes.finetune import load_state as _load_state, make_optimizer, save_state as _save_state
 
         c, n, n_w = self.config, len(train), self.num_widths
         pad = self.spec.encoder.pad_token_id

@@ -1,0 +1,81 @@
+"""Plain settings dataclasses shared by the commands, presets and recipes (a leaf: no torch).
+
+`TrainConfig` is how a model is trained, `TaskSettings` which task it is trained on; the defaults
+written here are the only copy (the CLI flags and the presets read them from these classes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+DEFAULT_MODEL = "minilm-l6"
+DEFAULT_DATA = "rotten-tomatoes"
+
+
+@dataclass
+class TaskSettings:
+    """Which task a model is trained and evaluated on; recorded in every saved model as extra.task."""
+
+    data: str = DEFAULT_DATA
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("data", "text_column", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"TaskSettings.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.group_column is not None and not isinstance(self.group_column, str):
+            raise ValueError(f"TaskSettings.group_column must be a string or None, got {self.group_column!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"TaskSettings.seed must be an integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskSettings:
+        known = {k: d[k] for k in ("data", "text_column", "label_column", "group_column", "seed") if d.get(k) is not None}
+        return cls(**known)
+
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_batch_size: int = 64
+    save_every: int = 50  # steps between resume checkpoints
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "max_grad_norm": self.max_grad_norm > 0,
+            "eval_batch_size": self.eval_batch_size >= 1,
+            "save_every": self.save_every >= 1,
+            "log_every": self.log_every >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} has an invalid value {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
