@@ -26,7 +26,7 @@ from adaptinf.methods.early_exit import (
     MultiExitClassifier,
     fit_temperature,
 )
-from adaptinf.registry import get_method
+from adaptinf.registry import get_method, needs_training
 
 VARIANTS = ["ee", "sweet", "multi-model"]
 POLICIES = ["max-softmax", "entropy", "patience"]
@@ -103,7 +103,7 @@ def mixed_knobs(model: MultiExitClassifier, batch: dict) -> list[float]:
 def test_registered_with_a_default_config():
     assert {"ee", "sweet", "multi-model"} <= set(adaptinf.list_methods())
     model = get_method("sweet").from_dense(tiny_dense(), get_method("sweet").Config())
-    assert model.exit_layers == (1, 2, 3) and model.knob_name == "threshold" and model.needs_training
+    assert model.exit_layers == (1, 2, 3) and model.knob_name == "threshold" and needs_training(model.method)
     assert convert("ee", tiny_dense(), policy="patience").knob_name == "patience"
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import adaptinf
 from adaptinf.backbone import EncoderConfig
 from adaptinf.checkpoint import save_model
-from adaptinf.registry import load_model
+from adaptinf.registry import load_model, needs_training
 from adaptinf.cli import main
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
@@ -93,7 +93,7 @@ def block_flops(n: int, d: int, heads: int, ff: int) -> int:
 def test_registered_with_a_default_config():
     assert "sharcs" in adaptinf.list_methods()
     model = convert()
-    assert model.router_layer == 1 and model.knob_name == "bias" and model.needs_training
+    assert model.router_layer == 1 and model.knob_name == "bias" and needs_training(model.method)
     assert [(s.heads, s.hidden, s.ffn) for s in model.shapes] == SHAPES[True]
     six = EncoderConfig(hidden_size=48, num_hidden_layers=6, num_attention_heads=12, intermediate_size=96)
     assert SharcsClassifier(ModelSpec(six, ("a", "b"))).router_layer == 2  # the default: 2 of 6

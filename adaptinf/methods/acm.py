@@ -333,7 +333,6 @@ class AcmClassifier(AdaptiveClassifier):
     Config = AcmConfig
     knob_name = "gate_bias"
     description = "ACM: per-token number of learners (sums of small MLPs) chosen by a gate, distilled from the dense model"
-    needs_training = True
 
     def __init__(self, spec: ModelSpec, config: AcmConfig | None = None):
         super().__init__(spec, config or AcmConfig())

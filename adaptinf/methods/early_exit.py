@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -220,20 +219,21 @@ class MultiExitClassifier(AdaptiveClassifier):
     """
 
     Config = EarlyExitConfig
-    knob_name = "threshold"
-    needs_training = True
     detach_between_exits: ClassVar[bool] = False  # SWEET: each segment starts from a detached state
 
     def __init__(self, spec: ModelSpec, config: EarlyExitConfig | None = None):
         super().__init__(spec, config or EarlyExitConfig())
         self.exit_layers = resolve_exits(self.config.exits, spec.encoder.num_hidden_layers)
-        if self.config.policy == "patience":
-            self.knob_name = "patience"  # the knob is k, not a threshold (shadows the class attribute)
         # per-exit temperatures, fitted on validation by `calibrate` and saved with the weights
         self.register_buffer("temperature", torch.ones(len(self.exit_layers)))
         self.register_buffer(
             "layers_run", torch.tensor(self._layers_per_exit(), dtype=torch.int64), persistent=False
         )
+
+    @property
+    def knob_name(self) -> str:
+        """"threshold" (max-softmax, entropy), or "patience": the number of agreeing exits k."""
+        return "patience" if self.config.policy == "patience" else "threshold"
 
     @property
     def num_exits(self) -> int:
@@ -400,34 +400,6 @@ class MultiExitClassifier(AdaptiveClassifier):
         if out.aux_loss is not None:
             loss = loss + (out.aux_loss * b if reduction == "sum" else out.aux_loss)
         return loss
-
-    def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
-        """Train every exit with `adaptinf.recipes.finetune.finetune` and this model's loss (resumable from
-        out_dir), keep the epoch best on validation (by the last exit's accuracy, finetune's
-        criterion), then fit the temperatures on `val`. Returns a summary."""
-        from safetensors.torch import load_file
-
-        from adaptinf.checkpoint import WEIGHTS_FILE
-        from adaptinf.recipes.finetune import finetune
-
-        knob = self.knob
-        self.set_knob(None)  # finetune validates with the full forward (logits = the last exit)
-        try:
-            result = finetune(self, train, val, cfg, out_dir, progress=progress, restart=restart)
-        finally:
-            self.set_knob(knob)
-        best = Path(out_dir) / "best" / WEIGHTS_FILE
-        if best.is_file():
-            self.load_state_dict(load_file(str(best)))
-        calib = self.calibrate(val, batch_size=cfg.eval_batch_size)
-        return {
-            "best_val_score": result.best_val_score,
-            "best_epoch": result.best_epoch,
-            "steps": result.steps,
-            "resumed_from_step": result.resumed_from_step,
-            "n_train": len(train),
-            **calib,
-        }
 
     # --- calibration and the offline sweep -----------------------------------------------------
     @torch.inference_mode()

@@ -407,7 +407,6 @@ class PlanerClassifier(AdaptiveClassifier):
     Config = PlanerConfig
     knob_name = "tau"
     description = "PLANER: per-layer attention/FFN/MoE blocks searched under a latency target from a profiled latency table"
-    needs_training = True
 
     def __init__(self, spec: ModelSpec, config: PlanerConfig | None = None):
         super().__init__(spec, config or PlanerConfig())

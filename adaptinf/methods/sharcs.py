@@ -328,7 +328,6 @@ class SharcsClassifier(AdaptiveClassifier):
     method = "sharcs"
     Config = SharcsConfig
     knob_name = "bias"
-    needs_training = True
     description = "SHARCS: a router after layer k sends each sample to a width-sliced sub-network for the remaining layers"
 
     def __init__(self, spec: ModelSpec, config: SharcsConfig | None = None):
