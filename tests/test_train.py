@@ -87,6 +87,37 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_ctrl_c_mid_step_resumes_to_the_same_weights(tmp_path):
+    """SIGINT arriving in the middle of a forward pass (after dropout drew random numbers) stops at
+    the end of that step and saves the state an uninterrupted run has there: weights, optimizer and
+    RNG. The resumed run ends bit-identical to the uninterrupted one (before, the Ctrl-C path saved
+    the RNG advanced by the half-done step)."""
+    import signal
+
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, save_every=100)
+    train, val = tiny_data(60, 1), tiny_data(16, 2)
+    finetune(tiny_model(dropout=0.1), train, val, cfg, tmp_path / "a", progress=False)
+    model = tiny_model(dropout=0.1)
+    calls = {"n": 0}
+
+    def press_ctrl_c(module, args):
+        calls["n"] += 1
+        if calls["n"] == 6 and module.training:  # mid-forward of the 6th training step
+            signal.raise_signal(signal.SIGINT)
+
+    hook = model.encoder.blocks[1].register_forward_pre_hook(press_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, train, val, cfg, tmp_path / "b", progress=False)
+    hook.remove()
+    state = json.loads((tmp_path / "b" / "last" / "state.json").read_text())
+    assert state["global_step"] == 6  # the interrupted step was finished, then saved
+    res = finetune(tiny_model(seed=123, dropout=0.1), train, val, cfg, tmp_path / "b", progress=False)
+    assert res.resumed_from_step == 6 and res.steps == 16
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     train, val = tiny_data(16, 1), tiny_data(8, 2)
     finetune(tiny_model(), train, val, TrainConfig(epochs=1, batch_size=8), tmp_path, progress=False, stop_after_steps=1)

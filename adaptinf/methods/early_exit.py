@@ -1,9 +1,9 @@
-"""Early exit family: EE, SWEET and the Multi-Model cascade (spec: ../shared/METHODS.md section 1).
+"""Early exit family: EE, SWEET and the Multi-Model cascade (DeeBERT/PABEE-style exits; SWEET, ACL 2023).
 
 A classifier ("exit") sits after chosen layers; at inference a sample stops at the first exit
 whose confidence passes the knob. The three variants share the exits, the exit decision
 (`MultiExitClassifier._exit_now`, the one place it is made), the cost accounting, calibration,
-the offline knob sweep and batched inference with compaction:
+the offline knob sweep and batched inference with compaction (training: `adaptinf/recipes/early_exit.py`):
 
 - `ee` (`EarlyExitClassifier`): one backbone, an `ExitHead` after each exit layer; trained with
   the sum of every exit's cross-entropy, so each exit's gradient reaches all layers below it.

@@ -30,6 +30,8 @@ import csv
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -263,6 +265,30 @@ def capture_tokens(points: dict[str, tuple[torch.nn.Module, str]]) -> Iterator[T
 # --- the loop ---------------------------------------------------------------------------------------
 
 
+@contextmanager
+def interrupt_at_step_boundary() -> Iterator[dict]:
+    """Ctrl-C (SIGINT) during training sets `flag["hit"]` instead of raising mid-step, so the loop can
+    stop at the next step boundary and save the same state a kill -9 after that step would have left
+    (weights, optimizer and RNG all at the boundary: a resumed run is bit-identical to an
+    uninterrupted one). A second Ctrl-C raises at once. Outside the main thread: nothing changes."""
+    flag = {"hit": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag["hit"]:
+            raise KeyboardInterrupt
+        flag["hit"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Log:
     """metrics.csv (and TensorBoard when installed), rank 0 only."""
 
@@ -359,6 +385,53 @@ def _end_of_epoch(model, val: Encoded, cfg: TrainConfig, out: Path, pos: _Positi
                                                "epoch": pos.epoch + 1})
 
 
+@dataclass
+class _Loop:
+    """What one call of `finetune` carries from step to step."""
+
+    model: AdaptiveClassifier
+    forward: torch.nn.Module  # the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    pos: _Position
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    total: int
+    log: _Log
+    bar: Any
+    stop_after_steps: int | None
+    t0: float = 0.0
+    steps_this_call: int = 0
+    running: float = 0.0
+    running_n: float = 0.0
+
+
+def _epoch(loop: _Loop, train: Encoded, ctrl_c: dict) -> bool:
+    """The rest of the current epoch; True when stopped early (`stop_after_steps`)."""
+    pos, cfg = loop.pos, loop.cfg
+    for batch, global_n, filler in train_batches(train, cfg.batch_size, cfg.seed, pos.epoch, pos.step_in_epoch,
+                                                 loop.rank, loop.world, loop.model.spec.encoder.pad_token_id):
+        lr = lr_at(pos.global_step, loop.total, cfg)
+        set_lr(loop.opt, lr)
+        loop.running += _train_step(loop.model, loop.forward, loop.opt, batch, global_n, filler, loop.world, cfg)
+        loop.running_n += 0 if filler else global_n / loop.world
+        pos.global_step, pos.step_in_epoch, loop.steps_this_call = pos.global_step + 1, pos.step_in_epoch + 1, loop.steps_this_call + 1
+        loop.bar.update(1)
+        if ctrl_c["hit"]:  # at a step boundary: the state an uninterrupted run has here
+            raise KeyboardInterrupt
+        if pos.global_step % cfg.log_every == 0 and loop.running_n:
+            loop.bar.set_postfix(loss=f"{loop.running / loop.running_n:.4f}", epoch=pos.epoch)
+            loop.log({"epoch": pos.epoch, "step": pos.global_step, "lr": lr, "train_loss": loop.running / loop.running_n,
+                      "elapsed_s": round(time.time() - loop.t0, 1)})
+            loop.running, loop.running_n = 0.0, 0.0
+        if loop.rank == 0 and pos.global_step % cfg.save_every == 0:
+            save_state(loop.out, loop.model, loop.opt, pos.to_dict())
+        if loop.stop_after_steps is not None and loop.steps_this_call >= loop.stop_after_steps:
+            return True
+    return False
+
+
 def finetune(
     model: AdaptiveClassifier,
     train: Encoded,
@@ -371,7 +444,7 @@ def finetune(
     save_extra: dict | None = None,
 ) -> TrainResult:
     """Train `model` on `train` (forward at knob None), keep the best on `val` in out_dir/best.
-    Resumes from out_dir/last.
+    Resumes from out_dir/last; Ctrl-C saves the resume point at the next step boundary.
 
     `stop_after_steps` ends the run after that many optimizer steps of this call, as an
     interruption would (used to test resuming).
@@ -382,50 +455,34 @@ def finetune(
     total = steps_per_epoch(len(train), cfg.batch_size) * cfg.epochs
     resumed_from = pos.global_step
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    log = _Log(out, rank)
-    t0, steps_this_call, running, running_n = time.time(), 0, 0.0, 0.0
     bar = tqdm(total=total, initial=pos.global_step, desc="finetune", disable=not progress or rank != 0, unit="step")
+    loop = _Loop(model, forward, opt, pos, cfg, out, rank, world, total, _Log(out, rank), bar, stop_after_steps,
+                 t0=time.time())
     interrupted = False
-    try:
-        while pos.epoch < cfg.epochs:
-            for batch, global_n, filler in train_batches(train, cfg.batch_size, cfg.seed, pos.epoch, pos.step_in_epoch,
-                                                         rank, world, model.spec.encoder.pad_token_id):
-                lr = lr_at(pos.global_step, total, cfg)
-                set_lr(opt, lr)
-                running += _train_step(model, forward, opt, batch, global_n, filler, world, cfg)
-                running_n += 0 if filler else global_n / world
-                pos.global_step, pos.step_in_epoch, steps_this_call = pos.global_step + 1, pos.step_in_epoch + 1, steps_this_call + 1
-                bar.update(1)
-                if pos.global_step % cfg.log_every == 0 and running_n:
-                    bar.set_postfix(loss=f"{running / running_n:.4f}", epoch=pos.epoch)
-                    log({"epoch": pos.epoch, "step": pos.global_step, "lr": lr, "train_loss": running / running_n,
-                         "elapsed_s": round(time.time() - t0, 1)})
-                    running, running_n = 0.0, 0.0
-                if rank == 0 and pos.global_step % cfg.save_every == 0:
-                    save_state(out, model, opt, pos.to_dict())
-                if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                    interrupted = True
+    with interrupt_at_step_boundary() as ctrl_c:
+        try:
+            while pos.epoch < cfg.epochs and not interrupted:
+                interrupted = _epoch(loop, train, ctrl_c)
+                if interrupted:
                     break
-            if interrupted:
-                break
-            if rank == 0:  # end of epoch: validate, keep the best, move the resume point to the next epoch
-                _end_of_epoch(model, val, cfg, out, pos, log, bar, t0, save_extra)
-            pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-            if rank == 0:
+                if rank == 0:  # end of epoch: validate, keep the best, move the resume point to the next epoch
+                    _end_of_epoch(model, val, cfg, out, pos, loop.log, bar, loop.t0, save_extra)
+                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+                if rank == 0:
+                    save_state(out, model, opt, pos.to_dict())
+                barrier()
+        except KeyboardInterrupt:
+            if rank == 0 and world == 1 and ctrl_c["hit"]:
+                bar.write("interrupted: saving the resume point; rerun the same command to continue")
                 save_state(out, model, opt, pos.to_dict())
-            barrier()
-    except KeyboardInterrupt:
-        if rank == 0 and world == 1:
-            bar.write("interrupted: saving the resume point; rerun the same command to continue")
-            save_state(out, model, opt, pos.to_dict())
-        raise
-    finally:
-        bar.close()
-        log.close()
+            raise
+        finally:
+            bar.close()
+            loop.log.close()
     if interrupted and rank == 0:
         save_state(out, model, opt, pos.to_dict())
     barrier()
-    return TrainResult(pos.best_acc, pos.best_epoch + 1, pos.epoch, pos.global_step, resumed_from, time.time() - t0, out)
+    return TrainResult(pos.best_acc, pos.best_epoch + 1, pos.epoch, pos.global_step, resumed_from, time.time() - loop.t0, out)
 
 
 def finetune_then_load_best(model: AdaptiveClassifier, train: Encoded, val: Encoded, cfg: TrainConfig,
