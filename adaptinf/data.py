@@ -13,6 +13,8 @@ import json
 import math
 import os
 import random
+import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -146,10 +148,15 @@ def read_table(path: str | os.PathLike, text_column: str, label_column: str, gro
                     rows.append(row)
             columns = sorted({k for r in rows for k in r})
         elif suffix in (".csv", ".tsv"):
+            # a long text is legal input (the tokenizer truncates it to the model's length); the csv
+            # module's default field limit (131,072 characters) would refuse it
+            csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
             with p.open(encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 rows = list(reader)
                 columns = list(reader.fieldnames or [])
+        elif suffix in (".gz", ".bz2", ".xz", ".zip"):
+            raise ValueError(f"{p}: a compressed file ({suffix}); decompress it first, e.g. to a .csv, .tsv or .jsonl file")
         else:
             raise ValueError(f"{p}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
     except UnicodeDecodeError as e:
@@ -178,9 +185,71 @@ def load_table(
     """A user's CSV/JSONL file as a task. Labels are sorted unique values unless `labels` is given."""
     texts, raw, groups = read_table(path, text_column, label_column, group_column)
     label_names = tuple(labels) if labels is not None else tuple(sorted(set(raw), key=_natural))
+    warn_alike_labels(label_names, str(path))
     ids = label_ids(raw, label_names, str(path))
-    tr, va, te = split_by_group(texts, ids, groups, seed, fractions)
+    tr, va, te = split_by_group(texts, ids, duplicates_together(texts, groups), seed, fractions)
+    warn_repeated_texts(texts, ids, (tr, va, te), str(path))
     return TaskData(Path(path).name, label_names, tr, va, te)
+
+
+_NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+                 "nine": 9, "ten": 10, "true": 1, "false": 0, "yes": 1, "no": 0}
+
+
+def _label_spelling(name: str) -> str:
+    """What a label means once its spelling is set aside: case, spaces and punctuation, a number's
+    form (1 / 1.0 / +1), a number word (one)."""
+    s = re.sub(r"[\s_\-.]+", " ", name.strip().casefold()).strip()
+    try:
+        return repr(float(name))
+    except ValueError:
+        pass
+    if s in _NUMBER_WORDS:
+        return repr(float(_NUMBER_WORDS[s]))
+    return s
+
+
+def warn_alike_labels(labels: Sequence[str], source: str) -> list[tuple[str, ...]]:
+    """Warn when label values look like spellings of one class ('1' / '1.0' / 'one', 'Pos' / 'pos');
+    they are kept as separate classes. Returns the groups that look alike."""
+    groups: dict[str, list[str]] = {}
+    for name in labels:
+        groups.setdefault(_label_spelling(name), []).append(name)
+    alike = [tuple(g) for g in groups.values() if len(g) > 1]
+    for g in alike:
+        warnings.warn(f"{source}: the labels {list(g)} look like spellings of one class; they are kept as "
+                      f"{len(g)} separate classes. If they are one class, write them alike in the file")
+    return alike
+
+
+def duplicates_together(texts: list[str], groups: list[str] | None) -> list[str] | None:
+    """Group keys that keep repeated texts on one side of the split: without a group column, a
+    repeated text takes the key of its first occurrence (unique texts keep their own row key, so a
+    file without repeats splits exactly as before)."""
+    if groups is not None:
+        return groups
+    first: dict[str, int] = {}
+    keys = [str(first.setdefault(t.strip(), i)) for i, t in enumerate(texts)]
+    return keys if len(first) < len(texts) else None
+
+
+def warn_repeated_texts(texts: list[str], ids: list[int], splits, source: str) -> dict[str, int]:
+    """Warn when the same text appears more than once: across splits (test texts also in train
+    measure memory, not generalisation) or with different labels. Returns the counts."""
+    labels_of: dict[str, set[int]] = {}
+    for t, y in zip(texts, ids):
+        labels_of.setdefault(t.strip(), set()).add(y)
+    counts = {"repeated": len(texts) - len(labels_of), "conflicting": sum(len(v) > 1 for v in labels_of.values())}
+    train = {t.strip() for t in splits[0][0]}
+    counts["test_in_train"] = sum(t.strip() in train for t in splits[2][0])
+    counts["validation_in_train"] = sum(t.strip() in train for t in splits[1][0])
+    if counts["repeated"]:
+        across = counts["test_in_train"] + counts["validation_in_train"]
+        where = (f"{counts['test_in_train']} test and {counts['validation_in_train']} validation texts are also in "
+                 "train (the group column splits them apart)") if across else "each repeated text is kept on one side of the split"
+        warnings.warn(f"{source}: {counts['repeated']} rows repeat an earlier text; {where}"
+                      + (f"; {counts['conflicting']} texts carry different labels" if counts["conflicting"] else ""))
+    return counts
 
 
 def _natural(s: str):

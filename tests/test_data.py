@@ -342,3 +342,53 @@ def test_json_array_file_and_nan_label(tmp_path):
     bad.write_text("text,label\nx,a\ny,NaN\nz,b\n")
     with pytest.raises(ValueError, match="row 2 has an empty or missing label"):
         load_table(bad)
+
+
+# --- data checks: repeated texts, look-alike labels, long and compressed files ---------------------
+
+
+def test_repeated_texts_stay_on_one_side_and_are_reported(tmp_path):
+    rows = [{"text": f"review {i % 20}", "label": "pos" if i % 2 else "neg"} for i in range(60)]  # each text 3 times
+    path = write_csv(tmp_path / "d.csv", rows)
+    with pytest.warns(UserWarning, match="40 rows repeat an earlier text; each repeated text is kept on one side"):
+        task = load_table(path, seed=0)
+    train = set(task.train[0])
+    assert not train & set(task.test[0]) and not train & set(task.validation[0])
+
+
+def test_a_file_without_repeats_splits_as_before(tmp_path):
+    rows = [{"text": f"review {i}", "label": "pos" if i % 2 else "neg"} for i in range(40)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either
+        task = load_table(write_csv(tmp_path / "d.csv", rows), seed=3)
+    texts, labels = [r["text"] for r in rows], [1 if r["label"] == "pos" else 0 for r in rows]
+    assert (task.train, task.validation, task.test) == data.split_by_group(texts, labels, None, 3)
+
+
+def test_repeats_split_apart_by_groups_and_conflicting_labels_are_reported(tmp_path):
+    rows = [{"text": "same words", "label": "pos" if i % 2 else "neg", "g": str(i)} for i in range(30)]
+    rows += [{"text": f"other {i}", "label": "pos", "g": str(100 + i)} for i in range(30)]
+    path = write_csv(tmp_path / "d.csv", rows, fields=("text", "label", "g"))
+    with pytest.warns(UserWarning, match=r"also in train \(the group column splits them apart\); 1 texts carry different labels"):
+        load_table(path, group_column="g", seed=0)
+
+
+@pytest.mark.parametrize("values", [("1", "1.0"), ("one", "1"), ("Pos", "pos"), ("very_good", "very good")])
+def test_labels_that_look_alike_are_reported(tmp_path, values):
+    rows = [{"text": f"t {i}", "label": values[i % 2]} for i in range(12)] + [{"text": "x", "label": "zzz"}]
+    with pytest.warns(UserWarning, match="look like spellings of one class; they are kept as 2 separate classes"):
+        task = load_table(write_csv(tmp_path / "d.csv", rows), seed=0)
+    assert set(values) <= set(task.labels)
+
+
+def test_a_very_long_text_in_a_csv_is_read(tmp_path):
+    rows = [{"text": "word " * 40_000, "label": "pos"}] + [{"text": f"t {i}", "label": "neg"} for i in range(9)]
+    task = load_table(write_csv(tmp_path / "d.csv", rows), seed=0)  # 200,000 characters: over csv's default limit
+    assert max(len(t) for split in (task.train, task.validation, task.test) for t in split[0]) > 131_072
+
+
+def test_a_compressed_file_is_refused_with_what_to_do(tmp_path):
+    path = tmp_path / "d.csv.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(ValueError, match=r"compressed file \(\.gz\); decompress it first"):
+        load_table(path)
