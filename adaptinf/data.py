@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import hashlib
 import importlib.util
 import json
 import math
@@ -324,6 +325,12 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def digest(self) -> str:
+        """sha256 of the token ids and labels: what a training run was fed (its resume check)."""
+        h = hashlib.sha256(json.dumps(self.ids, separators=(",", ":")).encode())
+        h.update(json.dumps(self.labels.tolist()).encode())
+        return h.hexdigest()[:16]
 
 
 def encode(texts: list[str], labels: list[int] | None, tokenizer, max_length: int, warn: bool = True) -> Encoded:

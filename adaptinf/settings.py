@@ -6,6 +6,8 @@ written here are the only copy (the CLI flags and the presets read them from the
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import asdict, dataclass, fields
 
 DEFAULT_MODEL = "minilm-l6"
@@ -30,6 +32,21 @@ class TaskSettings:
             raise ValueError(f"TaskSettings.group_column must be a string or None, got {self.group_column!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TaskSettings.seed must be an integer, got {self.seed!r}")
+        if self.data != DEFAULT_DATA and os.path.exists(self.data):
+            # a file is recorded by its absolute path, so a model evaluated from another folder reads
+            # the same file, not one of the same name there
+            self.data = os.path.abspath(self.data)
+
+    def data_digest(self) -> str:
+        """What the data is, by content: the sha256 of the data file (a file edited in place under the
+        same name gets another digest), or the built-in task's name."""
+        if not os.path.isfile(self.data):
+            return self.data
+        h = hashlib.sha256()
+        with open(self.data, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +55,6 @@ class TaskSettings:
     def from_dict(cls, d: dict) -> TaskSettings:
         known = {k: d[k] for k in ("data", "text_column", "label_column", "group_column", "seed") if d.get(k) is not None}
         return cls(**known)
-
 
 
 @dataclass

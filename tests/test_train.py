@@ -128,6 +128,17 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert res.resumed_from_step == 0
 
 
+def test_resume_on_other_data_is_refused(tmp_path):
+    """A finished or interrupted run in the folder, then the same command on other data of the same
+    size (a file edited in place): refused with the differing field named, not resumed or reused."""
+    cfg = TrainConfig(epochs=1, batch_size=8)
+    train, val = tiny_data(16, 1), tiny_data(8, 2)
+    finetune(tiny_model(), train, val, cfg, tmp_path, progress=False)
+    flipped = Encoded(train.ids, 1 - train.labels)
+    with pytest.raises(ValueError, match=r"other settings \(differs in \['data.train'\]\)"):
+        finetune(tiny_model(), flipped, val, cfg, tmp_path, progress=False)
+
+
 def test_corrupt_resume_state_gives_a_clear_error(tmp_path):
     train, val = tiny_data(16, 1), tiny_data(8, 2)
     cfg = TrainConfig(epochs=1, batch_size=8)

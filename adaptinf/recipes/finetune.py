@@ -342,7 +342,8 @@ def _prepare(model, train: Encoded, val: Encoded, cfg: TrainConfig, out: Path, r
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     barrier()
     settings = {"train": cfg.to_dict(), "n_train": len(train), "n_val": len(val), "world_size": world,
-                "method": model.method, "method_config": model.config.to_dict()}
+                "method": model.method, "method_config": model.config.to_dict(),
+                "data": {"train": train.digest(), "validation": val.digest()}}  # other data: refused, not resumed
     cfg_path = out / "train_config.json"
     guard_settings(cfg_path, settings, write=False)
     torch.manual_seed(cfg.seed)
