@@ -19,14 +19,10 @@ from adaptinf.registry import load_model, needs_training
 from adaptinf.cli import main
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.methods.sharcs import (
-    KNOB_EXTREME,
-    SharcsClassifier,
-    SharcsConfig,
-    epoch_plan,
-    hardness_labels,
-)
+from adaptinf.methods.sharcs import KNOB_EXTREME, SharcsClassifier, SharcsConfig
 from adaptinf.model import ModelSpec
+from adaptinf.recipes import sharcs as recipe
+from adaptinf.recipes.sharcs import epoch_plan, hardness_labels
 from adaptinf.settings import TrainConfig
 
 VOCAB, D, HEADS, FF, C, LAYERS = 60, 32, 4, 64, 3, 3
@@ -362,7 +358,7 @@ def test_fit_trains_widths_and_router_selects_on_validation_and_resumes(tmp_path
     train, val = encoded(40, seed=12), encoded(16, seed=13)
     cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_ratio=0.1, eval_batch_size=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    summary = model.fit(train, val, cfg, tmp_path / "run", progress=False)
+    summary = recipe.fit(model, train, val, cfg, tmp_path / "run", progress=False)
     assert not model.training
     epochs = summary["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3] and summary["best_epoch"] >= 2  # selected after the warm-up
@@ -387,7 +383,7 @@ def test_fit_trains_widths_and_router_selects_on_validation_and_resumes(tmp_path
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     # rerunning the finished run resumes (nothing left to train) and ends with the same model
     again = convert(window=1, importance_samples=16, confidence_intervals=intervals)
-    s2 = again.fit(train, val, cfg, tmp_path / "run", progress=False)
+    s2 = recipe.fit(again, train, val, cfg, tmp_path / "run", progress=False)
     assert s2["resumed_from_step"] == summary["steps"] and s2["reorder"] == summary["reorder"]
     assert all(torch.equal(saved[k], v) for k, v in again.state_dict().items())
 
@@ -487,7 +483,7 @@ def test_nested_training_lets_larger_widths_keep_the_easy_samples(nested, tmp_pa
     model = convert(window=1, importance_samples=0, nested_training=nested,
                     confidence_intervals=((0.0, 1.0), (0.0, 1e-6), (0.0, 1e-6)))
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-4, eval_batch_size=8)
-    epochs = model.fit(encoded(24, seed=17), encoded(8, seed=18), cfg, tmp_path / "run", progress=False)["epochs"]
+    epochs = recipe.fit(model, encoded(24, seed=17), encoded(8, seed=18), cfg, tmp_path / "run", progress=False)["epochs"]
     assert epochs[1]["label_share"] == [1.0, 0.0, 0.0]
     used = [n > 0 for n in epochs[1]["batches_per_width"]]
     assert used == ([True, True, True] if nested else [True, False, False])

@@ -1,4 +1,4 @@
-"""SHARCS: per-sample routing to dynamic-width sub-networks (spec: ../shared/METHODS.md section 2).
+"""SHARCS: per-sample routing to dynamic-width sub-networks (the SHARCS paper, Salehi et al.).
 
 Layers 1..k run at full width; after layer k a router (an MLP on the mask-aware mean of the token
 states) picks a width w for the rest of the network. Every width shares the weights: the width-w
@@ -15,8 +15,9 @@ Where things happen:
 - batched inference: `SharcsClassifier._routed` (samples grouped by width, each group cut to its
   longest real length and run as dense matmuls on the sliced weights; one host sync per forward);
 - a width's layers: `sliced_block`;
-- hardness labels: `hardness_labels`; the per-epoch batch plan: `epoch_plan`; training: `fit`;
-- cost: `SharcsClassifier.cost`.
+- cost: `SharcsClassifier.cost`;
+- importance reordering (model surgery): `SharcsClassifier.reorder`;
+- training (hardness labels, the per-epoch batch plan, the loop, resume): `adaptinf/recipes/sharcs.py`.
 
 Knob ("bias", inference-time): the width chosen is argmax_i (z_i + bias * i) over the router logits
 z (clamped to +-LOGIT_CAP) with widths sorted ascending; bias 0 is the paper's routing, a negative
@@ -32,12 +33,9 @@ the classifier, each at the sample's real length.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +45,7 @@ from tqdm.auto import tqdm
 
 from adaptinf import flops
 from adaptinf.backbone import Attention, Encoder, FeedForward, attention_bias
-from adaptinf.data import Encoded, collate, eval_batches
+from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
 
@@ -268,47 +266,6 @@ def _copy_slice(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
     dst.bias.copy_(src.bias[:n])
 
 
-# --- hardness labels and the batch plan --------------------------------------------------------------
-
-
-def hardness_labels(confidences: torch.Tensor, intervals) -> torch.Tensor:
-    """Multi-hot allowed widths [n, n_w] (bool) from the last W true-class confidences [W, n].
-
-    Width i is allowed when every confidence lies in [lo_i, hi_i) (hi = 1 includes 1); a sample
-    with no allowed width gets the largest one alone.
-    """
-    allowed = []
-    for lo, hi in intervals:
-        upper = torch.ones_like(confidences, dtype=torch.bool) if hi >= 1.0 else confidences < hi
-        allowed.append(((confidences >= lo) & upper).all(dim=0))
-    out = torch.stack(allowed, dim=1)  # [n, n_w]
-    out[~out.any(dim=1), -1] = True
-    return out
-
-
-def epoch_plan(assigned: torch.Tensor, n_widths: int, batch_size: int, oversample: bool,
-               generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
-    """The batches of one epoch: (width index, sample indices) each, one width per batch.
-
-    `assigned` [n] is the width index each sample trains at this epoch. Each width's bucket is
-    shuffled and cut into batches; with `oversample`, a smaller bucket is repeated (whole shuffled
-    copies, then a random part) up to the size of the largest. Batches of all widths are shuffled
-    together, so widths alternate through the epoch.
-    """
-    buckets = [torch.nonzero(assigned == i).flatten() for i in range(n_widths)]
-    target = max(len(b) for b in buckets)
-    batches = []
-    for i, bucket in enumerate(buckets):
-        if len(bucket) == 0:
-            continue
-        size = target if oversample else len(bucket)
-        reps = [bucket[torch.randperm(len(bucket), generator=generator)] for _ in range(math.ceil(size / len(bucket)))]
-        rows = torch.cat(reps)[:size]
-        batches += [(i, rows[j : j + batch_size]) for j in range(0, size, batch_size)]
-    order = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[j] for j in order]
-
-
 # --- the model ---------------------------------------------------------------------------------------
 
 
@@ -382,7 +339,7 @@ class SharcsClassifier(AdaptiveClassifier):
     def from_dense(cls, dense: AdaptiveClassifier, config: SharcsConfig | None = None) -> SharcsClassifier:
         """Encoder and classifier from the dense model (so width 1.0 is the dense model), a fresh
         router, private norms from slices of the dense norms. Importance reordering needs data: it
-        is the first step of `fit` (or call `reorder`)."""
+        is the first step of the recipe (`adaptinf.recipes.sharcs.fit`), or call `reorder`."""
         if not isinstance(dense, DenseClassifier):
             raise ValueError(f"conversion needs a dense model, got method {dense.method!r}")
         model = cls(dense.spec, config or SharcsConfig())
@@ -516,7 +473,7 @@ class SharcsClassifier(AdaptiveClassifier):
             aux = self.config.router_weight * F.binary_cross_entropy_with_logits(z, router_targets.to(z.dtype))
         return ClassifierOutput(logits=logits, flops=cost, aux_loss=aux, extras=extras)
 
-    # --- training -------------------------------------------------------------------------------
+    # --- loss and importance reordering ---------------------------------------------------------
     def loss(self, out: ClassifierOutput, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """task_weight * cross-entropy (summed over widths when every width ran) + the router loss."""
         if reduction not in ("mean", "sum"):
@@ -649,119 +606,6 @@ class SharcsClassifier(AdaptiveClassifier):
             },
         }
 
-    def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
-        """Train every width and the router as the paper does (see `_train`), after importance
-        reordering; keep the best epoch on validation. Resumable per epoch from out_dir."""
-        from adaptinf.recipes.finetune import dist_info
-
-        _, world = dist_info()
-        if world > 1:
-            raise ValueError("sharcs trains in a single process; run `adaptinf convert` without torchrun")
-        if len(train) == 0 or len(val) == 0:
-            raise ValueError("training and validation sets must not be empty")
-        out = Path(out_dir)
-        if restart:
-            shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        reorder_file = out / "reorder.json"
-        summary: dict[str, Any] = {}
-        resuming = (out / "last").exists() or (out / "last.old").exists()
-        if resuming and reorder_file.is_file():
-            summary["reorder"] = json.loads(reorder_file.read_text())  # the weights come back with the resume state
-        elif self.config.importance_samples > 0:
-            g = torch.Generator().manual_seed(cfg.seed)
-            keep = torch.randperm(len(train), generator=g)[: self.config.importance_samples].sort().values
-            subset = Encoded([train.ids[i] for i in keep.tolist()], train.labels[keep])
-            summary["reorder"] = self.reorder(subset, batch_size=cfg.eval_batch_size)
-            reorder_file.write_text(json.dumps(summary["reorder"]) + "\n")
-        result = self._train(train, val, cfg, out, progress)
-        return {**summary, **result, "n_train": len(train)}
-
-    def _train(self, train: Encoded, val: Encoded, cfg, out: Path, progress: bool) -> dict:
-        """The training loop: per epoch, labels from the confidence history, one width per batch,
-        task + router loss, then validation. Epoch-granular resume state in out/last."""
-        from safetensors.torch import load_file
-
-        from adaptinf.checkpoint import WEIGHTS_FILE, save_model, save_tensors_atomic, write_json_atomic
-        from adaptinf.recipes.finetune import load_state as _load_state, make_optimizer, save_state as _save_state
-
-        c, n, n_w = self.config, len(train), self.num_widths
-        pad = self.spec.encoder.pad_token_id
-        settings = {"train": cfg.to_dict(), "n_train": n, "n_val": len(val), "method": self.method,
-                    "method_config": c.to_dict()}
-        cfg_path = out / "train_config.json"
-        if cfg_path.is_file() and json.loads(cfg_path.read_text()) != settings:
-            raise ValueError(f"{out} holds a run with other settings; use a new output directory, or --restart")
-        torch.manual_seed(cfg.seed)
-        self.train()
-        opt = make_optimizer(self, cfg)
-        history = torch.full((cfg.epochs, n), float("nan"))  # true-class confidence per epoch and sample
-        position = _load_state(out, self, opt)
-        epoch, step, best, best_epoch = 0, 0, -1.0, -1
-        if position is None:
-            write_json_atomic(cfg_path, settings)
-        else:
-            epoch, step, best, best_epoch = position["epoch"], position["global_step"], position["best"], position["best_epoch"]
-            history[:epoch] = load_file(str(out / "history.safetensors"))["history"][:epoch]
-        resumed_from = step
-        first_selectable = min(c.window, cfg.epochs - 1)  # epochs whose router saw hardness labels
-        log_rows = []
-        while epoch < cfg.epochs:
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            if epoch < c.window:
-                targets = torch.zeros(n, n_w, dtype=torch.bool)
-                targets[:, -1] = True
-                train_at = torch.ones(n, n_w, dtype=torch.bool) if c.warmup_all_widths else targets
-            else:
-                targets = hardness_labels(history[epoch - c.window : epoch], c.confidence_intervals)
-                train_at = targets.int().cummax(dim=1).values.bool() if c.nested_training else targets
-            # each sample trains at one of its allowed widths, uniformly at random
-            assigned = torch.multinomial(train_at.float(), 1, generator=gen).flatten()
-            plan = epoch_plan(assigned, n_w, cfg.batch_size, c.oversample, gen)
-            sums = torch.zeros(3, dtype=torch.float64)  # task, router, samples
-            self.train()
-            for i, (wi, rows) in enumerate(tqdm(plan, desc=f"sharcs epoch {epoch + 1}/{cfg.epochs}",
-                                                disable=not progress, leave=False)):
-                for g in opt.param_groups:
-                    g["lr"] = _lr((epoch + i / len(plan)) / cfg.epochs, (epoch + (i + 1) / len(plan)) / cfg.epochs, cfg)
-                batch = collate(train, rows.tolist(), pad)
-                opt.zero_grad(set_to_none=True)
-                o = self(batch.input_ids, batch.attention_mask, width=wi, router_targets=targets[rows].float())
-                self.loss(o, batch.labels).backward()
-                task, router_loss = float(F.cross_entropy(o.logits.detach(), batch.labels)), float(o.aux_loss.detach())
-                torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.max_grad_norm)
-                opt.step()
-                step += 1
-                with torch.no_grad():
-                    history[epoch, rows] = o.logits.float().softmax(-1).gather(1, batch.labels[:, None])[:, 0]
-                sums += torch.tensor([task * len(rows), router_loss * len(rows), len(rows)], dtype=torch.float64)
-            val_report = self.validation_report(val, cfg.eval_batch_size)
-            score = val_report["score"]
-            row = {"epoch": epoch + 1, "step": step, "train_task_loss": float(sums[0] / sums[2]),
-                   "train_router_loss": float(sums[1] / sums[2]), "val_score": score,
-                   "val_routed_accuracy": val_report["routed_accuracy"],
-                   "label_share": [float(x) for x in targets.float().mean(0)],
-                   "batches_per_width": [sum(1 for w, _ in plan if w == i) for i in range(n_w)],
-                   "val_width_accuracy": val_report["width_accuracy"], "val_routed_share": val_report["routed_share"]}
-            log_rows.append(row)
-            _append_metrics(out / "metrics.csv", row)
-            if progress:
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: val width accuracy "
-                           f"{[round(a, 4) for a in val_report['width_accuracy']]}, routed {val_report['routed_accuracy']:.4f} "
-                           f"(shares {[round(s, 3) for s in val_report['routed_share']]})")
-            if epoch >= first_selectable and score > best:
-                best, best_epoch = score, epoch
-                save_model(self, out / "best", extra={"val_score": score, "epoch": epoch + 1})
-            epoch += 1
-            save_tensors_atomic({"history": history}, out / "history.safetensors")
-            _save_state(out, self, opt, {"epoch": epoch, "step_in_epoch": 0, "global_step": step,
-                                         "best": best, "best_epoch": best_epoch})
-        if (out / "best" / WEIGHTS_FILE).is_file():
-            self.load_state_dict(load_file(str(out / "best" / WEIGHTS_FILE)))
-        self.eval()
-        return {"best_val_score": best, "best_epoch": best_epoch + 1, "steps": step,
-                "resumed_from_step": resumed_from, "epochs": log_rows}
-
     # --- evaluation -----------------------------------------------------------------------------
     @torch.inference_mode()
     def all_width_logits(self, enc: Encoded, batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, ...]:
@@ -826,19 +670,3 @@ class SharcsClassifier(AdaptiveClassifier):
                                      {"width_pct": pct[choice], **common}))
         return points
 
-
-def _lr(start: float, end: float, cfg) -> float:
-    """Linear warm-up over cfg.warmup_ratio of training, then linear decay to 0, by the fraction of
-    training done (start/end of this step): steps per epoch vary with the width buckets."""
-    warm = cfg.warmup_ratio
-    up = end / warm if warm > 0 else 1.0
-    return cfg.lr * max(0.0, min(1.0, up, (1.0 - start) / (1.0 - warm)))
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
