@@ -19,8 +19,10 @@ from adaptinf.checkpoint import save_model
 from adaptinf.registry import load_model
 from adaptinf.cli import main
 from adaptinf.data import Encoded
-from adaptinf.methods.acm import AcmClassifier, AcmConfig, Learners, split_linear, sufficient_k
+from adaptinf.methods.acm import AcmClassifier, AcmConfig, Learners, split_linear
 from adaptinf.methods.dense import DenseClassifier
+from adaptinf.recipes import acm as acm_recipe
+from adaptinf.recipes.acm import sufficient_k
 from adaptinf.settings import TrainConfig
 
 VOCAB, D, FF, C, HEADS = 60, 16, 32, 3, 2
@@ -130,11 +132,12 @@ def test_all_learners_on_reproduces_the_dense_model(n):
     dense = tiny_dense()
     model = convert(dense, learners=n)
     batch = batch_of(12, seed=2)
-    model.force_learners(n)
     with torch.no_grad():
-        ref, full = dense(**batch), model(**batch)
-        model.force_learners(None)
+        ref, full = dense(**batch), model(**batch, learners=n)
         gated = model(**batch)  # an untrained gate picks every learner
+    for bad in (n + 1, -1, 1.0, True):
+        with pytest.raises(ValueError, match="learners must be an integer"):
+            model(**batch, learners=bad)
     torch.testing.assert_close(full.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gated.logits, ref.logits, rtol=1e-5, atol=1e-5)
     lengths = batch["attention_mask"].sum(1)
@@ -212,8 +215,7 @@ def test_flops_are_the_closed_form_of_the_chosen_ks(targets):
     batch = batch_of(9, seed=6)
     with torch.no_grad():
         out = model(**batch)
-        model.force_learners(2)
-        forced = model(**batch)
+        forced = model(**batch, learners=2)
     k = out.extras["k"].sum(dim=2)  # [modules, b] learners run per module and sample
     lengths = batch["attention_mask"].sum(1)
     w_ffn, w_attn = FF // 4, round((D * D + D) / ((2 * D + 1) * 4))
@@ -337,8 +339,8 @@ def distilled(tmp_path, workers: int) -> AcmClassifier:
     model = convert(tiny_dense(layers=3), learners=3, distill_epochs=2, gate_epochs=1, workers=workers)
     train = encoded(24, seed=11)
     cfg = TrainConfig(batch_size=8, seed=0)
-    model._phase("distill", train, cfg, tmp_path / "distill", progress=False)
-    model._phase("gates", train, cfg, tmp_path / "gates", progress=False)
+    acm_recipe.run_phase(model, "distill", train, cfg, tmp_path / "distill", progress=False)
+    acm_recipe.run_phase(model, "gates", train, cfg, tmp_path / "gates", progress=False)
     return model
 
 
@@ -376,18 +378,18 @@ def test_fit_runs_the_three_phases_and_resumes(tmp_path):
     train, val = encoded(24, seed=12), encoded(12, seed=13)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, save_every=2)
     model = convert(dense, learners=2, distill_epochs=1, gate_epochs=1)
-    summary = model.fit(train, val, cfg, tmp_path, progress=False)
+    summary = acm_recipe.fit(model, train, val, cfg, tmp_path, progress=False)
     assert set(summary["distill"]) == {"0.ffn", "1.ffn"} and set(summary["gates"]) == {"0.ffn", "1.ffn"}
     assert 0 <= summary["val_accuracy_all_learners"] <= 1 and summary["steps"] == 3
     assert all(s["relative_mse"] >= 0 for s in summary["distill"].values())
     after = {k: v.clone() for k, v in model.state_dict().items()}
     # a rerun resumes every phase: nothing trains again, the same model comes out
     again = convert(dense, learners=2, distill_epochs=1, gate_epochs=1)
-    summary2 = again.fit(train, val, cfg, tmp_path, progress=False)
+    summary2 = acm_recipe.fit(again, train, val, cfg, tmp_path, progress=False)
     assert summary2["resumed_from_step"] == 3
     assert all(torch.equal(after[k], v) for k, v in again.state_dict().items())
     with pytest.raises(ValueError, match="other settings"):
-        convert(dense, learners=2, distill_epochs=2, gate_epochs=1).fit(train, val, cfg, tmp_path, progress=False)
+        acm_recipe.fit(convert(dense, learners=2, distill_epochs=2, gate_epochs=1), train, val, cfg, tmp_path, progress=False)
 
 
 # --- the command line --------------------------------------------------------------------------------

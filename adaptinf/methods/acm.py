@@ -1,4 +1,4 @@
-"""ACM, Adaptive Computation Modules (Wójcik et al.; spec: ../shared/METHODS.md section 3).
+"""ACM, Adaptive Computation Modules (the ACM paper, Wójcik et al.).
 
 Every replaced module (each FFN by default; optionally each attention projection q/k/v/out) becomes
 N learners, small 2-layer MLPs d -> w -> d whose N together cost what the module cost. A token
@@ -13,27 +13,20 @@ converted model is the dense model. Attention projections: the truncated SVD of 
 singular values in decreasing order, w = (d^2 + d) / ((2d + 1) N) components per learner
 (identity activation, the reference code's default), so the N learners cost one d x d Linear.
 
-Training (`fit`, one verb, three phases, each resumable under out_dir):
-1. `distill/`: module-wise distillation from the frozen dense model. Forward hooks on the dense
-   model capture each replaced module's input and output on the training data; each module's
-   learners are trained to match the output for every k = 1..N (MSE averaged over k), with their
-   own Adam and their own gradient clipping, so modules are independent: each process of
-   `torchrun --nproc_per_node=P` (or each of `workers` processes spawned on one machine) trains
-   every P-th module, writes it to distill/<module>.safetensors, and every process then reads all.
-2. `gates/`: gate pre-training on labels "smallest n after which one more learner improves the
-   error by less than a factor tau" (`sufficient_k`), plain cross-entropy, learners frozen; also
-   module-wise and parallel the same way. The label histogram per module is the "sufficient k"
-   distribution the summary reports.
-3. `e2e/`: end-to-end fine-tuning of the whole model with `adaptinf.recipes.finetune.finetune` (resumable
-   mid-epoch, DDP under torchrun): task loss + budget + entropy + diversity terms. The gate's
-   Gumbel-softmax hard one-hot (straight-through) multiplies the cumulative learner outputs, so the
-   task loss reaches the gates.
+Training (`adaptinf.recipes.acm`, three resumable phases): the learners are distilled module by
+module from the frozen dense model (`AcmClassifier.teacher`, the modules it replaces:
+`dense_counterpart`), the gates are pre-trained on "sufficient k" labels, then the whole model is
+fine-tuned end to end on the task loss plus the auxiliary terms (budget, entropy, diversity) that
+the training-mode forward returns as `aux_loss`. In training mode every gate draws a Gumbel-softmax
+hard one-hot (straight-through) that multiplies the cumulative learner outputs, so the task loss
+reaches the gates.
 
 Inference: argmax of the gate logits minus `knob * k` (the knob: a bias toward fewer learners;
 0 or None is the trained gate). Token-grouped execution (`Learners.grouped`): the tokens are sorted
 by k once per module, then learner i runs as one dense matmul on the contiguous prefix of tokens
 with k >= i; padding tokens run nothing. One host sync per module (the N prefix sizes), none per
-learner.
+learner. `forward(..., learners=k)` (eval mode) runs exactly k learners on every real token and no
+gate: the distilled learners evaluated on their own, e.g. all of them on.
 
 Cost (adaptinf.flops convention): per sample at its real length L, the model without the replaced
 modules + every executed learner (`learner_flops` per token and learner) + every gate that ran
@@ -43,23 +36,17 @@ modules + every executed learner (`learner_flops` per token and learner) + every
 from __future__ import annotations
 
 import copy
-import json
 import math
-import shutil
-import time
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from adaptinf import flops
 from adaptinf.backbone import Encoder, EncoderConfig, attention_bias
-from adaptinf.data import Encoded
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
@@ -71,13 +58,16 @@ KNOB_VALUES = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.
 # --- configuration ----------------------------------------------------------------------------------
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _as_targets(value: Any) -> tuple[str, ...]:
     """Targets from a tuple/list, or a CLI string such as "ffn,attn"."""
-    if isinstance(value, str):
-        value = [p for p in value.strip().strip("[]()").replace(" ", "").split(",") if p]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+    words = re.findall(r"[^\s,\[\]()]+", value) if isinstance(value, str) else value  # "[ffn, attn]" -> 2 words
+    if not isinstance(words, (list, tuple)) or not all(isinstance(v, str) for v in words):
         raise ValueError(f"AcmConfig.targets must be a list drawn from {list(TARGETS)}, got {value!r}")
-    return tuple(value)
+    return tuple(words)
 
 
 @dataclass
@@ -119,17 +109,14 @@ class AcmConfig(MethodConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(self.learners) or not 2 <= self.learners <= 16:
+        if not _is_int(self.learners) or not 2 <= self.learners <= 16:
             raise ValueError(f"AcmConfig.learners must be an integer from 2 to 16, got {self.learners!r}")
         if not self.targets or len(set(self.targets)) != len(self.targets) or not set(self.targets) <= set(TARGETS):
             raise ValueError(
                 f"AcmConfig.targets must be a non-empty list without repeats drawn from {list(TARGETS)}, "
                 f"got {list(self.targets)}"
             )
-        if not is_int(self.gate_hidden) or self.gate_hidden < 1:
+        if not _is_int(self.gate_hidden) or self.gate_hidden < 1:
             raise ValueError(f"AcmConfig.gate_hidden must be a positive integer, got {self.gate_hidden!r}")
         if not self.tau > 1.0:
             raise ValueError(f"AcmConfig.tau must be > 1 (an improvement factor; the paper uses 1.2), got {self.tau}")
@@ -141,12 +128,12 @@ class AcmConfig(MethodConfig):
         if not self.gumbel_temperature > 0:
             raise ValueError(f"AcmConfig.gumbel_temperature must be > 0, got {self.gumbel_temperature}")
         for name in ("distill_epochs", "gate_epochs"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"AcmConfig.{name} must be an integer >= 0 (0 skips the phase), got {getattr(self, name)!r}")
         for name in ("distill_lr", "gate_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AcmConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not is_int(self.workers) or self.workers < 1:
+        if not _is_int(self.workers) or self.workers < 1:
             raise ValueError(f"AcmConfig.workers must be a positive integer, got {self.workers!r}")
 
 
@@ -287,17 +274,6 @@ class AdaptiveModule(nn.Module):
         return self.choices[logits.argmax(dim=-1)]
 
 
-def sufficient_k(errors: torch.Tensor, tau: float) -> torch.Tensor:
-    """Phase-2 labels from errors [T, C] (error with the c-th allowed number of learners, increasing k):
-    the smallest c after which one more learner improves the error by less than a factor tau
-    (errors[c] / errors[c+1] < tau); C - 1 when every step improves by at least tau. An error
-    already 0 counts as not improving."""
-    prev, nxt = errors[:, :-1], errors[:, 1:]
-    small = (prev < tau * nxt) | (prev == 0)  # [T, C-1]
-    last = torch.full_like(errors[:, 0], errors.shape[1] - 1, dtype=torch.int64)
-    return torch.where(small.any(dim=1), small.to(torch.int8).argmax(dim=1), last)
-
-
 @dataclass
 class _Routing:
     """What one forward pass shares between its modules (local to the call, never stored)."""
@@ -323,16 +299,16 @@ class AcmClassifier(AdaptiveClassifier):
     - training mode: Gumbel-softmax hard one-hot per token (straight-through), every learner runs,
       output = the one-hot times the cumulative outputs; aux_loss = the phase-3 terms.
     - eval mode: k = argmax of the gate logits (biased by the knob), token-grouped execution.
-    - `force_learners(k)`: every real token runs exactly k learners and no gate runs (evaluation of
-      the distilled learners, e.g. "all learners on").
+    - `learners=k` (eval mode): every real token runs exactly k learners and no gate runs
+      (evaluation of the distilled learners, e.g. "all learners on").
     extras: "k" [modules, b, s] (0 on padding), "executed_fraction" [b] (share of the learners'
     full cost the sample ran).
     """
 
     method = "acm"
-    Config = AcmConfig
-    knob_name = "gate_bias"
     description = "ACM: per-token number of learners (sums of small MLPs) chosen by a gate, distilled from the dense model"
+    knob_name = "gate_bias"
+    Config = AcmConfig
 
     def __init__(self, spec: ModelSpec, config: AcmConfig | None = None):
         super().__init__(spec, config or AcmConfig())
@@ -353,12 +329,17 @@ class AcmClassifier(AdaptiveClassifier):
                 setattr(block.attention, kind, None)
                 mod = AdaptiveModule(d, attn_width(cfg, n), d, n, "identity", 1, g)
             self.acm[int(layer)][kind] = mod
-        self.forced_k: int | None = None
         self._teacher: list[DenseClassifier] = []  # the frozen dense model (not a submodule: never saved)
 
     def module(self, name: str) -> AdaptiveModule:
         layer, kind = name.split(".")
         return self.acm[int(layer)][kind]
+
+    @property
+    def teacher(self) -> DenseClassifier | None:
+        """The frozen dense model this one was converted from (what phases 1 and 2 learn from);
+        None for a loaded model (the teacher is never saved)."""
+        return self._teacher[0] if self._teacher else None
 
     # --- conversion -----------------------------------------------------------------------------
     @classmethod
@@ -374,24 +355,23 @@ class AcmClassifier(AdaptiveClassifier):
         assert all(k.startswith("acm.") for k in missing), missing
         model.dropout.p = dense.dropout.p
         for name in model.names:
-            layer, kind = name.split(".")
-            block = dense.encoder.blocks[int(layer)]
-            learners = model.module(name).learners
-            if kind == "ffn":
-                split_ffn(learners, block.ffn.up, block.ffn.down)
+            first, last = dense_counterpart(dense, name)
+            if name.endswith(".ffn"):
+                split_ffn(model.module(name).learners, first, last)
             else:
-                split_linear(learners, getattr(block.attention, kind))
+                split_linear(model.module(name).learners, first)
         teacher = copy.deepcopy(dense).eval()
         teacher.requires_grad_(False)
         model._teacher = [teacher]
         return model
 
-    def force_learners(self, k: int | None) -> None:
-        """Evaluation override: every real token runs exactly k learners (attention projections at
-        least one), no gate runs. None restores the gates."""
-        if k is not None and not (isinstance(k, int) and 0 <= k <= self.config.learners):
-            raise ValueError(f"force_learners: k must be an integer from 0 to {self.config.learners} or None, got {k!r}")
-        self.forced_k = k
+    def check_learners(self, k: int | None) -> int | None:
+        """Validate forward's `learners`: None (the gates decide) or an integer from 0 to N."""
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.config.learners):
+            raise ValueError(f"acm: learners must be an integer from 0 to {self.config.learners} or None, got {k!r}")
+        if k is not None and self.training:
+            raise ValueError("acm: learners= forces k in eval mode only (training runs the Gumbel-softmax gates)")
+        return k
 
     # --- knob -----------------------------------------------------------------------------------
     def knob_values(self) -> list[float]:
@@ -403,14 +383,17 @@ class AcmClassifier(AdaptiveClassifier):
         return super().check_knob(None if value is None else float(value))
 
     # --- forward --------------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
-        knob = self.run_knob(knob)
+    def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT,
+                learners: int | None = None) -> ClassifierOutput:
+        """`knob`: the gate bias of this call (see `run_knob`); `learners`: None (the gates pick k)
+        or k, run by every real token with no gate (attention projections at least one; eval mode)."""
+        knob, learners = self.run_knob(knob), self.check_learners(learners)
         b, s = input_ids.shape
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
         bias = attention_bias(attention_mask, h.dtype)
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
-        mode = "train" if self.training else ("fixed" if self.forced_k is not None else "gate")
-        ctx = _Routing(real, torch.div(real, s, rounding_mode="floor"), b, s, mode, knob, self.forced_k)
+        mode = "train" if self.training else ("fixed" if learners is not None else "gate")
+        ctx = _Routing(real, torch.div(real, s, rounding_mode="floor"), b, s, mode, knob, learners)
         for block, mods in zip(self.encoder.blocks, self.acm):
             if "q" in mods:
                 h = self._attention(block.attention, mods, h, bias, ctx)
@@ -518,187 +501,17 @@ class AcmClassifier(AdaptiveClassifier):
         diversity = -2.0 * (frac[:, None] - frac[None, :]).abs().mean()
         return c.budget_weight * budget + c.entropy_weight * entropy + c.diversity_weight * diversity
 
-    # --- training: the three phases ----------------------------------------------------------------
-    def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
-        """Phase 1 (distill/), phase 2 (gates/), phase 3 (e2e/, `adaptinf.recipes.finetune.finetune`), each
-        resumed from out_dir when rerun with the same settings. Returns a summary."""
-        from adaptinf.model import accuracy
-        from adaptinf.recipes.finetune import barrier as _barrier, dist_info, finetune
-
-        rank, world = dist_info()
-        out = Path(out_dir)
-        if restart and rank == 0:
-            for phase in ("distill", "gates"):
-                shutil.rmtree(out / phase, ignore_errors=True)
-        _barrier()
-        c = self.config
-        summary: dict[str, Any] = {"n_train": len(train)}
-        pad = self.spec.encoder.pad_token_id
-        t0 = time.time()
-        if c.distill_epochs:
-            summary["distill"] = self._phase("distill", train, cfg, out / "distill", progress)
-            summary["distill_seconds"] = round(time.time() - t0, 1)  # ~0 when resumed from out_dir
-            if rank == 0:  # the distilled learners, all on, against the dense model
-                self.force_learners(c.learners)
-                summary["val_accuracy_all_learners"] = accuracy(self, val, cfg.eval_batch_size, pad)[0]
-                self.force_learners(None)
-                if self._teacher:
-                    summary["val_accuracy_dense"] = accuracy(self._teacher[0], val, cfg.eval_batch_size, pad)[0]
-        if c.gate_epochs:
-            t0 = time.time()
-            summary["gates"] = self._phase("gates", train, cfg, out / "gates", progress)
-            summary["gates_seconds"] = round(time.time() - t0, 1)
-        knob = self.knob
-        self.set_knob(None)
-        try:
-            result = finetune(self, train, val, cfg, out / "e2e", progress=progress, restart=restart)
-        finally:
-            self.set_knob(knob)
-        best = out / "e2e" / "best" / "model.safetensors"
-        if best.is_file():
-            self.load_state_dict(load_file(str(best)))
-        summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps,
-                       resumed_from_step=result.resumed_from_step)
-        return summary
-
-    def _phase(self, phase: str, train: Encoded, cfg, out: Path, progress: bool) -> dict:
-        """Run phase "distill" or "gates" module-wise (resumable per module), in parallel across
-        torchrun ranks or `workers` processes, and load every module's result. Returns per-module stats."""
-        from adaptinf.recipes.finetune import barrier as _barrier, dist_info
-
-        rank, world = dist_info()
-        c = self.config
-        # what this phase's result depends on (not beta etc.: runs at several budgets can share it)
-        fields = ["learners", "targets", "distill_epochs", "distill_lr"]
-        if phase == "gates":
-            fields += ["gate_hidden", "tau", "gate_epochs", "gate_lr"]
-        settings = {"phase": phase, **{f: c.to_dict()[f] for f in fields}, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                    "max_grad_norm": cfg.max_grad_norm, "warmup_ratio": cfg.warmup_ratio, "n_train": len(train)}
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / "settings.json"
-            if path.is_file() and json.loads(path.read_text()) != settings:
-                raise ValueError(f"{out} holds a {phase} phase with other settings; use a new output directory, "
-                                 "or --restart to discard it")
-            path.write_text(json.dumps(settings, indent=2) + "\n")
-        _barrier()
-        todo = [n for n in self.names if not (out / f"{n}.json").is_file()]
-        if todo:
-            if not self._teacher:
-                raise ValueError(f"phase {phase!r} needs the dense model: build this model with AcmClassifier.from_dense")
-            procs = world if world > 1 else c.workers
-            if world > 1:
-                self.train_modules(phase, todo[rank::world], train, cfg, out, progress and rank == 0)
-                _barrier()
-            elif procs > 1:
-                import torch.multiprocessing as mp
-
-                threads = max(1, torch.get_num_threads() // procs)
-                mp.spawn(_worker, args=(procs, self, phase, todo, train, cfg, str(out), threads), nprocs=procs, join=True)
-            else:
-                self.train_modules(phase, todo, train, cfg, out, progress)
-        stats = {}
-        for name in self.names:
-            part = self.module(name).learners if phase == "distill" else self.module(name).gate
-            part.load_state_dict(load_file(str(out / f"{name}.safetensors")))
-            stats[name] = json.loads((out / f"{name}.json").read_text())
-        return stats
-
-    def train_modules(self, phase: str, names: list[str], train: Encoded, cfg, out: Path, progress: bool = False) -> None:
-        """Train the learners ("distill") or the gates ("gates") of `names` on the dense model's
-        captured inputs and outputs; each module has its own Adam and gradient clipping, so the
-        result does not depend on which other modules trained beside it. Writes out/<name>.*."""
-        from adaptinf.checkpoint import save_tensors_atomic, write_json_atomic
-        from adaptinf.data import steps_per_epoch, train_batches
-        from adaptinf.recipes.finetune import lr_at
-        from adaptinf.settings import TrainConfig
-
-        c = self.config
-        teacher = self._teacher[0]
-        epochs, lr = (c.distill_epochs, c.distill_lr) if phase == "distill" else (c.gate_epochs, c.gate_lr)
-        sched = TrainConfig(epochs=epochs, lr=lr, warmup_ratio=cfg.warmup_ratio, batch_size=cfg.batch_size)
-        total = steps_per_epoch(len(train), cfg.batch_size) * epochs
-        mods = {n: self.module(n) for n in names}
-        parts = {n: (m.learners if phase == "distill" else m.gate) for n, m in mods.items()}
-        opts = {n: torch.optim.Adam(p.parameters(), lr=lr) for n, p in parts.items()}
-        captured: dict[str, list] = {n: [None, None] for n in names}
-        real = [None]
-        hooks = []
-
-        def tokens(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(-1, t.shape[-1]).index_select(0, real[0])  # [T, d] real tokens
-
-        def keep(name: str, slot: int):
-            def hook(module, args, output):
-                captured[name][slot] = tokens(args[0] if slot == 0 else output)
-            return hook
-
-        for n in names:
-            layer, kind = n.split(".")
-            block = teacher.encoder.blocks[int(layer)]
-            first, last = (block.ffn.up, block.ffn.down) if kind == "ffn" else (getattr(block.attention, kind),) * 2
-            hooks += [first.register_forward_hook(keep(n, 0)), last.register_forward_hook(keep(n, 1))]
-        depth = max(int(n.split(".")[0]) for n in names) + 1
-        sums = {n: [0.0, 0.0, 0] for n in names}  # last epoch: loss, output power, tokens
-        counts = {n: torch.zeros(len(mods[n].choices), dtype=torch.int64) for n in names}  # labels, first epoch
-        step = 0
-        bar = tqdm(total=total, desc=f"acm {phase}", disable=not progress, unit="step")
-        try:
-            for epoch in range(epochs):
-                sums = {n: [0.0, 0.0, 0] for n in names}
-                for batch, _, _ in train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id=self.spec.encoder.pad_token_id):
-                    real[0] = batch.attention_mask.reshape(-1).nonzero().squeeze(1)
-                    with torch.no_grad():
-                        h = teacher.encoder.embed(batch.input_ids)
-                        teacher.encoder.run_blocks(h, attention_bias(batch.attention_mask, h.dtype), 0, depth)
-                    rate = lr_at(step, total, sched)
-                    for n in names:
-                        x, y = captured[n]
-                        mod, opt = mods[n], opts[n]
-                        for g in opt.param_groups:
-                            g["lr"] = rate
-                        if phase == "distill":
-                            cum = mod.learners.cumulative(x)[:, 1:]  # [T, N, d] for k = 1..N
-                            loss = (cum - y[:, None]).pow(2).mean()  # MSE averaged over k
-                        else:
-                            with torch.no_grad():
-                                err = (mod.learners.cumulative(x)[:, mod.min_k :] - y[:, None]).norm(dim=-1)  # [T, C]
-                                labels = sufficient_k(err, c.tau)
-                            if epoch == 0:
-                                counts[n] += torch.bincount(labels, minlength=len(mod.choices))
-                            loss = F.cross_entropy(mod.gate(x), labels)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(parts[n].parameters(), cfg.max_grad_norm)
-                        opt.step()
-                        sums[n][0] += float(loss.detach()) * x.shape[0]
-                        sums[n][1] += float(y.pow(2).mean()) * x.shape[0]
-                        sums[n][2] += x.shape[0]
-                    step += 1
-                    bar.update(1)
-        finally:
-            bar.close()
-            for hk in hooks:
-                hk.remove()
-        for n in names:
-            save_tensors_atomic(dict(parts[n].state_dict()), out / f"{n}.safetensors")
-            stats: dict[str, Any] = {"loss": sums[n][0] / max(1, sums[n][2])}
-            if phase == "distill":  # MSE over k relative to the output's mean square
-                stats["relative_mse"] = sums[n][0] / max(sums[n][1], 1e-30)
-            else:
-                share = (counts[n].double() / counts[n].sum().clamp_min(1)).tolist()
-                stats["sufficient_k_share"] = {str(int(k)): v for k, v in zip(mods[n].choices, share)}
-            write_json_atomic(out / f"{n}.json", stats)  # written last: marks the module done
-
-
-def _worker(rank: int, procs: int, model: AcmClassifier, phase: str, names: list[str], train: Encoded, cfg,
-            out: str, threads: int) -> None:
-    """One of `workers` processes of a module-wise phase: trains every procs-th module."""
-    torch.set_num_threads(threads)
-    model.train_modules(phase, names[rank::procs], train, cfg, Path(out), progress=False)
-
 
 # --- conversion helpers ------------------------------------------------------------------------------
+
+
+def dense_counterpart(dense: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
+    """The dense model's modules that ACM `name` replaces, as (the one whose input is the ACM's
+    input, the one whose output is its output): (ffn.up, ffn.down) for "L.ffn", the projection twice
+    for "L.q", "L.k", "L.v", "L.out"."""
+    layer, kind = name.split(".")
+    block = dense.encoder.blocks[int(layer)]
+    return (block.ffn.up, block.ffn.down) if kind == "ffn" else (getattr(block.attention, kind),) * 2
 
 
 @torch.no_grad()
