@@ -2,7 +2,7 @@
 
 `evaluate_model` sweeps a model's knob over an encoded split and records accuracy and mean analytic
 GFLOPs per sample. Latency columns are filled by the benchmark harness (`adaptinf.bench`), FLOPs
-reductions by `add_reductions`; FLOPs are never presented as speed.
+reductions by `add_reductions` (against the dense point of each split); FLOPs are never presented as speed.
 
 Per-sample integer extras a model returns (e.g. `extras["exit_layer"]`, a [b] int tensor) are
 summarised in `OperatingPoint.extras["shares"][key]` as the share of samples per value.
@@ -188,6 +188,81 @@ def _check_labels(enc: Encoded, num_labels: int) -> torch.Tensor:
     return y
 
 
+@dataclass
+class _Sweep:
+    """What every point of one `evaluate_model` call shares: the model, the split and its labels."""
+
+    model: AdaptiveClassifier
+    enc: Encoded
+    labels: torch.Tensor
+    split: str
+    name: str
+    batch_size: int
+    progress: bool
+    model_dir: str | None
+
+    def point(self, value, predictions: torch.Tensor, cost: torch.Tensor, counts: dict[str, Counter],
+              other: dict) -> OperatingPoint:
+        n, model = len(self.enc), self.model
+        extras: dict[str, Any] = dict(other)
+        if counts:
+            extras["shares"] = {key: {str(v): c / n for v, c in sorted(cnt.items())} for key, cnt in counts.items()}
+        return OperatingPoint(
+            method=model.method,
+            model=self.name,
+            knob_name=model.knob_name if value is not None else None,
+            knob=None if value is None else float(value),
+            split=self.split,
+            accuracy=(predictions == self.labels).double().mean().item(),
+            gflops=cost.mean().item() / 1e9,
+            n=n,
+            model_dir=self.model_dir,
+            extras=extras,
+        )
+
+
+def _sweep(s: _Sweep, values: list) -> list[OperatingPoint]:
+    """One point per knob value: from the model's offline sweep where it has one, else one
+    forward pass per value (the value passed to forward)."""
+    # A model may compute the whole sweep from fewer passes (e.g. early exit: one pass storing
+    # every exit's logits); it promises the same predictions and FLOPs as `forward` per knob.
+    swept = s.model.sweep_offline(s.enc, values, batch_size=s.batch_size, progress=s.progress)
+    if swept is not None:
+        return _offline_points(s, values, swept)
+    points = []
+    for value in values:
+        s.model.check_knob(value)
+        desc = s.name if value is None else f"{s.name} {s.model.knob_name}={value:g}"
+        logits, cost, counts = _run(s.model, s.enc, s.batch_size, s.progress, desc, knob=value)
+        points.append(s.point(value, logits.argmax(dim=1), cost, counts, {}))
+    return points
+
+
+def _offline_points(s: _Sweep, values: list, swept) -> list[OperatingPoint]:
+    """The points of a model's `sweep_offline` results, their knobs and shapes checked."""
+    who, n = type(s.model).__name__, len(s.enc)
+    if [r.knob for r in swept] != values:
+        raise ValueError(f"{who}.sweep_offline returned knobs {[r.knob for r in swept]}, expected {values}")
+    points = []
+    for value, predictions, cost, extras in swept:
+        if predictions.shape != (n,) or cost.shape != (n,):
+            raise ValueError(f"{who}.sweep_offline returned predictions {tuple(predictions.shape)} and "
+                             f"flops {tuple(cost.shape)}, expected ({n},) each")
+        counts: dict[str, Counter] = {}
+        _count_int_extras(extras, n, counts)
+        other = {k: v for k, v in extras.items() if not isinstance(v, torch.Tensor)}
+        points.append(s.point(value, predictions.cpu(), cost.to(torch.float64).cpu(), counts, other))
+    return points
+
+
+def _in_knob_order(points: list[OperatingPoint], values: list) -> list[OperatingPoint]:
+    """`points` sorted by knob (None first), in the direction of the method's own grid `values`."""
+    numeric = [v for v in values if v is not None]
+    descending = len(numeric) > 1 and numeric[0] > numeric[-1]
+    return sorted(points, key=lambda p: (p.knob is not None,
+                                         0.0 if p.knob is None else (-p.knob if descending else p.knob)))
+
+
 def evaluate_model(
     model: AdaptiveClassifier,
     enc: Encoded,
@@ -218,69 +293,19 @@ def evaluate_model(
         raise ValueError("no knob values to evaluate (knobs is empty)")
     if refine_rounds < 0 or not 0 < refine_gap < 1:
         raise ValueError(f"refine_rounds must be >= 0 and refine_gap in (0, 1), got {refine_rounds}, {refine_gap}")
-    name = name or model.method
+    s = _Sweep(model, enc, y, split, name or model.method, batch_size, progress, model_dir)
     was_training = model.training
-
-    def point(value, predictions: torch.Tensor, cost: torch.Tensor, counts: dict[str, Counter], other: dict) -> OperatingPoint:
-        extras: dict[str, Any] = dict(other)
-        if counts:
-            extras["shares"] = {
-                key: {str(v): c / len(enc) for v, c in sorted(cnt.items())} for key, cnt in counts.items()
-            }
-        return OperatingPoint(
-            method=model.method,
-            model=name,
-            knob_name=model.knob_name if value is not None else None,
-            knob=None if value is None else float(value),
-            split=split,
-            accuracy=(predictions == y).double().mean().item(),
-            gflops=cost.mean().item() / 1e9,
-            n=len(enc),
-            model_dir=model_dir,
-            extras=extras,
-        )
-
-    def sweep_values(values: list) -> list[OperatingPoint]:
-        # A model may compute the whole sweep from fewer passes (e.g. early exit: one pass storing
-        # every exit's logits); it promises the same predictions and FLOPs as `forward` per knob.
-        points = []
-        swept = model.sweep_offline(enc, values, batch_size=batch_size, progress=progress)
-        if swept is not None:
-            if [r.knob for r in swept] != values:
-                raise ValueError(f"{type(model).__name__}.sweep_offline returned knobs {[r.knob for r in swept]}, expected {values}")
-            for value, predictions, cost, extras in swept:
-                if predictions.shape != (len(enc),) or cost.shape != (len(enc),):
-                    raise ValueError(
-                        f"{type(model).__name__}.sweep_offline returned predictions {tuple(predictions.shape)} and "
-                        f"flops {tuple(cost.shape)}, expected ({len(enc)},) each"
-                    )
-                counts: dict[str, Counter] = {}
-                _count_int_extras(extras, len(enc), counts)
-                other = {k: v for k, v in extras.items() if not isinstance(v, torch.Tensor)}
-                points.append(point(value, predictions.cpu(), cost.to(torch.float64).cpu(), counts, other))
-            return points
-        for value in values:
-            model.check_knob(value)
-            desc = name if value is None else f"{name} {model.knob_name}={value:g}"
-            logits, cost, counts = _run(model, enc, batch_size, progress, desc, knob=value)
-            points.append(point(value, logits.argmax(dim=1), cost, counts, {}))
-        return points
-
     try:
-        points = sweep_values(values)
+        points = _sweep(s, values)
         for _ in range(refine_rounds):
             seen = {p.knob for p in points}
             new = [v for v in refine_knobs(points, refine_gap, model.knob_between) if v not in seen]
             if not new:
                 break
-            points += sweep_values(new)
+            points += _sweep(s, new)
     finally:
         model.train(was_training)
-    if len(points) > len(values):  # refined: knob order, in the direction of the method's own grid
-        numeric = [v for v in values if v is not None]
-        descending = len(numeric) > 1 and numeric[0] > numeric[-1]
-        points.sort(key=lambda p: (p.knob is not None, 0.0 if p.knob is None else (-p.knob if descending else p.knob)))
-    return points
+    return _in_knob_order(points, values) if len(points) > len(values) else points
 
 
 def refine_knobs(points: list[OperatingPoint], gap: float, between=lambda a, b: (a + b) / 2) -> list[float]:
@@ -301,9 +326,19 @@ def refine_knobs(points: list[OperatingPoint], gap: float, between=lambda a, b: 
     return found
 
 
-def add_reductions(points: list[OperatingPoint], dense_gflops: float) -> list[OperatingPoint]:
+def add_reductions(points: list[OperatingPoint], dense_gflops: float | None = None) -> list[OperatingPoint]:
     """Fill `flops_reduction` (dense GFLOPs / point GFLOPs) in place, and `realisation_b32` where the
-    measured `speedup_b32` is known. Returns the same list."""
+    measured `speedup_b32` is known. Returns the same list.
+
+    dense_gflops: the dense model's GFLOPs/sample; None: each point against the first dense point
+    (method "dense") of its own split, points of a split without one left as they are."""
+    if dense_gflops is None:
+        for split in dict.fromkeys(p.split for p in points):
+            same = [p for p in points if p.split == split]
+            dense = next((p for p in same if p.method == "dense"), None)
+            if dense is not None:
+                add_reductions(same, dense.gflops)
+        return points
     if not (isinstance(dense_gflops, (int, float)) and math.isfinite(dense_gflops) and dense_gflops > 0):
         raise ValueError(f"dense_gflops must be a positive number, got {dense_gflops!r}")
     for p in points:
@@ -347,7 +382,7 @@ def read_points(paths: list[str | Path]) -> list[OperatingPoint]:
             raise ValueError(f"points file {p} does not exist")
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # invalid JSON or not UTF-8 (both ValueErrors)
             raise ValueError(f"{p} is not a valid points JSON file ({e})") from e
         if not isinstance(data, list):
             raise ValueError(f"{p} must hold a JSON list of operating points, got {type(data).__name__}")

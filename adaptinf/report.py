@@ -1,12 +1,13 @@
 """A side-by-side report of every method's accuracy/cost trade-off: markdown tables, CSV/JSON, a plot.
 
-matplotlib is imported inside `plot_tradeoff` only (importing adaptinf stays light), and the figure
+matplotlib is imported only when `plot_tradeoff` draws (importing adaptinf stays light), and the figure
 is drawn on an Agg canvas without touching pyplot's global backend.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from adaptinf.evaluate import OperatingPoint, cheapest_within_drop, pareto_front, write_points
 
@@ -69,15 +70,24 @@ def _num(v: float | None, fmt: str, suffix: str = "") -> str:
     return _DASH if v is None else f"{v:{fmt}}{suffix}"
 
 
-def _knob(p: OperatingPoint) -> str:
+def knob_label(p: OperatingPoint) -> str:
+    """The point's knob as a table cell: "threshold=0.8", the bare value when the knob has no name,
+    a dash for a point without a knob."""
     if p.knob is None:
         return _DASH
     return f"{p.knob_name}={p.knob:g}" if p.knob_name else f"{p.knob:g}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    align = ["---" if i < 3 else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    """The lines of a markdown table, cells escaped (a "|" kept inside its cell, newlines as spaces).
+
+    align: one letter per column, "l" (left) or "r" (right); default the first three columns left,
+    the others right."""
+    align = align or "l" * min(3, len(header)) + "r" * (len(header) - 3)
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(f"align must give 'l' or 'r' for each of the {len(header)} columns, got {align!r}")
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
     return lines
 
@@ -100,7 +110,7 @@ def _points_table(points: list[OperatingPoint]) -> list[str]:
         [
             p.method,
             p.model,
-            _knob(p),
+            knob_label(p),
             f"{100 * p.accuracy:.2f}",
             f"{p.gflops:.3f}",
             _num(p.flops_reduction, ".2f", "×"),
@@ -112,17 +122,17 @@ def _points_table(points: list[OperatingPoint]) -> list[str]:
         ]
         for p in points
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _front_table(points: list[OperatingPoint]) -> list[str]:
     header = ["method", "model", "knob", "accuracy (%)", "GFLOPs/sample", "FLOPs reduction"]
     rows = [
-        [p.method, p.model, _knob(p), f"{100 * p.accuracy:.2f}", f"{p.gflops:.3f}",
+        [p.method, p.model, knob_label(p), f"{100 * p.accuracy:.2f}", f"{p.gflops:.3f}",
          _num(p.flops_reduction, ".2f", "×")]
         for p in points
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _within_drop_table(points: list[OperatingPoint], max_drop: float) -> list[str]:
@@ -134,7 +144,7 @@ def _within_drop_table(points: list[OperatingPoint], max_drop: float) -> list[st
     header = ["method", "model", "knob", "val acc (%)", "test acc (%)", "test drop vs dense (pt)", "GFLOPs/sample",
               "FLOPs reduction", "speed-up b1", "speed-up b32", "realisation b32"]
     rows = [
-        [t.method, t.model, _knob(t), f"{100 * v.accuracy:.2f}", f"{100 * t.accuracy:.2f}",
+        [t.method, t.model, knob_label(t), f"{100 * v.accuracy:.2f}", f"{100 * t.accuracy:.2f}",
          f"{100 * (d.accuracy - t.accuracy):+.2f}", f"{t.gflops:.3f}", _num(d.gflops / t.gflops if t.gflops else None, ".2f", "×"),
          _num(t.speedup_b1, ".2f", "×"), _num(t.speedup_b32, ".2f", "×"), _num(t.realisation_b32, ".2f")]
         for v, t, d in picked
@@ -145,7 +155,7 @@ def _within_drop_table(points: list[OperatingPoint], max_drop: float) -> list[st
         "Chosen on the validation split (the knob with the fewest GFLOPs whose validation accuracy is at most "
         f"{100 * max_drop:g} point(s) below dense's), reported on test.",
         "",
-        *(_table(header, rows) if rows else ["No model has a point within this drop on validation."]),
+        *(markdown_table(header, rows) if rows else ["No model has a point within this drop on validation."]),
         "",
     ]
 
@@ -165,7 +175,7 @@ def _exit_accuracy_table(points: list[OperatingPoint]) -> list[str]:
         acc = [f"{100 * a:.2f}" for a in p.extras["exit_accuracy"]]
         layers = p.extras.get("exit_layers")
         rows.append([p.method, p.model, ",".join(map(str, layers)) if layers else "-", *acc, *[""] * (n - len(acc))])
-    return ["## Accuracy of each exit on its own", "", *_table(header, rows), ""]
+    return ["## Accuracy of each exit on its own", "", *markdown_table(header, rows), ""]
 
 
 def render_markdown(
@@ -225,77 +235,16 @@ def plot_tradeoff(points: list[OperatingPoint], path: str | Path, title: str = "
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
-    if not points:
-        raise ValueError("no operating points to plot")
-    if axes is not None and not set(axes) <= set(_AXIS_LABELS):
-        raise ValueError(f"plot_tradeoff: axes must be drawn from {list(_AXIS_LABELS)}, got {list(axes)}")
-    wanted = axes or tuple(_AXIS_LABELS)
-    panels = [(x, _AXIS_LABELS[x]) for x in wanted if any(getattr(p, x) is not None for p in points)]
-    if not panels:
-        raise ValueError(f"no operating point has a value on the axes {list(wanted)}")
-
+    panels = _panels(points, axes)
     styles = method_styles(p.method for p in points)
-    models: dict[tuple[str, str], list[OperatingPoint]] = {}
-    for p in sorted(points, key=_sort_key):
-        models.setdefault((p.method, p.model), []).append(p)
-    linestyle: dict[tuple[str, str], str] = {}
-    for method in styles:
-        for i, key in enumerate(k for k in models if k[0] == method):
-            linestyle[key] = _LINESTYLES[i % len(_LINESTYLES)]
-    dense = [p for p in points if p.method == "dense"]
-
+    lines = _model_lines(points, styles)
     width = 7.0 if len(panels) == 1 else 5.2 * len(panels)
     fig = Figure(figsize=(width, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (x, xlabel) in zip(axes, panels):
-        for d in dense:
-            ax.axhline(100 * d.accuracy, color="black", linestyle=(0, (5, 4)), linewidth=0.9, alpha=0.6, zorder=1)
-        front = pareto_front(points, x=x)
-        if len(front) > 1:
-            ax.step(
-                [getattr(p, x) for p in front],
-                [100 * p.accuracy for p in front],
-                where="post",
-                color="0.6",
-                linewidth=5,
-                alpha=0.35,
-                solid_capstyle="round",
-                zorder=1.5,
-            )
-        for (method, model), pts in models.items():
-            pts = sorted((p for p in pts if getattr(p, x) is not None), key=lambda p: getattr(p, x))
-            if not pts:
-                continue
-            color, marker = styles[method]
-            xs, ys = [getattr(p, x) for p in pts], [100 * p.accuracy for p in pts]
-            if method == "dense":
-                ax.plot(xs, ys, linestyle="none", marker="*", markersize=17, color="black",
-                        markeredgecolor="white", markeredgewidth=0.8, zorder=5)
-            else:
-                ax.plot(xs, ys, linestyle=linestyle[(method, model)], marker=marker, color=color,
-                        markersize=5.5, linewidth=1.5, markeredgecolor="white", markeredgewidth=0.5, zorder=3)
-        xs_all = [getattr(p, x) for p in points if getattr(p, x) is not None]
-        if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(True, which="major", alpha=0.35)
-        ax.grid(True, which="minor", alpha=0.12)
-        ax.minorticks_on()
-
-    handles = []
-    for (method, model) in models:
-        color, marker = styles[method]
-        if method == "dense":
-            h = Line2D([], [], linestyle=(0, (5, 4)), color="black", marker="*", markersize=13, linewidth=0.9)
-        else:
-            h = Line2D([], [], linestyle=linestyle[(method, model)], color=color, marker=marker, markersize=6)
-        handles.append((h, _label(method, model)))
-    if any(len(pareto_front(points, x=x)) > 1 for x, _ in panels):
-        handles.append((Line2D([], [], color="0.6", linewidth=5, alpha=0.35), "Pareto front (all methods)"))
+    for ax, (x, xlabel) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        _draw_panel(ax, points, x, xlabel, lines, styles)
+    handles = _legend_handles(points, lines, styles, [x for x, _ in panels])
     # as many legend columns as fit the figure's width (entry ~ handle + label at ~0.075 in/char)
     entry_in = 0.8 + 0.075 * max(len(lab) for _, lab in handles)
     ncol = max(1, min(len(handles), int(width // entry_in)))
@@ -308,6 +257,79 @@ def plot_tradeoff(points: list[OperatingPoint], path: str | Path, title: str = "
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=150, bbox_inches="tight")
     return out
+
+
+def _panels(points: list[OperatingPoint], axes: tuple[str, ...] | None) -> list[tuple[str, str]]:
+    """(cost axis, its label) per panel to draw: the axes asked for (default all) that have data."""
+    if not points:
+        raise ValueError("no operating points to plot")
+    if axes is not None and not set(axes) <= set(_AXIS_LABELS):
+        raise ValueError(f"plot_tradeoff: axes must be drawn from {list(_AXIS_LABELS)}, got {list(axes)}")
+    wanted = axes or tuple(_AXIS_LABELS)
+    panels = [(x, _AXIS_LABELS[x]) for x in wanted if any(getattr(p, x) is not None for p in points)]
+    if not panels:
+        raise ValueError(f"no operating point has a value on the axes {list(wanted)}")
+    return panels
+
+
+def _model_lines(points: list[OperatingPoint], styles: dict) -> dict[tuple[str, str], tuple[list, str]]:
+    """Per (method, model), in method order: its points and its line style (models of one method
+    take the line styles in turn)."""
+    models: dict[tuple[str, str], list[OperatingPoint]] = {}
+    for p in sorted(points, key=_sort_key):
+        models.setdefault((p.method, p.model), []).append(p)
+    lines = {}
+    for method in styles:
+        for i, key in enumerate(k for k in models if k[0] == method):
+            lines[key] = (models[key], _LINESTYLES[i % len(_LINESTYLES)])
+    return {key: lines[key] for key in models}
+
+
+def _draw_panel(ax, points: list[OperatingPoint], x: str, xlabel: str, lines: dict, styles: dict) -> None:
+    """One panel: accuracy vs cost `x`, dense's accuracy as a dashed line, the Pareto front behind."""
+    for d in (p for p in points if p.method == "dense"):
+        ax.axhline(100 * d.accuracy, color="black", linestyle=(0, (5, 4)), linewidth=0.9, alpha=0.6, zorder=1)
+    front = pareto_front(points, x=x)
+    if len(front) > 1:
+        ax.step([getattr(p, x) for p in front], [100 * p.accuracy for p in front], where="post", color="0.6",
+                linewidth=5, alpha=0.35, solid_capstyle="round", zorder=1.5)
+    for (method, _), (pts, linestyle) in lines.items():
+        pts = sorted((p for p in pts if getattr(p, x) is not None), key=lambda p: getattr(p, x))
+        if not pts:
+            continue
+        color, marker = styles[method]
+        xs, ys = [getattr(p, x) for p in pts], [100 * p.accuracy for p in pts]
+        if method == "dense":
+            ax.plot(xs, ys, linestyle="none", marker="*", markersize=17, color="black",
+                    markeredgecolor="white", markeredgewidth=0.8, zorder=5)
+        else:
+            ax.plot(xs, ys, linestyle=linestyle, marker=marker, color=color,
+                    markersize=5.5, linewidth=1.5, markeredgecolor="white", markeredgewidth=0.5, zorder=3)
+    xs_all = [getattr(p, x) for p in points if getattr(p, x) is not None]
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.minorticks_on()
+
+
+def _legend_handles(points: list[OperatingPoint], lines: dict, styles: dict, xs: list[str]) -> list[tuple[Any, str]]:
+    """(handle, label) per model line, plus the Pareto front where any panel draws one."""
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for (method, model), (_, linestyle) in lines.items():
+        color, marker = styles[method]
+        if method == "dense":
+            h = Line2D([], [], linestyle=(0, (5, 4)), color="black", marker="*", markersize=13, linewidth=0.9)
+        else:
+            h = Line2D([], [], linestyle=linestyle, color=color, marker=marker, markersize=6)
+        handles.append((h, _label(method, model)))
+    if any(len(pareto_front(points, x=x)) > 1 for x in xs):
+        handles.append((Line2D([], [], color="0.6", linewidth=5, alpha=0.35), "Pareto front (all methods)"))
+    return handles
 
 
 # --- everything ------------------------------------------------------------------------------------

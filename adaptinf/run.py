@@ -35,6 +35,8 @@ from typing import Any
 from adaptinf.preset import RunConfig, settings_hash, write_resolved
 
 STAGE_FILE = ".stage.json"
+# the latency fields of a timed point
+TIMED_FIELDS = ("latency_ms_b1", "latency_ms_b32", "speedup_b1", "speedup_b32", "realisation_b32")
 
 
 class Stage:
@@ -103,11 +105,19 @@ def _say(msg: str) -> None:
 
 
 class _Job:
-    def __init__(self, cfg: RunConfig, out: Path, progress: bool, restart: bool):
-        self.cfg, self.out, self.progress, self.restart = cfg, out, progress, restart
+    """What the stages of one `run` share: the settings, the run folder, the task, what each stage did."""
+
+    def __init__(self, cfg: RunConfig, out: Path, progress: bool, restart: bool, task):
+        self.cfg, self.out, self.progress, self.restart, self.task = cfg, out, progress, restart, task
+        self.seed = cfg.task.seed
         self.records: list[StageRecord] = []
         self.total = 2 + 2 * len(cfg.methods) + 1  # dense + its points, each method + its points, latency
         self.count = 0
+        self.evals: dict[str, tuple[str, Path]] = {}  # model name -> (eval stage key, points folder)
+        self.result = RunResult(out=out, report=None, skipped=dict(cfg.skipped))
+        # the settings every model depends on (the dense model's, and a method's trained from pretrained)
+        self.base = {"model": cfg.model, "max_length": cfg.max_length, "task": cfg.task.to_dict(),
+                     "max_train_samples": cfg.max_train_samples}
 
     def stage(self, name: str, directory: Path, settings: dict, deps: list[str], body) -> tuple[str, Any]:
         """Run `body(stage)` unless the stage is done with the same settings; returns (key, info)."""
@@ -133,10 +143,25 @@ class _Job:
 
 def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = False) -> RunResult:
     """Run (or resume) the whole job for `cfg` into `out`; see the module docstring."""
-    from adaptinf.registry import load_model
-    from adaptinf.evaluate import read_points, write_points
-    from adaptinf.steps import convert_method, dense_from_pretrained, evaluate_splits, finetune_dense, load_task
+    from adaptinf.evaluate import add_reductions, read_points
+    from adaptinf.steps import load_task
 
+    out = _prepare(cfg, out)
+    task = load_task(cfg.task)  # bad files, columns and labels fail here, before any training
+    _say(f"{task.summary()}; preset {cfg.preset!r}; methods: {', '.join(m.name for m in cfg.methods) or 'none'}")
+    job = _Job(cfg, out, progress, restart, task)
+    dense_key = _dense_stage(job)
+    _eval_stage(job, "dense", out / "dense" / "best", dense_key, None)
+    for ms in cfg.methods:
+        _method_stages(job, ms, dense_key)
+    points = read_points([folder / "points.json" for _, folder in job.evals.values()])
+    add_reductions(points)  # against the dense point of each split
+    timed = _latency_stage(job, points)
+    return _finish(job, points, timed)
+
+
+def _prepare(cfg: RunConfig, out: str | Path) -> Path:
+    """The run folder, created, with the resolved settings written into it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a directory")
@@ -144,114 +169,123 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = 
     write_resolved(cfg, out)
     for m, why in cfg.skipped.items():
         _say(f"warning: skipping method {m!r}: {why}")
-    task = load_task(cfg.task)  # bad files, columns and labels fail here, before any training
-    seed = cfg.task.seed
-    _say(f"{task.summary()}; preset {cfg.preset!r}; methods: {', '.join(m.name for m in cfg.methods) or 'none'}")
-    job = _Job(cfg, out, progress, restart)
-    result = RunResult(out=out, report=None, skipped=dict(cfg.skipped))
-    base = {"model": cfg.model, "max_length": cfg.max_length, "task": cfg.task.to_dict(),
-            "max_train_samples": cfg.max_train_samples}
-    ev = {"batch_size": cfg.evaluate.batch_size, "max_samples": cfg.evaluate.max_samples,
-          "refine_rounds": cfg.evaluate.refine_rounds, "refine_gap": cfg.evaluate.refine_gap}
+    return out
 
-    # --- dense baseline
-    dense_dir = out / "dense"
+
+def _dense_stage(job: _Job) -> str:
+    """Fine-tune the dense baseline into dense/; returns the stage's key."""
+    from adaptinf.steps import finetune_dense
+
+    cfg, dense_dir = job.cfg, job.out / "dense"
 
     def train_dense(st: Stage):
-        summary = finetune_dense(cfg.model, cfg.task, cfg.dense.to_train_config(seed), dense_dir,
+        summary = finetune_dense(cfg.model, cfg.task, cfg.dense.to_train_config(job.seed), dense_dir,
                                  max_length=cfg.max_length, max_train_samples=cfg.max_train_samples,
-                                 progress=progress, task=task)
+                                 progress=job.progress, task=job.task)
         return {"summary": summary}
 
-    dense_key, _ = job.stage("dense: fine-tune", dense_dir, {**base, "train": vars(cfg.dense)}, [], train_dense)
-    evals: dict[str, tuple[str, Path]] = {}  # model name -> (eval stage key, points folder)
+    key, _ = job.stage("dense: fine-tune", dense_dir, {**job.base, "train": vars(cfg.dense)}, [], train_dense)
+    return key
 
-    def eval_stage(name: str, model_dir: Path, model_key: str, knobs) -> None:
-        folder = out / "points" / name
 
-        def body(st: Stage):
-            model = load_model(model_dir)
-            # model directories are recorded relative to the run folder, so the folder can move
-            pts = evaluate_splits(model, task, ["validation", "test"], name, model_dir.relative_to(out).as_posix(), seed,
-                                  batch_size=cfg.evaluate.batch_size, knobs=knobs,
-                                  max_samples=cfg.evaluate.max_samples, progress=progress,
-                                  refine_rounds=cfg.evaluate.refine_rounds, refine_gap=cfg.evaluate.refine_gap)
-            write_points(pts, folder)
-            return {"points": len(pts)}
+def _eval_stage(job: _Job, name: str, model_dir: Path, model_key: str, knobs) -> None:
+    """Evaluate the model in `model_dir` on validation and test into points/<name>/."""
+    from adaptinf.evaluate import write_points
+    from adaptinf.registry import load_model
+    from adaptinf.steps import evaluate_splits
 
-        key, _ = job.stage(f"{name}: evaluate", folder, {**ev, "knobs": knobs}, [model_key], body)
-        evals[name] = (key, folder)
+    ev, folder = job.cfg.evaluate, job.out / "points" / name
 
-    eval_stage("dense", dense_dir / "best", dense_key, None)
+    def evaluate(st: Stage):
+        model = load_model(model_dir)
+        # model directories are recorded relative to the run folder, so the folder can move
+        pts = evaluate_splits(model, job.task, ["validation", "test"], name, model_dir.relative_to(job.out).as_posix(),
+                              job.seed, batch_size=ev.batch_size, knobs=knobs, max_samples=ev.max_samples,
+                              progress=job.progress, refine_rounds=ev.refine_rounds, refine_gap=ev.refine_gap)
+        write_points(pts, folder)
+        return {"points": len(pts)}
 
-    # --- methods
-    for ms in cfg.methods:
-        mdir = out / "methods" / ms.name
-        try:
-            def train_method(st: Stage, ms=ms, mdir=mdir):
-                if ms.source == "dense":
-                    dense = load_model(dense_dir / "best", expect_method="dense")
-                    source = str(dense_dir / "best")
-                else:
-                    dense, _ = dense_from_pretrained(cfg.model, task.labels, cfg.max_length, 0.1, seed)
-                    source = cfg.model
-                convert_method(dense, ms.name, ms.set, mdir / "model", cfg.task, ms.train.to_train_config(seed),
-                               train_dir=mdir / "train", max_train_samples=cfg.max_train_samples,
-                               source_name=source, progress=progress, task=task)
-                (mdir / "error.txt").unlink(missing_ok=True)
-                return {"source": source}
+    settings = {"batch_size": ev.batch_size, "max_samples": ev.max_samples, "refine_rounds": ev.refine_rounds,
+                "refine_gap": ev.refine_gap, "knobs": knobs}
+    key, _ = job.stage(f"{name}: evaluate", folder, settings, [model_key], evaluate)
+    job.evals[name] = (key, folder)
 
-            settings = {"method": ms.name, "source": ms.source, "set": ms.set, "train": vars(ms.train)}
-            deps = [dense_key] if ms.source == "dense" else [settings_hash(base)]
-            key, _ = job.stage(f"{ms.name}: convert and train", mdir, settings, deps, train_method)
-            eval_stage(ms.name, mdir / "model", key, ms.knobs)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # one method failing must not lose the others' results
-            msg = f"{type(e).__name__}: {e}"
-            result.failed[ms.name] = msg
-            job.records.append(StageRecord(f"{ms.name}", "failed", 0.0, msg))
-            mdir.mkdir(parents=True, exist_ok=True)
-            (mdir / "error.txt").write_text(traceback.format_exc())
-            _say(f"error: method {ms.name!r} failed ({msg}); details in {mdir / 'error.txt'}; going on with the others")
 
-    # --- latency at chosen points
-    points = read_points([folder / "points.json" for _, folder in evals.values()])
-    _add_reductions(points)
-    lat_dir = out / "latency"
+def _method_stages(job: _Job, ms, dense_key: str) -> None:
+    """Convert, train and evaluate one method; a failure is recorded and the run goes on."""
+    mdir = job.out / "methods" / ms.name
+    try:
+        key = _train_method_stage(job, ms, mdir, dense_key)
+        _eval_stage(job, ms.name, mdir / "model", key, ms.knobs)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # one method failing must not lose the others' results
+        msg = f"{type(e).__name__}: {e}"
+        job.result.failed[ms.name] = msg
+        job.records.append(StageRecord(f"{ms.name}", "failed", 0.0, msg))
+        mdir.mkdir(parents=True, exist_ok=True)
+        (mdir / "error.txt").write_text(traceback.format_exc())
+        _say(f"error: method {ms.name!r} failed ({msg}); details in {mdir / 'error.txt'}; going on with the others")
+
+
+def _train_method_stage(job: _Job, ms, mdir: Path, dense_key: str) -> str:
+    """Convert the method's source (the fine-tuned dense model or the pretrained one) and train it
+    into methods/<m>/; returns the stage's key."""
+    from adaptinf.registry import load_model
+    from adaptinf.steps import convert_method, dense_from_pretrained
+
+    cfg, dense_best = job.cfg, job.out / "dense" / "best"
+
+    def train_method(st: Stage):
+        if ms.source == "dense":
+            dense, source = load_model(dense_best, expect_method="dense"), str(dense_best)
+        else:
+            dense, _ = dense_from_pretrained(cfg.model, job.task.labels, cfg.max_length, 0.1, job.seed)
+            source = cfg.model
+        convert_method(dense, ms.name, ms.set, mdir / "model", cfg.task, ms.train.to_train_config(job.seed),
+                       train_dir=mdir / "train", max_train_samples=cfg.max_train_samples,
+                       source_name=source, progress=job.progress, task=job.task)
+        (mdir / "error.txt").unlink(missing_ok=True)
+        return {"source": source}
+
+    settings = {"method": ms.name, "source": ms.source, "set": ms.set, "train": vars(ms.train)}
+    deps = [dense_key] if ms.source == "dense" else [settings_hash(job.base)]
+    key, _ = job.stage(f"{ms.name}: convert and train", mdir, settings, deps, train_method)
+    return key
+
+
+def _latency_stage(job: _Job, points) -> dict:
+    """Time the chosen points into latency/ and copy their latency onto the test points; returns the
+    timed points' fields by (model, knob)."""
+    lat_dir = job.out / "latency"
 
     def time_chosen(st: Stage):
-        chosen = choose_latency_points(points, cfg.latency.max_drop / 100)
-        return {"timed": measure_latency(chosen, task, seed, cfg, lat_dir, progress)}
+        chosen = choose_latency_points(points, job.cfg.latency.max_drop / 100)
+        return {"timed": measure_latency(chosen, job.task, job.seed, job.cfg, lat_dir, job.progress)}
 
     job.total = job.count + 1
-    lat_settings = {**vars(cfg.latency), "evals": sorted(k for k, _ in evals.values())}
-    _, info = job.stage("latency at chosen points", lat_dir, lat_settings, [], time_chosen)
+    settings = {**vars(job.cfg.latency), "evals": sorted(k for k, _ in job.evals.values())}
+    _, info = job.stage("latency at chosen points", lat_dir, settings, [], time_chosen)
     timed = {(t["model"], t["knob"]): t for t in info.get("timed", [])}
     for p in points:
         t = timed.get((p.model, p.knob))
         if p.split == "test" and t:
-            for k in ("latency_ms_b1", "latency_ms_b32", "speedup_b1", "speedup_b32", "realisation_b32"):
+            for k in TIMED_FIELDS:
                 setattr(p, k, t.get(k))
-    result.stages = job.records
+    return timed
 
+
+def _finish(job: _Job, points, timed: dict) -> RunResult:
+    """Write the report and run.json; the run's result."""
     from adaptinf.run_report import write_run_report
 
-    result.report = write_run_report(points, cfg, out, result, timed)
+    result, out = job.result, job.out
+    result.stages = job.records
+    result.report = write_run_report(points, job.cfg, out, result, timed)
     (out / "run.json").write_text(json.dumps({
         "finished": _now(), "report": str(result.report), "failed": result.failed, "skipped": result.skipped,
         "stages": [vars(r) for r in result.stages]}, indent=2) + "\n")
     return result
-
-
-def _add_reductions(points) -> None:
-    """FLOPs reduction of every point against the dense model on the same split."""
-    from adaptinf.evaluate import add_reductions
-
-    for split in {p.split for p in points}:
-        dense = [p for p in points if p.split == split and p.method == "dense"]
-        if dense:
-            add_reductions([p for p in points if p.split == split], dense[0].gflops)
 
 
 def choose_latency_points(points, max_drop: float) -> list[tuple[Any, str]]:
@@ -292,8 +326,7 @@ def measure_latency(chosen, task, seed: int, cfg: RunConfig, out: Path, progress
     timed = []
     for p, why in chosen:
         timed.append({"method": p.method, "model": p.model, "knob": p.knob, "why": why,
-                      **{k: getattr(p, k) for k in ("latency_ms_b1", "latency_ms_b32", "speedup_b1", "speedup_b32",
-                                                    "realisation_b32")}})
+                      **{k: getattr(p, k) for k in TIMED_FIELDS}})
     dense_rows = {r.batch_size: r for r in rows if r.case == "dense"}
     timed.append({"method": "dense", "model": "dense", "knob": None, "why": "reference",
                   "latency_ms_b1": dense_rows[1].median_ms, "latency_ms_b32": dense_rows[32].median_ms,

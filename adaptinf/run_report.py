@@ -8,20 +8,10 @@ from pathlib import Path
 
 from adaptinf.evaluate import OperatingPoint, pareto_front
 from adaptinf.preset import RunConfig
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in rows]]
-
-
-def _knob(p: OperatingPoint) -> str:
-    return "—" if p.knob is None else f"{p.knob_name or 'knob'}={p.knob:g}"
+from adaptinf.report import knob_label, markdown_table, plot_tradeoff, write_report
 
 
 def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, result, timed: dict) -> Path:
-    from adaptinf.report import plot_tradeoff, write_report
-
     report_dir = Path(out) / "report"
     notes = [f"Preset **{cfg.preset}**: {cfg.description}" if cfg.description else f"Preset **{cfg.preset}**."]
     if cfg.note:
@@ -55,22 +45,22 @@ def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, re
         rows = []
         for p in sorted(timed_pts, key=lambda p: p.latency_ms_b1):
             why = timed.get((p.model, p.knob), {}).get("why", "")
-            rows.append([p.method, _knob(p), f"{100 * p.accuracy:.2f}", f"{p.gflops:.3f}",
+            rows.append([p.method, knob_label(p), f"{100 * p.accuracy:.2f}", f"{p.gflops:.3f}",
                          f"{p.latency_ms_b1:.2f}", f"{p.latency_ms_b32:.2f}", f"{p.speedup_b1:.2f}×",
                          f"{p.speedup_b32:.2f}×", why])
-        lines += _md_table(["method", "knob", "test acc (%)", "GFLOPs/sample", "b1 (ms)", "b32 (ms)", "speed-up b1",
-                            "speed-up b32", "chosen as"], rows)
+        lines += markdown_table(["method", "knob", "test acc (%)", "GFLOPs/sample", "b1 (ms)", "b32 (ms)",
+                                 "speed-up b1", "speed-up b32", "chosen as"], rows, align="llrrrrrrl")
         front = pareto_front(timed_pts, x="latency_ms_b1")
         lines += ["", "Pareto front over the timed points (accuracy vs latency at batch 1): "
-                  + ", ".join(f"{p.method} {_knob(p)}" for p in front) + "."]
+                  + ", ".join(f"{p.method} {knob_label(p)}" for p in front) + "."]
         bench_md = Path(out) / "latency" / "bench.md"
         if bench_md.is_file():
             lines += ["", "Benchmark rows:", "", bench_md.read_text().strip()]
     else:
         lines += ["No adaptive model was timed (no method ran)."]
     lines += ["", "## Stages", ""]
-    lines += _md_table(["stage", "status", "seconds"],
-                       [[r.name, r.status + (f": {r.error}" if r.error else ""), f"{r.seconds:.0f}"] for r in result.stages])
+    stages = [[r.name, r.status + (f": {r.error}" if r.error else ""), f"{r.seconds:.0f}"] for r in result.stages]
+    lines += markdown_table(["stage", "status", "seconds"], stages, align="llr")
     lines += ["", "Status *cached*: finished by an earlier run with the same settings (its time shown).", ""]
     md = paths["report"]
     md.write_text(md.read_text() + "\n".join(lines))

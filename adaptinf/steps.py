@@ -1,8 +1,10 @@
-"""The job's steps as plain functions, shared by the `adaptinf` commands and `adaptinf run`.
+"""The steps of the job, shared by the CLI commands (`adaptinf finetune`, `convert`, `evaluate`)
+and by `adaptinf run`, which chains them and caches each.
 
-Each step takes resolved settings (no argparse namespace) and writes to the directory it is given:
-fine-tune the dense baseline, convert and train a method, evaluate a model at every knob value,
-time chosen operating points against dense in one interleaved run.
+The steps: load and encode the task, fine-tune the dense baseline, convert and train a method,
+evaluate a model at every knob value on each split, time chosen operating points against dense in
+one interleaved run. Each takes resolved settings (no argparse namespace); a step that writes,
+writes only to the directory it is given.
 """
 
 from __future__ import annotations

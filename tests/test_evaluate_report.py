@@ -204,6 +204,13 @@ def test_add_reductions():
         add_reductions(points, 0.0)
 
 
+def test_add_reductions_against_the_dense_point_of_each_split():
+    points = [pt("ee", 2.0, 0.7), pt("dense", 4.0, 0.8), pt("ee", 1.0, 0.7, split="validation"),
+              pt("dense", 5.0, 0.8, split="validation"), pt("ee", 1.0, 0.7, split="calibration")]
+    assert add_reductions(points) is points
+    assert [p.flops_reduction for p in points] == [2.0, 1.0, 5.0, 1.0, None]  # no dense on calibration
+
+
 def test_points_round_trip(tmp_path):
     points = [*POINTS, pt("ee", 1.0, 0.7, knob=0.5, model_dir="runs/ee", extras={"shares": {"exit": {"1": 1.0}}})]
     csv_path, json_path = write_points(points, tmp_path / "out")
