@@ -11,36 +11,53 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL
+from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings, TrainConfig
 
 
 # --- shared helpers -----------------------------------------------------------------------------------
 
+# the TrainConfig fields that are flags of finetune and convert (--epochs, --batch-size, ...) and their help;
+# their defaults and types are TrainConfig's
+_TRAIN_HELP = {
+    "epochs": "passes over the training split",
+    "batch_size": "global batch size (split across processes under torchrun)",
+    "lr": "peak AdamW learning rate",
+    "weight_decay": "AdamW weight decay (not on biases and LayerNorms)",
+    "warmup_ratio": "fraction of steps of linear warm-up",
+    "max_grad_norm": "gradient clipping norm (over all parameters)",
+    "save_every": "steps between resume checkpoints",
+}
 
-def _add_data_args(p: argparse.ArgumentParser, default_data: str | None = DEFAULT_DATA) -> None:
+
+def _train_config(args, seed: int) -> TrainConfig:
+    """The TrainConfig of the training flags (see `_add_train_args`) with the task's seed."""
+    return TrainConfig(seed=seed, **{name: getattr(args, name) for name in _TRAIN_HELP})
+
+
+def _add_data_args(p: argparse.ArgumentParser, default_data: str | None = DEFAULT_DATA,
+                   recorded_in: str = "the model directory"):
+    """--data and its columns and seed; without `default_data` they default to the task recorded in `recorded_in`."""
+    task = TaskSettings()
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=default_data,
-                   help=f"built-in task name ({DEFAULT_DATA}) or a .csv/.tsv/.jsonl file"
-                        + ("" if default_data else " (default: the task recorded in the model directory)"))
-    g.add_argument("--text-column", default=None, help="text column of a user file (default: text)")
-    g.add_argument("--label-column", default=None, help="label column of a user file (default: label)")
+    g.add_argument("--data", default=default_data, help=f"built-in task name ({DEFAULT_DATA}) or a .csv/.tsv/.jsonl file"
+                   + ("" if default_data else f" (default: the task recorded in {recorded_in})"))
+    g.add_argument("--text-column", default=None, help=f"text column of a user file (default: {task.text_column})")
+    g.add_argument("--label-column", default=None, help=f"label column of a user file (default: {task.label_column})")
     g.add_argument("--group-column", default=None,
                    help="optional column whose rows must stay on one side of the split (e.g. a document or author id)")
-    g.add_argument("--seed", type=int, default=None, help="split and training seed (default: 0, or the model's)")
+    g.add_argument("--seed", type=int, default=None, help="split and training seed (default: "
+                   + (f"{task.seed})" if default_data else f"the one recorded in {recorded_in}, else {task.seed})"))
+    return g
 
 
-def _task_settings(args, recorded: dict | None = None) -> dict:
-    """Task settings from flags, falling back to what a model directory recorded, then defaults."""
-    rec = recorded or {}
-    return {
-        "data": args.data or rec.get("data", DEFAULT_DATA),
-        "text_column": args.text_column or rec.get("text_column", "text"),
-        "label_column": args.label_column or rec.get("label_column", "label"),
-        "group_column": args.group_column or rec.get("group_column"),
-        "seed": args.seed if args.seed is not None else rec.get("seed", 0),
-    }
+def _task_settings(args, recorded: dict | None = None) -> TaskSettings:
+    """Task settings from flags, falling back to what a model directory recorded, then TaskSettings' defaults."""
+    flags = {f.name: getattr(args, f.name) for f in fields(TaskSettings)}
+    given = {k: v for k, v in flags.items() if v is not None and v != ""}
+    return TaskSettings.from_dict({**(recorded or {}), **given})
 
 
 def _recorded_task(model_dir: str) -> dict | None:
@@ -49,10 +66,10 @@ def _recorded_task(model_dir: str) -> dict | None:
     return recorded_task(model_dir)
 
 
-def _load_task(settings: dict, labels=None):
-    from adaptinf.steps import TaskSettings, load_task
+def _load_task(settings: TaskSettings, labels=None):
+    from adaptinf.steps import load_task
 
-    return load_task(TaskSettings.from_dict(settings), labels=labels)
+    return load_task(settings, labels=labels)
 
 
 def _encode_split(model, task, split: str, max_samples: int | None, seed: int):
@@ -93,15 +110,17 @@ def _parse_ints(s: str, flag: str) -> list[int]:
 
 
 def cmd_finetune(args) -> int:
-    from adaptinf.steps import TaskSettings, finetune_dense
-    from adaptinf.settings import TrainConfig
+    """fine-tune the dense baseline on a task
+
+    Fine-tune a Hugging Face BERT-family checkpoint (or the built-in MiniLM-L6) on a classification
+    task. Resumable: rerun the same command after an interruption. Runs unchanged under `torchrun
+    --nproc_per_node=N` (DDP, gloo on CPU).
+    """
+    from adaptinf.steps import finetune_dense
 
     _set_threads(args.threads)
-    settings = TaskSettings.from_dict(_task_settings(args))
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings.seed,
-                      save_every=args.save_every)
-    finetune_dense(args.model, settings, cfg, args.out, max_length=args.max_length,
+    settings = _task_settings(args)
+    finetune_dense(args.model, settings, _train_config(args, settings.seed), args.out, max_length=args.max_length,
                    max_train_samples=args.max_train_samples, classifier_dropout=args.classifier_dropout,
                    progress=not args.no_progress, restart=args.restart)
     return 0
@@ -144,27 +163,30 @@ def _latency_target_sets(args) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from adaptinf.recipes.finetune import dist_info
-    from adaptinf.registry import needs_training
-    from adaptinf.settings import TrainConfig
-    from adaptinf.steps import TaskSettings, convert_method, load_source
+    """convert a dense or pretrained model with an adaptive method
+
+    Build a method's model from a dense model directory (from `adaptinf finetune`) or from a pretrained
+    model (built-in name or Hugging Face checkpoint). Method settings are passed as --set key=value
+    (values parsed as JSON when possible). Methods that train what they add (ee, sweet, multi-model)
+    then train on the task recorded in the dense model directory (or --data; the built-in task for a
+    pretrained source), select on validation, and save to --out; an interrupted run resumes when the
+    same command is rerun.
+    """
+    from adaptinf.registry import get_method
+    from adaptinf.steps import convert_method, load_source
 
     _set_threads(args.threads)
-    needs_training(args.method)  # an unknown method fails here, before any work
+    get_method(args.method)  # an unknown method fails here, before any work
     sets = {**_parse_sets(args.set or []), **_latency_target_sets(args)}
     # a pretrained source (built-in name or HF checkpoint) takes its task from the flags
-    flags = TaskSettings.from_dict(_task_settings(args))
-    dense, recorded = load_source(args.dense, flags, args.max_length, flags.seed)
-    settings = TaskSettings.from_dict(_task_settings(args, recorded)) if recorded is not None else flags
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=settings.seed,
-                      save_every=args.save_every)
-    convert_method(dense, args.method, sets, args.out, settings, cfg,
-                   max_train_samples=args.max_train_samples, source_name=str(args.dense),
-                   progress=not args.no_progress, restart=args.restart)
-    rank, _ = dist_info() if needs_training(args.method) else (0, 1)
-    if rank == 0:
-        print(f"converted {args.dense} with method {args.method!r} -> {args.out}")
+    flags = _task_settings(args)
+    dense, recorded = load_source(args.source, flags, args.max_length, flags.seed)
+    settings = _task_settings(args, recorded) if recorded is not None else flags
+    model = convert_method(dense, args.method, sets, args.out, settings, _train_config(args, settings.seed),
+                           max_train_samples=args.max_train_samples, source_name=str(args.source),
+                           progress=not args.no_progress, restart=args.restart)
+    if model is not None:  # None on the ranks other than 0 under torchrun
+        print(f"converted {args.source} with method {args.method!r} -> {args.out}")
     return 0
 
 
@@ -172,8 +194,13 @@ def cmd_convert(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from adaptinf.registry import load_model
+    """accuracy, GFLOPs and (optionally) latency of saved models at every knob value
+
+    Evaluate saved models on a split; every knob value becomes an operating point. With --latency, each
+    test point is timed at batch 1 and 32 against the dense model in the same run.
+    """
     from adaptinf.evaluate import add_reductions, write_points
+    from adaptinf.registry import load_model
     from adaptinf.steps import evaluate_splits
 
     _set_threads(args.threads)
@@ -190,12 +217,10 @@ def cmd_evaluate(args) -> int:
         name = args.name or f"{model.method} ({Path(d).name})"
         # --knobs and --refine apply to the models that have a knob; one without (dense) is evaluated once
         has_knob = model.knob_name is not None
-        points += evaluate_splits(model, task, splits, name, str(d), settings["seed"], batch_size=args.batch_size,
+        points += evaluate_splits(model, task, splits, name, str(d), settings.seed, batch_size=args.batch_size,
                                   knobs=_parse_floats(args.knobs) if has_knob else None, max_samples=args.max_samples,
                                   progress=not args.no_progress, refine_rounds=args.refine if has_knob else 0)
-    dense_pts = [p for p in points if p.method == "dense" and p.split == splits[-1]]
-    if dense_pts:
-        add_reductions(points, dense_pts[0].gflops)
+    add_reductions(points)  # against the dense point of each split
     if args.latency:
         _measure_latency(args, points, models, dense_dir, task, settings)
     csv_path, json_path = write_points(points, Path(args.out))
@@ -215,9 +240,9 @@ def _measure_latency(args, points, models, dense_dir, task, settings) -> None:
     if dense_dir is None:
         raise ValueError("--latency needs the dense model for the speed-up ratios: pass --dense DIR")
     dense = next((m for d, m in models if str(d) == str(dense_dir)), None) or load_model(dense_dir, expect_method="dense")
-    enc = _encode_split(dense, task, "test", None, settings["seed"])
+    enc = _encode_split(dense, task, "test", None, settings.seed)
     time_points([p for p in points if p.split == "test"], {str(d): m for d, m in models}, dense, enc,
-                settings["seed"], samples=args.latency_samples, repeats=args.repeats, progress=not args.no_progress)
+                settings.seed, samples=args.latency_samples, repeats=args.repeats, progress=not args.no_progress)
 
 
 # --- bench --------------------------------------------------------------------------------------------
@@ -235,6 +260,14 @@ def _model_at_knob(arg: str) -> tuple[str, float | None]:
 
 
 def cmd_bench(args) -> int:
+    """wall-clock latency of models, interleaved, as ratios against the first
+
+    Latency harness: real test texts at each batch size, warm-up discarded, median and quartiles of
+    repeats, cases interleaved in each repeat; every row is stamped with machine, threads, torch
+    version, batch size and sequence lengths. The first model is the reference; each row also gives the
+    analytic GFLOPs per sample on the same batches, the FLOPs reduction and the realisation ratio
+    (measured speed-up / FLOPs reduction).
+    """
     from adaptinf.bench import format_table, hf_case, make_batches, model_case, run_bench, write_bench
     from adaptinf.registry import load_model
     from adaptinf.methods.dense import to_hf_sequence_classifier
@@ -245,9 +278,9 @@ def cmd_bench(args) -> int:
     ref_dir, ref = models[0]
     settings = _task_settings(args, _recorded_task(ref_dir))
     task = _load_task(settings, labels=ref.spec.labels)
-    enc = _encode_split(ref, task, "test", None, settings["seed"])
+    enc = _encode_split(ref, task, "test", None, settings.seed)
     sizes = _parse_ints(args.batch_sizes, "--batch-sizes")
-    batches = {b: make_batches(enc, b, max(1, args.samples // b), settings["seed"]) for b in sizes}
+    batches = {b: make_batches(enc, b, max(1, args.samples // b), settings.seed) for b in sizes}
     knobs = _parse_floats(args.knob)
     cases = {}
     for i, ((d, m), (_, fixed)) in enumerate(zip(models, specs)):
@@ -273,6 +306,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """markdown table and trade-off plots from points files
+
+    Merge points.json files (or directories holding one) into report.md, points.csv/json and
+    tradeoff.png (accuracy vs GFLOPs and vs latency, all methods on one plot).
+    """
     from adaptinf.evaluate import read_points
     from adaptinf.report import write_report
 
@@ -289,6 +327,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """the whole job: fine-tune, convert every method, evaluate, time, report
+
+    Fine-tune the dense baseline once, convert and train each method, evaluate every operating point on
+    validation and test, time each method's chosen point against dense, and write one report folder
+    (OUT/report). Settings come from a preset (YAML, saved resolved as OUT/resolved.yaml); flags
+    override them. Every stage is cached in OUT: rerunning with the same settings resumes where it
+    stopped, a changed setting reruns that stage and the later ones.
+    """
     from adaptinf.preset import resolve
     from adaptinf.run import run
 
@@ -307,6 +353,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_select(args) -> int:
+    """pick the best operating point of a run under a budget and export it
+
+    Across every method of a finished `adaptinf run`, pick the most accurate point on validation within
+    --max-gflops or --max-latency-ms (timed points only), or the cheapest within --max-drop accuracy
+    points of dense, and save that model with its knob fixed to --out (load it with adaptinf.load, or
+    use `adaptinf predict`).
+    """
     from adaptinf.selection import Budget, export
 
     budget = Budget(max_gflops=args.max_gflops, max_latency_ms=args.max_latency_ms, batch_size=args.batch_size,
@@ -320,6 +373,13 @@ def cmd_select(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    """predict a file of texts with a saved model (streaming, JSON lines out)
+
+    Read a .txt (one text per line), .csv/.tsv or .jsonl file in chunks and write one JSON line per row
+    to --output (line, label, label_id, confidence, gflops, compute, truncated, error), flushed after
+    every chunk. Empty texts, bytes that are not UTF-8 and bad JSON rows get an error record; texts
+    longer than the model's max length are truncated and flagged.
+    """
     import warnings
 
     from adaptinf.registry import load_model
@@ -354,90 +414,66 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from adaptinf import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="adaptinf",
-        description="Make transformer classifiers cheaper at inference: convert a model with an adaptive "
-        "method, train what it needs, and measure accuracy against FLOPs and wall-clock latency.",
-        epilog="Typical flow: `adaptinf run` (the whole job; or step by step: finetune -> convert -> evaluate --latency -> "
-        "report), then `select` a point under a budget and `predict` with it. Run `adaptinf CMD --help` for details.",
-    )
-    parser.add_argument("--version", action="version", version=f"adaptinf {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = {"formatter_class": _HelpFormatter}
-
-    p = sub.add_parser("finetune", **fmt, help="fine-tune the dense baseline on a task",
-                       description="Fine-tune a Hugging Face BERT-family checkpoint (or the built-in MiniLM-L6) "
-                       "on a classification task. Resumable: rerun the same command after an interruption. "
-                       "Runs unchanged under `torchrun --nproc_per_node=N` (DDP, gloo on CPU).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model name or HF checkpoint directory (default {DEFAULT_MODEL})")
-    _add_data_args(p)
-    p.add_argument("--out", required=True, help="output directory (best/, last/, metrics.csv, summary.json)")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the training split")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size (split across processes under torchrun)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and LayerNorms)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per text; longer texts are truncated")
-    p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
-    p.add_argument("--classifier-dropout", type=float, default=0.1, help="dropout before the classifier")
-    p.add_argument("--save-every", type=int, default=50, help="steps between resume checkpoints")
-    p.add_argument("--restart", action="store_true", help="discard a previous run in --out instead of resuming it")
+def _add_common_args(p, out: str | None, restart: str | None = None) -> None:
+    """--out (required; `out` is its help) and --restart (when `restart` is its help), --threads, --no-progress."""
+    if out is not None:
+        p.add_argument("--out", required=True, help=out)
+    if restart is not None:
+        p.add_argument("--restart", action="store_true", help=restart)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("convert", **fmt, help="convert a dense or pretrained model with an adaptive method",
-                       description="Build a method's model from a dense model directory (from `adaptinf finetune`) or "
-                       "from a pretrained model (built-in name or Hugging Face checkpoint). "
-                       "Method settings are passed as --set key=value (values parsed as JSON when possible). "
-                       "Methods that train what they add (ee, sweet, multi-model) then train on the task recorded in "
-                       "the dense model directory (or --data; the built-in task for a pretrained source), select on "
-                       "validation, and save to --out; an "
-                       "interrupted run resumes when the same command is rerun.")
-    p.add_argument("dense", metavar="SOURCE",
+
+def _add_train_args(p, title: str, max_length: str):
+    """The `TrainConfig` fields a user sets (defaults are TrainConfig's), --max-train-samples and --max-length."""
+    g = p.add_argument_group(title)
+    defaults = TrainConfig()
+    for name, text in _TRAIN_HELP.items():
+        default = getattr(defaults, name)
+        g.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=text)
+    g.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
+    g.add_argument("--max-length", type=int, default=64, help=max_length)
+    return g
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model name or HF checkpoint directory (default {DEFAULT_MODEL})")
+    _add_data_args(p)
+    g = _add_train_args(p, "training (rerun the same command to resume)",
+                        max_length="tokens per text; longer texts are truncated")
+    g.add_argument("--classifier-dropout", type=float, default=0.1, help="dropout before the classifier")
+    _add_common_args(p, out="output directory (best/, last/, metrics.csv, summary.json)",
+                     restart="discard a previous run in --out instead of resuming it")
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    from adaptinf.registry import list_methods
+
+    p.add_argument("source", metavar="SOURCE",
                    help="a dense model directory (from `adaptinf finetune`, e.g. runs/dense/best), or a pretrained "
                         "model (built-in name such as minilm-l6, or a Hugging Face checkpoint directory) to start "
                         "from the pretrained weights with fresh heads, as the early-exit papers do")
-    from adaptinf.registry import list_methods
-
     p.add_argument("--method", required=True, help=f"method name, one of: {', '.join(list_methods())}")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a method config field (repeatable), e.g. --set exits=[1,3,6] --set policy=entropy")
-    p.add_argument("--out", required=True,
-                   help="output model directory; a method that trains keeps its resumable state in OUT/train")
     p.add_argument("--latency-target", default=None, metavar="FRACTION",
                    help="planer: target latency as a fraction of the dense model's on this machine, e.g. 0.5x "
                         "(same as --set latency_target=0.5)")
     p.add_argument("--latency-target-ms", type=float, default=None, metavar="MS",
                    help="planer: target latency in milliseconds at the deployment batch size (--set latency_batch_size=B)")
     _add_data_args(p, default_data=None)
-    g = p.add_argument_group("training (methods that train after conversion, e.g. ee, sweet, multi-model; "
-                             "rerun the same command to resume)")
-    g.add_argument("--epochs", type=int, default=2, help="passes over the training split")
-    g.add_argument("--batch-size", type=int, default=32, help="global batch size")
-    g.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and LayerNorms)")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps of linear warm-up")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (over all parameters)")
-    g.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size")
-    g.add_argument("--save-every", type=int, default=50, help="steps between resume checkpoints")
-    g.add_argument("--restart", action="store_true", help="discard a previous training run in OUT/train instead of resuming it")
-    g.add_argument("--max-length", type=int, default=64,
-                   help="tokens per text when SOURCE is a pretrained model (a dense directory keeps its own)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_convert)
+    _add_train_args(p, "training (methods that train after conversion, e.g. ee, sweet, multi-model; "
+                       "rerun the same command to resume)",
+                    max_length="tokens per text when SOURCE is a pretrained model (a dense directory keeps its own)")
+    _add_common_args(p, out="output model directory; a method that trains keeps its resumable state in OUT/train",
+                     restart="discard a previous training run in OUT/train instead of resuming it")
 
-    p = sub.add_parser("evaluate", **fmt, help="accuracy, GFLOPs and (optionally) latency of saved models at every knob value",
-                       description="Evaluate saved models on a split; every knob value becomes an operating point. "
-                       "With --latency, each test point is timed at batch 1 and 32 against the dense model in the same run.")
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help="model directories")
     _add_data_args(p, default_data=None)
-    p.add_argument("--split", choices=["validation", "test", "both"], default="both", help="split(s) to evaluate (validation is for selection, test for reporting)")
+    p.add_argument("--split", choices=["validation", "test", "both"], default="both",
+                   help="split(s) to evaluate (validation is for selection, test for reporting)")
     p.add_argument("--knobs", default=None, help="comma-separated knob values for the models that have a knob "
                    "(default: each method's own sweep); a model without one (dense) is evaluated once")
     p.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
@@ -450,17 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-samples", type=int, default=128, help="test samples per timing repeat")
     p.add_argument("--repeats", type=int, default=5, help="timing repeats (median reported)")
     p.add_argument("--name", default=None, help="display name of the model(s) in reports")
-    p.add_argument("--out", required=True, help="output directory for points.csv / points.json")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_evaluate)
+    _add_common_args(p, out="output directory for points.csv / points.json")
 
-    p = sub.add_parser("bench", **fmt, help="wall-clock latency of models, interleaved, as ratios against the first",
-                       description="Latency harness: real test texts at each batch size, warm-up discarded, median and "
-                       "quartiles of repeats, cases interleaved in each repeat; every row is stamped with machine, "
-                       "threads, torch version, batch size and sequence lengths. The first model is the reference; each row also "
-                       "gives the analytic GFLOPs per sample on the same batches, the FLOPs reduction and the realisation "
-                       "ratio (measured speed-up / FLOPs reduction).")
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+",
                    help="model directories, each optionally as DIR@KNOB to time it at that knob value only; "
                         "the first is the reference (normally dense)")
@@ -472,14 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="discarded warm-up passes per case")
     p.add_argument("--compare-hf", action="store_true",
                    help="also time transformers' BertForSequenceClassification with the same weights")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", required=True, help="output directory for bench.csv / bench.json")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_bench)
+    _add_common_args(p, out="output directory for bench.csv / bench.json")
 
-    p = sub.add_parser("report", **fmt, help="markdown table and trade-off plots from points files",
-                       description="Merge points.json files (or directories holding one) into report.md, "
-                       "points.csv/json and tradeoff.png (accuracy vs GFLOPs and vs latency, all methods on one plot).")
+
+def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("points", nargs="+", help="points.json files or directories")
     p.add_argument("--out", required=True, help="output directory (report.md, points.csv/json, tradeoff.png)")
     p.add_argument("--title", default="adaptinf report", help="report title")
@@ -487,41 +512,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="accuracy points below dense for the table of each model's cheapest point within that drop "
                         "(chosen on validation, shown on test)")
-    p.set_defaults(func=cmd_report)
 
+
+def _run_args(p: argparse.ArgumentParser) -> None:
     from adaptinf.preset import builtin_presets
 
-    p = sub.add_parser("run", **fmt, help="the whole job: fine-tune, convert every method, evaluate, time, report",
-                       description="Fine-tune the dense baseline once, convert and train each method, evaluate every "
-                       "operating point on validation and test, time each method's chosen point against dense, and "
-                       "write one report folder (OUT/report). Settings come from a preset (YAML, saved resolved as "
-                       "OUT/resolved.yaml); flags override them. Every stage is cached in OUT: rerunning with the same "
-                       "settings resumes where it stopped, a changed setting reruns that stage and the later ones.")
     p.add_argument("--preset", default="quick",
                    help=f"built-in preset ({', '.join(builtin_presets())}) or a path to a preset .yaml file")
     p.add_argument("--methods", default="all",
                    help="'all' (the preset's methods that are registered) or comma-separated method names, e.g. ee,acm")
     p.add_argument("--model", default=None, help="built-in model name or HF checkpoint directory (default: the preset's)")
-    g = p.add_argument_group("data (default: the preset's task)")
-    g.add_argument("--data", default=None, help=f"built-in task name ({DEFAULT_DATA}) or a .csv/.tsv/.jsonl file")
-    g.add_argument("--text-column", default=None, help="text column of a user file (default: text)")
-    g.add_argument("--label-column", default=None, help="label column of a user file (default: label)")
-    g.add_argument("--group-column", default=None, help="optional column whose rows must stay on one side of the split")
-    g.add_argument("--seed", type=int, default=None, help="split and training seed (default: the preset's)")
+    g = _add_data_args(p, default_data=None, recorded_in="the preset")
     g.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of this size (default: the preset's)")
     g.add_argument("--max-eval-samples", type=int, default=None, help="evaluate on seeded subsets of validation and test of this size")
     p.add_argument("--epochs", type=int, default=None, help="epochs for the dense baseline and every method (default: the preset's)")
-    p.add_argument("--out", required=True, help="run folder (stages, resolved.yaml, report/)")
-    p.add_argument("--restart", action="store_true", help="recompute every stage instead of reusing finished ones")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_run)
+    _add_common_args(p, out="run folder (stages, resolved.yaml, report/)",
+                     restart="recompute every stage instead of reusing finished ones")
 
-    p = sub.add_parser("select", **fmt, help="pick the best operating point of a run under a budget and export it",
-                       description="Across every method of a finished `adaptinf run`, pick the most accurate point on "
-                       "validation within --max-gflops or --max-latency-ms (timed points only), or the cheapest within "
-                       "--max-drop accuracy points of dense, and save that model with its knob fixed to --out "
-                       "(load it with adaptinf.load, or use `adaptinf predict`).")
+
+def _select_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `adaptinf run`")
     c = p.add_mutually_exclusive_group(required=True)
     c.add_argument("--max-gflops", type=float, default=None, help="GFLOPs per sample (validation mean)")
@@ -529,13 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-drop", type=float, default=None, help="accuracy points below dense on validation")
     p.add_argument("--batch-size", type=int, default=1, choices=[1, 32], help="batch size --max-latency-ms refers to")
     p.add_argument("--out", required=True, help="output model directory")
-    p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("predict", **fmt, help="predict a file of texts with a saved model (streaming, JSON lines out)",
-                       description="Read a .txt (one text per line), .csv/.tsv or .jsonl file in chunks and write one "
-                       "JSON line per row to --output (line, label, label_id, confidence, gflops, compute, truncated, "
-                       "error), flushed after every chunk. Empty texts, bytes that are not UTF-8 and bad JSON rows get "
-                       "an error record; texts longer than the model's max length are truncated and flagged.")
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_DIR", help="a saved model directory (e.g. from `adaptinf select`)")
     p.add_argument("--input", required=True, help="input file: .txt, .csv, .tsv or .jsonl")
     p.add_argument("--output", required=True, help="output .jsonl file")
@@ -544,9 +549,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows read, predicted and written at a time")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
+    _add_common_args(p, out=None)
+
+
+# sub-command -> (what it runs: its docstring's first line is its summary, the rest its description; its flags)
+_COMMANDS = {
+    "finetune": (cmd_finetune, _finetune_args),
+    "convert": (cmd_convert, _convert_args),
+    "evaluate": (cmd_evaluate, _evaluate_args),
+    "bench": (cmd_bench, _bench_args),
+    "report": (cmd_report, _report_args),
+    "run": (cmd_run, _run_args),
+    "select": (cmd_select, _select_args),
+    "predict": (cmd_predict, _predict_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adaptinf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="adaptinf",
+        description="Make transformer classifiers cheaper at inference: convert a model with an adaptive "
+        "method, train what it needs, and measure accuracy against FLOPs and wall-clock latency.",
+        epilog="Typical flow: `adaptinf run` (the whole job; or step by step: finetune -> convert -> evaluate --latency -> "
+        "report), then `select` a point under a budget and `predict` with it. Run `adaptinf CMD --help` for details.",
+    )
+    parser.add_argument("--version", action="version", version=f"adaptinf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (func, add_args) in _COMMANDS.items():
+        summary, _, description = (func.__doc__ or "").partition("\n")  # (no docstrings under python -OO)
+        p = sub.add_parser(name, help=summary, description=description, formatter_class=_HelpFormatter)
+        add_args(p)
+        p.set_defaults(func=func)
     return parser
 
 

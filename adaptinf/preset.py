@@ -16,11 +16,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
-from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings
+from adaptinf.settings import DEFAULT_MODEL, TaskSettings
 from adaptinf.settings import TrainConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -86,10 +87,59 @@ def _str(v, where: str, optional: bool = False, choices=None) -> str | None:
     return v
 
 
+def _bool(v, where: str, optional: bool = False) -> bool | None:
+    if v is None and optional:
+        return None
+    if not isinstance(v, bool):
+        raise ValueError(f"{where} must be true or false, got {v!r}")
+    return v
+
+
+def _text(v, where: str) -> str:
+    """Free text (a description or a note): anything, shown as a string; null is empty."""
+    return str(v or "")
+
+
+_READERS = {int: _int, float: _float, str: _str, bool: _bool}
+
+
+def _field_type(hint) -> tuple[type | None, bool]:
+    """(the scalar type of a field's annotation or None, whether it may be null)."""
+    args = hint.__args__ if isinstance(hint, types.UnionType) else (hint,)
+    scalars = [a for a in args if a in _READERS]
+    return (scalars[0] if len(scalars) == 1 else None), type(None) in args
+
+
+def _read(cls, d: dict, prefix: str, rename: dict[str, str] | None = None) -> dict:
+    """Keyword arguments of dataclass `cls` from the preset mapping `d`: every scalar field whose key
+    (its name, or `rename[name]`) is in `d`, read by its type's reader (`_int`, `_float`, `_str`, `_bool`)
+    with the field's metadata as the reader's bounds (minimum=, choices=), or by the field's own
+    metadata["read"]; a field `d` leaves out keeps the dataclass's default. `prefix` starts the field's
+    name in errors (e.g. "quick: evaluate.")."""
+    hints = get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        key = (rename or {}).get(f.name, f.name)
+        kind, optional = _field_type(hints[f.name])
+        if key in d and kind is not None:
+            if "read" in f.metadata:
+                kw[f.name] = f.metadata["read"](d[key], f"{prefix}{key}")
+            else:
+                kw[f.name] = _READERS[kind](d[key], f"{prefix}{key}", optional=optional, **f.metadata)
+    return kw
+
+
+def _section(cls, d: Any, where: str):
+    """An instance of dataclass `cls` from the preset mapping `d` at `where` (every key one of its fields)."""
+    d = _check_keys(d, where, [f.name for f in dataclasses.fields(cls)])
+    return cls(**_read(cls, d, f"{where}."))
+
+
 # --- settings -----------------------------------------------------------------------------------------
 
 
 _TRAIN = TrainConfig()  # the preset's training defaults are the trainer's own
+_POSITIVE = {"minimum": 1}  # field metadata: the bounds `_read` checks
 
 
 @dataclass
@@ -97,13 +147,13 @@ class TrainSettings:
     """Training of the dense baseline or of a method: the fields of `adaptinf.settings.TrainConfig` a
     preset sets (the seed comes from the run; evaluation batch size and logging keep their defaults)."""
 
-    epochs: int = _TRAIN.epochs
-    batch_size: int = _TRAIN.batch_size
+    epochs: int = field(default=_TRAIN.epochs, metadata=_POSITIVE)
+    batch_size: int = field(default=_TRAIN.batch_size, metadata=_POSITIVE)
     lr: float = _TRAIN.lr
     weight_decay: float = _TRAIN.weight_decay
     warmup_ratio: float = _TRAIN.warmup_ratio
     max_grad_norm: float = _TRAIN.max_grad_norm
-    save_every: int = _TRAIN.save_every
+    save_every: int = field(default=_TRAIN.save_every, metadata=_POSITIVE)
 
     def __post_init__(self) -> None:
         self.to_train_config(0)  # validates every field
@@ -114,9 +164,7 @@ class TrainSettings:
     def updated(self, d: dict | None, where: str) -> TrainSettings:
         """A copy with the fields of `d` (a preset mapping) replaced, type-checked."""
         d = _check_keys(d, where, [f.name for f in dataclasses.fields(self)])
-        kw = {}
-        for k, v in d.items():
-            kw[k] = _int(v, f"{where}.{k}", 1) if k in ("epochs", "batch_size", "save_every") else _float(v, f"{where}.{k}")
+        kw = _read(TrainSettings, d, f"{where}.")
         try:
             return dataclasses.replace(self, **kw)
         except ValueError as e:
@@ -135,7 +183,7 @@ class MethodSettings:
     """
 
     name: str
-    source: str = "dense"
+    source: str = field(default="dense", metadata={"choices": SOURCES})
     set: dict[str, Any] = field(default_factory=dict)
     train: TrainSettings = field(default_factory=TrainSettings)
     knobs: list[float] | None = None
@@ -152,12 +200,13 @@ class MethodSettings:
 
 @dataclass
 class EvalSettings:
-    batch_size: int = 64
-    max_samples: int | None = None  # per split (validation, test); None: the whole split
+    batch_size: int = field(default=64, metadata=_POSITIVE)
+    # per split (validation, test); None: the whole split
+    max_samples: int | None = field(default=None, metadata=_POSITIVE)
     # rounds of midpoints where neighbouring knob values' GFLOPs differ by more than refine_gap of
     # the costliest point (decided on validation, by cost only; test uses the same knob values)
-    refine_rounds: int = 3
-    refine_gap: float = 0.05
+    refine_rounds: int = field(default=3, metadata={"minimum": 0})
+    refine_gap: float = field(default=0.05, metadata={"read": _fraction})
 
 
 @dataclass
@@ -165,9 +214,9 @@ class LatencySettings:
     """Latency of chosen points (each method's cheapest within `max_drop` accuracy points of dense on
     validation, else its most accurate) at batch 1 and 32, interleaved with dense in one run."""
 
-    samples: int = 128  # test samples per timing round and batch size
-    repeats: int = 5
-    warmup: int = 2
+    samples: int = field(default=128, metadata=_POSITIVE)  # test samples per timing round and batch size
+    repeats: int = field(default=5, metadata=_POSITIVE)
+    warmup: int = field(default=2, metadata={"minimum": 0})
     max_drop: float = 1.0  # accuracy points
     compare_hf: bool = False  # also time transformers' BertForSequenceClassification with the dense weights
 
@@ -176,14 +225,14 @@ class LatencySettings:
 class RunConfig:
     """Everything `adaptinf run` does, resolved (preset + flags)."""
 
-    preset: str
-    description: str = ""
-    note: str = ""  # shown at the top of the report (e.g. "trained on a subset")
+    preset: str  # the preset's `name`
+    description: str = field(default="", metadata={"read": _text})
+    note: str = field(default="", metadata={"read": _text})  # shown at the top of the report (e.g. "trained on a subset")
     estimated_minutes: float | None = None
     model: str = DEFAULT_MODEL
-    max_length: int = 64
+    max_length: int = field(default=64, metadata={"minimum": 2})
     task: TaskSettings = field(default_factory=TaskSettings)
-    max_train_samples: int | None = None
+    max_train_samples: int | None = field(default=None, metadata=_POSITIVE)  # the preset's data.max_train_samples
     train: TrainSettings = field(default_factory=TrainSettings)  # defaults of the dense baseline and every method
     dense: TrainSettings = field(default_factory=TrainSettings)
     methods: list[MethodSettings] = field(default_factory=list)
@@ -239,34 +288,17 @@ def read_preset(name_or_path: str) -> dict:
     return raw
 
 
-def parse_preset(raw: dict, name: str = "preset") -> RunConfig:
-    """A RunConfig from a preset mapping, every key and type checked. Methods are kept as listed,
-    registered or pending (see `select_methods`)."""
+def _read_methods(raw: Any, train: TrainSettings, name: str) -> list[MethodSettings]:
+    """The preset's `methods` mapping (method name -> settings), each checked; registered or pending."""
     from adaptinf.registry import list_methods
 
-    _check_keys(raw, name, TOP_KEYS)
-    data = _check_keys(raw.get("data"), f"{name}: data", DATA_KEYS)
-    task = TaskSettings(
-        data=_str(data.get("name", DEFAULT_DATA), f"{name}: data.name"),
-        text_column=_str(data.get("text_column", "text"), f"{name}: data.text_column"),
-        label_column=_str(data.get("label_column", "label"), f"{name}: data.label_column"),
-        group_column=_str(data.get("group_column"), f"{name}: data.group_column", optional=True),
-        seed=_int(data.get("seed", 0), f"{name}: data.seed"),
-    )
-    train = TrainSettings().updated(raw.get("train"), f"{name}: train")
-    ev = _check_keys(raw.get("evaluate"), f"{name}: evaluate", [f.name for f in dataclasses.fields(EvalSettings)])
-    lat = _check_keys(raw.get("latency"), f"{name}: latency", [f.name for f in dataclasses.fields(LatencySettings)])
-    compare_hf = lat.get("compare_hf", False)
-    if not isinstance(compare_hf, bool):
-        raise ValueError(f"{name}: latency.compare_hf must be true or false, got {compare_hf!r}")
-    methods_raw = raw.get("methods")
-    if methods_raw is None:
-        methods_raw = {}
-    if not isinstance(methods_raw, dict):
-        raise ValueError(f"{name}: methods must be a mapping method name -> settings, got {type(methods_raw).__name__}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name}: methods must be a mapping method name -> settings, got {type(raw).__name__}")
     known = set(list_methods()) | set(PENDING_METHODS)
     methods = []
-    for m, d in methods_raw.items():
+    for m, d in raw.items():
         where = f"{name}: methods.{m}"
         if m == "dense":
             raise ValueError(f"{where}: the dense baseline always runs; set its training under 'dense'")
@@ -282,37 +314,30 @@ def parse_preset(raw: dict, name: str = "preset") -> RunConfig:
             if not isinstance(knobs, list) or not knobs:
                 raise ValueError(f"{where}.knobs must be a non-empty list of numbers or null, got {knobs!r}")
             knobs = [_float(k, f"{where}.knobs[{i}]") for i, k in enumerate(knobs)]
-        ms = MethodSettings(name=str(m), source=_str(d.get("source", "dense"), f"{where}.source", choices=SOURCES),
-                            set=dict(sets), train=train.updated(d.get("train"), f"{where}.train"), knobs=knobs)
+        ms = MethodSettings(name=str(m), **_read(MethodSettings, d, f"{where}."), set=dict(sets),
+                            train=train.updated(d.get("train"), f"{where}.train"), knobs=knobs)
         if m in list_methods():
             ms.check_config()
         methods.append(ms)
-    est = raw.get("estimated_minutes")
+    return methods
+
+
+def parse_preset(raw: dict, name: str = "preset") -> RunConfig:
+    """A RunConfig from a preset mapping, every key and type checked. Methods are kept as listed,
+    registered or pending (see `select_methods`). A setting the preset leaves out keeps its
+    dataclass's default."""
+    _check_keys(raw, name, TOP_KEYS)
+    data = _check_keys(raw.get("data"), f"{name}: data", DATA_KEYS)
+    train = TrainSettings().updated(raw.get("train"), f"{name}: train")
     return RunConfig(
-        preset=_str(raw.get("name", name), f"{name}: name"),
-        description=str(raw.get("description") or ""),
-        note=str(raw.get("note") or ""),
-        estimated_minutes=_float(est, f"{name}: estimated_minutes", optional=True),
-        model=_str(raw.get("model", DEFAULT_MODEL), f"{name}: model"),
-        max_length=_int(raw.get("max_length", 64), f"{name}: max_length", 2),
-        task=task,
-        max_train_samples=_int(data.get("max_train_samples"), f"{name}: data.max_train_samples", 1, optional=True),
+        **{"preset": name, **_read(RunConfig, raw, f"{name}: ", rename={"preset": "name"})},
+        task=TaskSettings(**_read(TaskSettings, data, f"{name}: data.", rename={"data": "name"})),
+        **_read(RunConfig, data, f"{name}: data."),  # the one RunConfig field under data: max_train_samples
         train=train,
         dense=train.updated(raw.get("dense"), f"{name}: dense"),
-        methods=methods,
-        evaluate=EvalSettings(
-            batch_size=_int(ev.get("batch_size", 64), f"{name}: evaluate.batch_size", 1),
-            max_samples=_int(ev.get("max_samples"), f"{name}: evaluate.max_samples", 1, optional=True),
-            refine_rounds=_int(ev.get("refine_rounds", 3), f"{name}: evaluate.refine_rounds", 0),
-            refine_gap=_fraction(ev.get("refine_gap", 0.05), f"{name}: evaluate.refine_gap"),
-        ),
-        latency=LatencySettings(
-            samples=_int(lat.get("samples", 128), f"{name}: latency.samples", 1),
-            repeats=_int(lat.get("repeats", 5), f"{name}: latency.repeats", 1),
-            warmup=_int(lat.get("warmup", 2), f"{name}: latency.warmup", 0),
-            max_drop=_float(lat.get("max_drop", 1.0), f"{name}: latency.max_drop"),
-            compare_hf=compare_hf,
-        ),
+        methods=_read_methods(raw.get("methods"), train, name),
+        evaluate=_section(EvalSettings, raw.get("evaluate"), f"{name}: evaluate"),
+        latency=_section(LatencySettings, raw.get("latency"), f"{name}: latency"),
     )
 
 
