@@ -82,6 +82,29 @@ class ModelSpec:
             raise ValueError(f"model spec is malformed: {e}") from e
 
 
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_SCALAR_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def check_field_types(obj) -> None:
+    """ValueError naming the field and the type it expects, for every field whose annotation is a plain
+    scalar (`int`, `float`, `bool`, `str`, optionally `| None`) and whose value is of another type
+    (e.g. `--set beta=abc`). Other annotations (tuples, ...) are left to the class's own checks."""
+    for f in dataclasses.fields(obj):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        optional = "None" in kinds
+        kinds = [k for k in kinds if k != "None"]
+        if len(kinds) != 1 or kinds[0] not in _SCALARS:
+            continue
+        v = getattr(obj, f.name)
+        if v is None and optional:
+            continue
+        ok = isinstance(v, _SCALARS[kinds[0]]) and (kinds[0] == "bool" or not isinstance(v, bool))
+        if not ok:
+            want = _SCALAR_WORDS[kinds[0]] + (" or null" if optional else "")
+            raise ValueError(f"{type(obj).__name__}.{f.name} expects {want}, got {v!r}")
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config: a validated, JSON-serialisable dataclass."""
@@ -90,7 +113,12 @@ class MethodConfig:
         """Raise ValueError naming the field and the fix. Subclasses extend this."""
 
     def __post_init__(self) -> None:
-        self.validate()
+        try:
+            self.validate()  # the class's own messages first (they name the allowed range)
+        except TypeError:  # a value of the wrong type reached a comparison, e.g. --set beta=abc
+            check_field_types(self)
+            raise
+        check_field_types(self)
 
     def to_dict(self) -> dict:
         """JSON-native: tuples become lists, so the dict equals itself read back from JSON (a resumed

@@ -214,3 +214,17 @@ def test_offline_sweep_matches_forward(name, tiny_dense):
             out = model(b.input_ids, b.attention_mask)
         assert torch.equal(point.predictions, out.logits.argmax(-1)), point.knob
         assert torch.equal(point.flops, out.flops), point.knob
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_config_refuses_a_value_of_the_wrong_type_by_name(name):
+    """`--set field=abc` on a numeric field: a ValueError naming the field and the type, never a
+    TypeError from deep inside the config's range checks."""
+    import dataclasses
+
+    cls = get_method(name).Config
+    numeric = [f.name for f in dataclasses.fields(cls) if str(f.type) in ("int", "float")]
+    assert numeric, f"{cls.__name__} has no numeric field to check"
+    for field in numeric:
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field} expects (an integer|a number)|{field}"):
+            cls.from_dict({field: "abc"})
