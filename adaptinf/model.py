@@ -178,8 +178,9 @@ class AdaptiveClassifier(nn.Module):
     knob_name: ClassVar[str | None] = None  # e.g. "threshold"; None when the method has no knob
     description: ClassVar[str] = ""
 
-    def __init__(self, spec: ModelSpec, config: MethodConfig):
+    def __init__(self, spec: ModelSpec, config: MethodConfig | None = None):
         super().__init__()
+        config = self.Config() if config is None else config  # the method's defaults
         if not isinstance(config, self.Config):
             raise ValueError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
         self.spec = spec

@@ -311,7 +311,7 @@ class AcmClassifier(AdaptiveClassifier):
     Config = AcmConfig
 
     def __init__(self, spec: ModelSpec, config: AcmConfig | None = None):
-        super().__init__(spec, config or AcmConfig())
+        super().__init__(spec, config)
         cfg, n = spec.encoder, self.config.learners
         self.encoder = Encoder(cfg)
         self.dropout = nn.Dropout(0.1)

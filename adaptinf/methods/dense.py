@@ -30,7 +30,7 @@ class DenseClassifier(AdaptiveClassifier):
     description = "the fine-tuned dense model every method is measured against"
 
     def __init__(self, spec: ModelSpec, config: DenseConfig | None = None):
-        super().__init__(spec, config or DenseConfig())
+        super().__init__(spec, config)
         self.encoder = Encoder(spec.encoder)
         self.dropout = nn.Dropout(self.config.classifier_dropout)
         self.classifier = nn.Linear(spec.encoder.hidden_size, spec.num_labels)

@@ -222,7 +222,7 @@ class MultiExitClassifier(AdaptiveClassifier):
     detach_between_exits: ClassVar[bool] = False  # SWEET: each segment starts from a detached state
 
     def __init__(self, spec: ModelSpec, config: EarlyExitConfig | None = None):
-        super().__init__(spec, config or EarlyExitConfig())
+        super().__init__(spec, config)
         self.exit_layers = resolve_exits(self.config.exits, spec.encoder.num_hidden_layers)
         # per-exit temperatures, fitted on validation by `calibrate` and saved with the weights
         self.register_buffer("temperature", torch.ones(len(self.exit_layers)))

@@ -288,7 +288,7 @@ class SharcsClassifier(AdaptiveClassifier):
     description = "SHARCS: a router after layer k sends each sample to a width-sliced sub-network for the remaining layers"
 
     def __init__(self, spec: ModelSpec, config: SharcsConfig | None = None):
-        super().__init__(spec, config or SharcsConfig())
+        super().__init__(spec, config)
         cfg, c = spec.encoder, self.config
         layers = cfg.num_hidden_layers
         if layers < 2:
