@@ -105,6 +105,11 @@ def check_field_types(obj) -> None:
             raise ValueError(f"{type(obj).__name__}.{f.name} expects {want}, got {v!r}")
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field documented where it is declared (`dataclasses.field` with metadata["help"])."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config: a validated, JSON-serialisable dataclass."""

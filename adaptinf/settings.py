@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 DEFAULT_MODEL = "minilm-l6"
 DEFAULT_DATA = "rotten-tomatoes"
@@ -57,18 +57,31 @@ class TaskSettings:
         return cls(**known)
 
 
+def _flag(default, help: str):
+    """A field that is also a command-line training flag (`adaptinf finetune/convert --NAME`); its help
+    text lives here, beside its default."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    """How a model is trained: AdamW with linear warm-up and decay (`adaptinf.recipes.finetune`)."""
+
+    epochs: int = _flag(2, "passes over the training split")
+    batch_size: int = _flag(32, "global batch size (split across processes under torchrun)")
+    lr: float = _flag(5e-5, "peak AdamW learning rate")
+    weight_decay: float = _flag(0.01, "AdamW weight decay (not on biases and LayerNorms)")
+    warmup_ratio: float = _flag(0.1, "fraction of steps of linear warm-up")
+    max_grad_norm: float = _flag(1.0, "gradient clipping norm (over all parameters)")
+    seed: int = 0  # the task's seed (`--seed` is a data flag)
     eval_batch_size: int = 64
-    save_every: int = 50  # steps between resume checkpoints
+    save_every: int = _flag(50, "steps between resume checkpoints")
     log_every: int = 10
+
+    @classmethod
+    def flags(cls) -> dict[str, str]:
+        """Field name -> help text of the fields that are command-line flags, in field order."""
+        return {f.name: f.metadata["help"] for f in fields(cls) if "help" in f.metadata}
 
     def __post_init__(self) -> None:
         checks = {

@@ -48,7 +48,7 @@ from torch import nn
 from adaptinf import flops
 from adaptinf.backbone import Encoder, EncoderConfig, attention_bias
 from adaptinf.methods.dense import DenseClassifier
-from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
+from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, option
 
 TARGETS = ("ffn", "attn")
 ATTN_PROJECTIONS = ("q", "k", "v", "out")
@@ -72,19 +72,14 @@ def _as_targets(value: Any) -> tuple[str, ...]:
 
 @dataclass
 class AcmConfig(MethodConfig):
-    """ACM settings.
+    """ACM settings (the fields not listed here carry their help where they are declared).
 
     learners: N, learners per module (2..16).
     targets: which modules become ACMs: "ffn" (every FFN) and/or "attn" (every q/k/v/out projection).
     gate_hidden: width of the gate's two hidden layers.
-    tau: phase-2 label factor: a token's label is the smallest n after which one more learner
-        improves its error by less than this factor.
-    beta: phase-3 target for the executed fraction of learner cost (over all ACMs).
     budget_weight, entropy_weight, diversity_weight: weights of the phase-3 auxiliary terms.
-    gumbel_temperature: temperature of the gates' Gumbel-softmax in phase 3.
     distill_epochs, distill_lr: phase 1 (Adam), 0 epochs skips it.
     gate_epochs, gate_lr: phase 2 (Adam), 0 epochs skips it.
-    workers: processes for phases 1 and 2 on one machine (under torchrun the ranks are the workers).
     Phase 3 takes its epochs, learning rate and batch size from the training config (`convert
     --epochs --lr --batch-size`); phases 1 and 2 take the batch size and seed from it too.
     """
@@ -92,17 +87,18 @@ class AcmConfig(MethodConfig):
     learners: int = 4
     targets: tuple[str, ...] = ("ffn",)
     gate_hidden: int = 32
-    tau: float = 1.2
-    beta: float = 0.6
+    tau: float = option(1.2, "phase-2 label factor: a token's label is the smallest n after which one more "
+                             "learner improves its error by less than this factor")
+    beta: float = option(0.6, "phase-3 target for the executed fraction of learner cost (over all ACMs)")
     budget_weight: float = 0.1
     entropy_weight: float = 0.05
     diversity_weight: float = 0.05
-    gumbel_temperature: float = 0.8
+    gumbel_temperature: float = option(0.8, "temperature of the gates' Gumbel-softmax in phase 3")
     distill_epochs: int = 2
     distill_lr: float = 1e-3
     gate_epochs: int = 1
     gate_lr: float = 1e-2
-    workers: int = 1
+    workers: int = option(1, "processes for phases 1 and 2 on one machine (under torchrun the ranks are the workers)")
 
     def __post_init__(self) -> None:
         self.targets = _as_targets(self.targets)
