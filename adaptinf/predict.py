@@ -7,19 +7,31 @@ exit: `exit` position and `exit_layer`; SHARCS: `width_pct`; ACM: `executed_frac
 GFLOPs. A model saved by `adaptinf select` runs at its fixed knob.
 
 `predict_file` streams a .txt (one text per line), .csv/.tsv or .jsonl file in chunks and writes one
-JSON line per input row as it goes (flushed after every chunk), so an interruption keeps everything
+JSON line per input row as it goes (one write and flush per chunk), so an interruption keeps everything
 written so far. Rows that cannot be predicted (empty text, bytes that are not UTF-8, bad JSON, a
 missing field) get an error record instead of stopping the run; texts longer than the model's
 max_length are truncated and flagged.
+
+Safety: the output is never the input (a hard or symbolic link to it is refused), a compressed input
+is refused, and an existing output is replaced only with `overwrite`. While the output is partial,
+`<output>.partial.json` holds what identifies the job (the input's size and sha256, the model's
+method, knob and weights digest, batch/chunk size, text and id column); it is removed when the job
+completes. Rerunning the same job resumes: the output is cut after its last complete record (a line
+cut by a kill is dropped), the rows already written are skipped and the rest appended, to exactly the
+output of one uninterrupted run. Another job's partial output is replaced only with `overwrite`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import itertools
 import json
 import math
+import os
+import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +86,11 @@ def _per_sample_compute(model, extras: dict, b: int, mask: torch.Tensor) -> dict
     return out
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def predict_texts(model, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> list[Prediction]:
     """Predict every text (in order). Empty or non-string entries get a Prediction with `error` set."""
     from tqdm.auto import tqdm
@@ -82,8 +99,7 @@ def predict_texts(model, texts: Sequence[str], batch_size: int = 32, progress: b
 
     if isinstance(texts, str):
         raise ValueError("predict takes a list of texts; wrap a single text in a list")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_positive("batch_size", batch_size)
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer attached (load it with adaptinf.load from a saved directory)")
     texts = list(texts)
@@ -153,11 +169,29 @@ def _strip_eol(raw: bytes) -> bytes:
     return raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
 
 
+_COMPRESSED_SUFFIXES = {".gz": "gzip", ".tgz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".lzma": "xz", ".zip": "zip",
+                        ".zst": "zstd", ".7z": "7z"}
+_COMPRESSED_MAGIC = re.compile(rb"(?P<gzip>\x1f\x8b)|(?P<xz>\xfd7zXZ\x00)|(?P<zip>PK\x03\x04|PK\x05\x06)"
+                               rb"|(?P<zstd>\x28\xb5\x2f\xfd)|(?P<bzip2>BZh[1-9](?:1AY&SY|\x17rE8P\x90))")
+
+
+def _refuse_compressed(p: Path) -> None:
+    """A compressed file (by its name or its first bytes) would be read as text: refuse it."""
+    kind = _COMPRESSED_SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        with p.open("rb") as f:
+            m = _COMPRESSED_MAGIC.match(f.read(10))
+        kind = m.lastgroup if m else None
+    if kind is not None:
+        raise ValueError(f"{p} is {kind}-compressed and would be read as text; decompress it first")
+
+
 def read_rows(path: str | Path, text_column: str = "text", id_column: str | None = None) -> Iterator[Row]:
     """The rows of an input file, one at a time; rows that cannot be read carry an error."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"input file {p} does not exist" if not p.exists() else f"{p} is not a file")
+    _refuse_compressed(p)
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv"):
         yield from _csv_rows(p, text_column, id_column, "\t" if suffix == ".tsv" else ",")
@@ -232,12 +266,201 @@ def _csv_rows(p: Path, text_column: str, id_column: str | None, delimiter: str) 
             yield Row(n, text, rid)
 
 
-def _count_lines(p: Path) -> int:
-    n = 0
+# --- predict_file: safe output, resume ----------------------------------------------------------------
+
+STATE_SUFFIX = ".partial.json"  # <output>.partial.json: the resume state, present while the output is partial
+STATE_FORMAT = "adaptinf-predict-partial"
+STATE_VERSION = 1
+_ZERO_COUNTS = {"written": 0, "predicted": 0, "errors": 0, "truncated": 0}
+
+
+def state_path(output_path: str | Path) -> Path:
+    """The resume state kept next to a partial `adaptinf predict` output."""
+    p = Path(output_path)
+    return p.with_name(p.name + STATE_SUFFIX)
+
+
+def _scan_input(p: Path) -> tuple[int, dict]:
+    """The newlines in the file (the progress total) and what identifies its content (size, sha256)."""
+    h, lines, size = hashlib.sha256(), 0, 0
     with p.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            n += block.count(b"\n")
-    return n
+            h.update(block)
+            lines += block.count(b"\n")
+            size += len(block)
+    return lines, {"path": str(p.resolve()), "size": size, "sha256": h.hexdigest()}
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of what decides a model's predictions: method, config, spec, knob and every weight."""
+    desc = {"method": model.method, "config": model.config.to_dict(), "spec": model.spec.to_dict(), "knob": model.knob}
+    h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{flat.dtype}:{tuple(t.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _job(model, model_dir, input_id: dict, settings: dict) -> dict:
+    """The resume state's content: what identifies this job."""
+    model_id = {"dir": str(Path(model_dir).resolve()) if model_dir is not None else None, "method": model.method,
+                "knob": model.knob, "sha256": model_fingerprint(model)}
+    return {"format": STATE_FORMAT, "version": STATE_VERSION, "input": input_id, "model": model_id,
+            "settings": settings}
+
+
+def _mismatch(saved: dict, job: dict) -> str | None:
+    """Why a saved resume state is not this job's (None when it is)."""
+    try:
+        if (saved["format"], saved["version"]) != (job["format"], job["version"]):
+            return "its resume state has another format"
+        old, new = saved["input"], job["input"]
+        if (old["size"], old["sha256"]) != (new["size"], new["sha256"]):
+            return (f"it was started on other input: {old['path']} of {old['size']} bytes, sha256 {old['sha256'][:12]}; "
+                    f"now {new['path']} of {new['size']} bytes, sha256 {new['sha256'][:12]}")
+        old, new = saved["model"], job["model"]
+        if old["sha256"] != new["sha256"]:
+            what = [f"{k} {old[k]!r} then, {new[k]!r} now" for k in ("method", "knob") if old[k] != new[k]]
+            return f"it was started with another model ({'; '.join(what) or 'other weights or settings'})"
+        for key, value in job["settings"].items():
+            if saved["settings"][key] != value:
+                return f"it was started with --{key.replace('_', '-')} {saved['settings'][key]!r}, now {value!r}"
+    except (KeyError, TypeError, AttributeError):
+        return "its resume state is unreadable"
+    return None
+
+
+def _read_state(p: Path) -> dict | None:
+    """The saved resume state: None when there is none, {} when it cannot be read."""
+    if not p.exists():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_state(p: Path, job: dict) -> None:
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, p)  # atomic: a kill leaves the old state or the new one, never half of one
+    except OSError as e:
+        raise ValueError(f"cannot write {p}, the resume state of the output ({e.strerror or e})") from None
+
+
+def _check_paths(inp: Path, outp: Path) -> None:
+    """The output (and its resume state) is not the input, not a folder, and its folder can be made."""
+    for p in (outp, state_path(outp)):
+        if p.exists() and os.path.samefile(p, inp):  # catches hard links and symbolic links too
+            link = "" if str(p.resolve()) == str(inp.resolve()) else " (a link to it)"
+            raise ValueError(f"--output {p} is the input file {inp}{link}; choose another --output")
+    if outp.is_dir():
+        raise ValueError(f"--output {outp} is a folder; give a file path")
+    try:
+        outp.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((a for a in (outp.parent, *outp.parent.parents) if a.exists() and not a.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else e.strerror or str(e)
+        raise ValueError(f"cannot create --output {outp}: {why}") from None
+
+
+def _tally(counts: dict, error, truncated) -> None:
+    counts["written"] += 1
+    counts["errors"] += error is not None
+    counts["predicted"] += error is None
+    counts["truncated"] += bool(truncated)
+
+
+def _kept_records(outp: Path, rows: Iterator[Row]) -> tuple[int, dict]:
+    """The byte length and counts of the output's longest prefix of complete, valid records whose lines
+    are the input's rows in order: what a resume keeps (a line cut by a kill is not complete)."""
+    counts, offset = dict(_ZERO_COUNTS), 0
+    with outp.open("rb") as f:
+        for raw, row in zip(f, rows):
+            try:
+                rec = json.loads(raw) if raw.endswith(b"\n") else None
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict) or rec.get("line") != row.line:
+                break
+            _tally(counts, rec.get("error"), rec.get("truncated"))
+            offset += len(raw)
+    return offset, counts
+
+
+def _start_output(outp: Path, job: dict, overwrite: bool, reread: Callable[[], Iterator[Row]]) -> dict:
+    """Resume a partial output of this same job (truncated to its last complete record), or start a new
+    one; the counts of the records kept. A finished output, or another job's partial one, is replaced
+    only with `overwrite`."""
+    state = state_path(outp)
+    saved = _read_state(state)
+    if saved is not None and outp.exists():
+        why = _mismatch(saved, job)
+        if why is None:
+            offset, counts = _kept_records(outp, reread())
+            try:
+                os.truncate(outp, offset)
+            except OSError as e:
+                raise ValueError(f"cannot resume {outp} ({e.strerror or e})") from None
+            return counts
+        if not overwrite:
+            raise ValueError(f"{outp} is the partial output of another job: {why}; pass --overwrite to start over, "
+                             f"or choose another --output")
+    try:
+        if outp.exists():  # emptied before the new state is written: a kill between leaves no stale records
+            outp.open("wb").close()
+        _write_state(state, job)
+        outp.open("ab").close()
+    except OSError as e:
+        raise ValueError(f"cannot write --output {outp} ({e.strerror or e})") from None
+    return dict(_ZERO_COUNTS)
+
+
+def _chunks(rows: Iterator[Row], size: int, skip: int) -> Iterator[tuple[int, list[Row]]]:
+    """(index of its first row, rows) for every chunk of `size` rows after the first `skip` rows."""
+    rows = itertools.islice(rows, skip, None)
+    start = skip
+    while chunk := list(itertools.islice(rows, size)):
+        yield start, chunk
+        start += len(chunk)
+
+
+def _chunk_records(model, chunk: list[Row], batch_size: int, id_column: str | None) -> list[dict]:
+    """One output record per row of the chunk, in order."""
+    ok = [r for r in chunk if r.error is None]
+    preds = iter(predict_texts(model, [r.text for r in ok], batch_size=batch_size) if ok else [])
+    records = []
+    for r in chunk:
+        p = next(preds) if r.error is None else Prediction(None, None, None, None, error=r.error)
+        if p.error and r.error is None:  # e.g. an empty text
+            p.error = f"line {r.line}: {p.error}"
+        records.append({"line": r.line, **({"id": r.id} if id_column else {}), **p.to_dict()})
+    return records
+
+
+def _write_records(model, f, chunks, done: int, counts: dict, settings: dict, outp: Path, bar) -> None:
+    """Predict chunk by chunk and append the records from index `done` on, one write and flush per chunk."""
+    for start, chunk in chunks:
+        try:
+            records = _chunk_records(model, chunk, settings["batch_size"], settings["id_column"])
+        except Exception as e:
+            raise ValueError(f"prediction failed on rows {chunk[0].line}-{chunk[-1].line} ({type(e).__name__}: {e}); "
+                             f"the {counts['written']} records before them are in {outp}; "
+                             f"rerun the same command to resume") from e
+        new = records[max(0, done - start):]  # a resumed chunk is predicted whole: the same batches as one run
+        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in new)
+        try:
+            f.write(text.encode("utf-8", "backslashreplace"))
+            f.flush()
+        except OSError as e:
+            raise ValueError(f"writing {outp} failed ({e.strerror or e}) after {counts['written']} records; "
+                             f"rerun the same command to resume") from None
+        for rec in new:
+            _tally(counts, rec["error"], rec["truncated"])
+        bar.update(len(new))
 
 
 def predict_file(
@@ -250,64 +473,44 @@ def predict_file(
     id_column: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    model_dir: str | Path | None = None,
 ) -> dict:
     """Predict every row of `input_path` into `output_path` (JSON lines, one per input row, in order),
-    chunk by chunk, flushing after each chunk. Returns counts (written, predicted, errors, truncated)."""
+    chunk by chunk, flushing after each chunk. While the output is partial, `<output>.partial.json`
+    says which job it belongs to; rerunning the same job resumes it, to the output one uninterrupted
+    run writes. Returns counts (written, predicted, errors, truncated; resumed: records kept from before).
+    `model_dir` is only recorded in the resume state (the model is identified by its weights)."""
     from tqdm.auto import tqdm
 
     inp, outp = Path(input_path), Path(output_path)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    if not inp.is_file():
-        raise ValueError(f"input file {inp} does not exist" if not inp.exists() else f"{inp} is not a file")
-    if outp.exists() and outp.resolve() == inp.resolve():
-        raise ValueError("--output must not be the input file")
-    if outp.exists() and not overwrite:
-        raise ValueError(f"{outp} exists; pass --overwrite to replace it, or choose another --output")
+    _check_positive("batch_size", batch_size)
+    _check_positive("chunk_size", chunk_size)
     rows = read_rows(inp, text_column, id_column)
-    first = next(rows, None)  # reads the header of a CSV: a missing column fails before any output
-    outp.parent.mkdir(parents=True, exist_ok=True)
-    counts = {"written": 0, "predicted": 0, "errors": 0, "truncated": 0}
-    total = max(0, _count_lines(inp) - (1 if inp.suffix.lower() in (".csv", ".tsv") else 0))
-    bar = tqdm(total=total, desc=f"predict {inp.name}", unit="row", disable=not progress)
-
-    def chunks() -> Iterator[list[Row]]:
-        buf = [first] if first is not None else []
-        for r in rows:
-            buf.append(r)
-            if len(buf) >= chunk_size:
-                yield buf
-                buf = []
-        if buf:
-            yield buf
-
-    with outp.open("w", encoding="utf-8") as f:
-        try:
-            for chunk in chunks():
-                ok = [r for r in chunk if r.error is None]
-                try:
-                    preds = predict_texts(model, [r.text for r in ok], batch_size=batch_size) if ok else []
-                except Exception as e:
-                    raise ValueError(f"prediction failed on rows {chunk[0].line}-{chunk[-1].line} ({type(e).__name__}: {e}); "
-                                     f"the {counts['written']} records before them are in {outp}") from e
-                by_line = {id(r): p for r, p in zip(ok, preds)}
-                for r in chunk:
-                    p = by_line.get(id(r)) or Prediction(None, None, None, None, error=r.error)
-                    if p.error and r.error is None:  # e.g. an empty text
-                        p.error = f"line {r.line}: {p.error}"
-                    rec = {"line": r.line, **({"id": r.id} if id_column else {}), **p.to_dict()}
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    counts["written"] += 1
-                    counts["errors"] += p.error is not None
-                    counts["predicted"] += p.error is None
-                    counts["truncated"] += p.truncated
-                f.flush()
-                bar.update(len(chunk))
-        finally:
-            bar.close()
+    first = next(rows, None)  # a missing file, a compressed one or a CSV without the column fails before any output
+    _check_paths(inp, outp)
+    if outp.exists() and not state_path(outp).exists() and not overwrite:
+        raise ValueError(f"{outp} exists; pass --overwrite to replace it, or choose another --output")
+    lines, input_id = _scan_input(inp)
+    settings = {"batch_size": batch_size, "chunk_size": chunk_size, "text_column": text_column, "id_column": id_column}
+    job = _job(model, model_dir, input_id, settings)
+    counts = _start_output(outp, job, overwrite, lambda: read_rows(inp, text_column, id_column))
+    done = counts["written"]
+    total = max(0, lines - (1 if inp.suffix.lower() in (".csv", ".tsv") else 0))
+    bar = tqdm(total=total, initial=done, desc=f"predict {inp.name}", unit="row", disable=not progress)
+    all_rows = itertools.chain([first] if first is not None else [], rows)
+    try:
+        with outp.open("ab") as f:
+            _write_records(model, f, _chunks(all_rows, chunk_size, done - done % chunk_size), done, counts, settings,
+                           outp, bar)
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ValueError(f"cannot write --output {outp} ({e.strerror or e}); rerun the same command to resume") from None
+    finally:
+        bar.close()
+    state_path(outp).unlink(missing_ok=True)  # complete: no longer partial
     if counts["truncated"]:
         warnings.warn(f"{counts['truncated']} texts were longer than the model's max_length "
                       f"({model.spec.max_length} tokens) and were truncated (\"truncated\": true in their records)")
     if counts["errors"]:
         warnings.warn(f"{counts['errors']} rows could not be predicted; their records carry an \"error\"")
-    return {**counts, "output": str(outp)}
+    return {**counts, "resumed": done, "output": str(outp)}
