@@ -19,6 +19,12 @@ Protocol (`run_bench`):
   vs the reference and the realisation ratio (measured speed-up / FLOPs reduction).
 
 Measured latency and analytic FLOPs are reported side by side; FLOPs are never presented as speed.
+
+The protocol's pieces are public so every other timing in the project takes its numbers the same
+way (PLANER's latency table, `adaptinf.recipes.latency_table`, times its block stacks with them):
+`warm_up` (discarded calls of every case), `interleaved_rounds` (rounds timing every case once in
+an order rotated by the round) and `time_call` (one sample: wall time after a device sync, median
+of repeats, optionally the mean of enough calls to last a minimum duration).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import csv
 import dataclasses
 import functools
 import json
+import math
 import platform
 import random
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -198,14 +206,70 @@ def _synchronize(device: torch.device) -> None:
 # --- protocol -------------------------------------------------------------------------------------
 
 
-def _time_once(case: Case, batches: list[Batch], device: torch.device) -> float:
-    """Milliseconds per batch for one pass over `batches`."""
-    _synchronize(device)
+def time_call(fn: Callable[[], object], repeats: int = 1, min_sample_ms: float = 0.0,
+              device: torch.device | None = None, max_calls: int = 1000) -> float:
+    """Median milliseconds per call of `fn` over `repeats` samples (wall time, after a device sync).
+
+    With `min_sample_ms` > 0 one untimed call calibrates how many calls a sample takes to last about
+    that long (1 to `max_calls`; a sample is then their mean), so sub-millisecond work is not timer
+    noise; with 0 a sample is one call. Warm-up is the caller's (`warm_up`).
+    """
+    if repeats < 1 or max_calls < 1:
+        raise ValueError(f"time_call: repeats and max_calls must be >= 1, got {repeats}, {max_calls}")
+    number = 1
+    if min_sample_ms > 0:
+        once = max(_elapsed_ms(fn, 1, device), 1e-3)
+        number = max(1, min(max_calls, math.ceil(min_sample_ms / once)))
+    return statistics.median([_elapsed_ms(fn, number, device) / number for _ in range(repeats)])
+
+
+def _elapsed_ms(fn: Callable[[], object], number: int, device: torch.device | None) -> float:
+    """Milliseconds of `number` calls of `fn`, the device synchronised before and after."""
+    if device is not None:
+        _synchronize(device)
     t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    if device is not None:
+        _synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def warm_up(cases: dict[str, Callable[[], object]], passes: int) -> None:
+    """`passes` discarded calls of every case (pass by pass, the cases in order within a pass)."""
+    if passes < 0:
+        raise ValueError(f"warmup must be non-negative, got {passes}")
+    for _ in range(passes):
+        for fn in cases.values():
+            fn()
+
+
+def interleaved_rounds(timers: dict[str, Callable[[], float]], repeats: int,
+                       after_round: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """`repeats` rounds, each calling every timer (one sample, e.g. `time_call`) once, in round r
+    in the order rotated by r, so slow drift (thermal state, other processes) hits every case
+    alike. Returns name -> its samples, one per round."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    names = list(timers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(timers[name]())
+        if after_round is not None:
+            after_round()
+    return times
+
+
+def _pass(case: Case, batches: list[Batch]) -> None:
     for batch in batches:
         case(batch)
-    _synchronize(device)
-    return (time.perf_counter() - t0) * 1e3 / len(batches)
+
+
+def _time_once(case: Case, batches: list[Batch], device: torch.device) -> float:
+    """Milliseconds per batch for one pass over `batches`."""
+    return time_call(functools.partial(_pass, case, batches), device=device) / len(batches)
 
 
 def _check_inputs(cases: dict[str, Case], batches: dict[int, list[Batch]], repeats: int, warmup: int, reference: str | None) -> None:
@@ -264,17 +328,9 @@ def run_bench(
             device = bs[0].input_ids.device
             bar.set_postfix(batch_size=size)
             gflops = {name: _gflops_per_sample(cases[name], bs) for name in names}  # untimed
-            for _ in range(warmup):
-                for name in names:
-                    for batch in bs:
-                        cases[name](batch)
-            _synchronize(device)
-            times: dict[str, list[float]] = {name: [] for name in names}
-            for r in range(repeats):
-                k = r % len(names)
-                for name in names[k:] + names[:k]:  # rotated order: drift hits every case alike
-                    times[name].append(_time_once(cases[name], bs, device))
-                bar.update(1)
+            warm_up({name: functools.partial(_pass, cases[name], bs) for name in names}, warmup)
+            timers = {name: functools.partial(_time_once, cases[name], bs, device) for name in names}
+            times = interleaved_rounds(timers, repeats, after_round=lambda: bar.update(1))
             rows.extend(_rows_for_size(size, bs, times, gflops, reference, warmup, _device_name(bs), stamp))
     bar.close()
     return rows

@@ -1,6 +1,6 @@
 """PLANER: experts by balanced clustering (exact reordering), all experts == dense, grouped expert
 execution == a per-token reference, the knob, FLOPs against closed forms, the latency table, the
-search under a target, fit (resumable) and the `convert` command."""
+search and fit of the recipe (adaptinf.recipes.planer; fit resumable) and the `convert` command."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from conftest import make_batch, make_tiny_dense, random_batch, random_encoded
 
 from adaptinf import flops
 from adaptinf.recipes import latency_table as latency
+from adaptinf.recipes import planer as recipe
 from adaptinf.checkpoint import save_model
 from adaptinf.registry import load_model
 from adaptinf.cli import main
@@ -379,7 +380,7 @@ def test_search_meets_the_target_estimate_by_downgrading_slots():
     table = fake_table(TABLE)
     dense_ms = table.dense_ms(2)
     proxy = encoded(10, seed=7)
-    found = model.search(table, 0.6 * dense_ms, proxy, batch_size=4)
+    found = recipe.search(model, table, 0.6 * dense_ms, proxy, batch_size=4)
     assert found["meets_target_estimate"] and found["estimated_ms"] <= 0.6 * dense_ms
     assert found["estimated_ms"] == pytest.approx(table.estimate(found["architecture"]))
     down = [p for p in found["path"] if p["step"] == "downgrade"]
@@ -392,7 +393,7 @@ def test_search_meets_the_target_estimate_by_downgrading_slots():
     assert [p["proxy"] for p in ups] == sorted((p["proxy"] for p in ups), reverse=True)
     assert model.architecture == ["full/moe4"] * 2  # search leaves the model's architecture alone
     # an unreachable target: everything downgraded, reported as missed
-    low = model.search(table, 0.5, proxy, batch_size=4)
+    low = recipe.search(model, table, 0.5, proxy, batch_size=4)
     assert not low["meets_target_estimate"] and low["architecture"] == ["skip/skip"] * 2
 
 
@@ -402,7 +403,7 @@ def test_fit_searches_distils_measures_and_resumes(tmp_path, capsys):
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, save_every=2)
     kw = {"latency_target": 0.6, "latency_seq_len": 8, "latency_repeats": 1, "proxy_samples": 8}
     model = convert(dense, **kw)
-    summary = model.fit(train, val, cfg, tmp_path, progress=False)
+    summary = recipe.fit(model, train, val, cfg, tmp_path, progress=False)
     assert summary["architecture"] == model.architecture == list(model.config.architecture)
     assert summary["steps"] == 3 and set(summary["routers"]) == {"0", "1"}
     for key in ("estimated_ms", "measured_ms", "dense_measured_ms", "latency_target_ms"):
@@ -417,7 +418,7 @@ def test_fit_searches_distils_measures_and_resumes(tmp_path, capsys):
     assert "planer: architecture" in capsys.readouterr().out
     # a rerun reuses routers, table and search, and resumes the fine-tuning
     again = convert(dense, **kw)
-    summary2 = again.fit(train, val, cfg, tmp_path, progress=False)
+    summary2 = recipe.fit(again, train, val, cfg, tmp_path, progress=False)
     assert summary2["architecture"] == summary["architecture"]
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
@@ -425,7 +426,7 @@ def test_fit_searches_distils_measures_and_resumes(tmp_path, capsys):
 def test_fit_with_a_given_architecture_and_a_target_in_ms_skips_the_search(tmp_path):
     model = convert(tiny_dense(), architecture=["half/moe2", "full/skip"], latency_target_ms=1e-6, finetune=False,
                     latency_seq_len=8, latency_repeats=1, router_epochs=0)
-    summary = model.fit(encoded(8, seed=1), encoded(8, seed=2), TrainConfig(batch_size=8), tmp_path, progress=False)
+    summary = recipe.fit(model, encoded(8, seed=1), encoded(8, seed=2), TrainConfig(batch_size=8), tmp_path, progress=False)
     assert summary["search"].startswith("skipped") and summary["latency_target_ms"] == 1e-6
     assert summary["architecture"] == ["half/moe2", "full/skip"] and "steps" not in summary
     assert summary["latency_target_met"] is False  # said, never hidden
@@ -434,7 +435,7 @@ def test_fit_with_a_given_architecture_and_a_target_in_ms_skips_the_search(tmp_p
 
 def test_search_keeps_the_dense_architecture_when_it_meets_the_target():
     model = sharpen(convert(tiny_dense()))
-    found = model.search(fake_table(TABLE), 1e9, encoded(6, seed=7), batch_size=4)
+    found = recipe.search(model, fake_table(TABLE), 1e9, encoded(6, seed=7), batch_size=4)
     assert found["architecture"] == ["full/dense"] * 2 and found["path"] == [] and found["proxy"] == 0
 
 
@@ -449,7 +450,7 @@ def test_a_measured_miss_tightens_the_aim_and_continues_the_search(monkeypatch):
 
     monkeypatch.setattr(latency, "validate", fake_validate)
     aim = 0.6 * table.dense_ms(2)
-    found = model._search_measured(table, aim, encoded(6, seed=7), TrainConfig(eval_batch_size=4), progress=False)
+    found = recipe._search_measured(model, table, aim, encoded(6, seed=7), TrainConfig(eval_batch_size=4), progress=False)
     first, second = found["rounds"]
     assert first["miss"] == pytest.approx(0.75 / 0.6) and second["miss"] == pytest.approx(0.5 / 0.6)
     assert second["aim_ms"] == pytest.approx(aim * 0.95 / first["miss"])
@@ -460,9 +461,9 @@ def test_a_measured_miss_tightens_the_aim_and_continues_the_search(monkeypatch):
 def test_routers_learn_the_expert_norms():
     dense = tiny_dense()
     model = convert(dense, router_epochs=1, router_lr=1e-2)
-    first = model.train_routers(encoded(64, seed=3), TrainConfig(batch_size=16))
+    first = recipe.train_routers(model, encoded(64, seed=3), TrainConfig(batch_size=16))
     model = convert(dense, router_epochs=8, router_lr=1e-2)
-    last = model.train_routers(encoded(64, seed=3), TrainConfig(batch_size=16))
+    last = recipe.train_routers(model, encoded(64, seed=3), TrainConfig(batch_size=16))
     for i in ("0", "1"):
         assert last[i]["unexplained_variance"] < min(0.7, first[i]["unexplained_variance"]), (first, last)
         assert last[i]["top1_agreement"] > 2 / E, last

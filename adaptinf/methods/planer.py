@@ -1,5 +1,10 @@
-"""PLANER (Latifi et al., 2022; spec: ../shared/METHODS.md section 4): a latency-targeted sparse
-(mixture-of-experts) version of the dense model.
+"""PLANER (the PLANER paper, Latifi et al., 2022, "Efficient Sparsely Activated Transformers"): a
+latency-targeted sparse (mixture-of-experts) version of the dense model.
+
+This module is the model: configuration, building blocks, conversion, forward, knob and cost. The
+recipe that trains routers, searches the architecture under the latency target and distils it is
+`adaptinf.recipes.planer` (`fit`); the latency table it searches with, and its timing, is
+`adaptinf.recipes.latency_table`.
 
 Every layer holds two slots, each with a chosen block (the architecture, one "attn/ffn" string per
 layer, saved readable in the method config):
@@ -15,8 +20,9 @@ importance the same way. Both reorderings are exact: with every expert on, an Mo
 FFN (tests/test_planer.py). Experts are not weighted by the router: their outputs add up as the
 dense FFN's neurons do.
 
-Router (one per layer, d -> router_hidden -> E, softplus): trained in `fit` on the dense model's FFN
-inputs (forward hooks, training data) to predict the norm of each expert's output for the token.
+Router (one per layer, d -> router_hidden -> E, softplus): trained by the recipe on the dense
+model's FFN inputs (forward hooks, training data) to predict the norm of each expert's output for
+the token (`PlanerClassifier.expert_norms`).
 Inference, for a "moe<k>" slot: the top-k experts by predicted contribution, and among those only
 the ones with prediction >= (1 - tau) * max (dynamic-k). tau is the inference-time knob: 1 (or None)
 runs the searched architecture as it is, 0 only each token's top expert. Below 1 the knob also runs
@@ -29,21 +35,11 @@ where it works here, else (and always under autograd) each active expert runs on
 contiguous slice after one host sync per layer (the per-expert counts). No loop over tokens; padding
 tokens run nothing. FFN down weights are stored column-major so an expert's weights are contiguous.
 
-Fit (`fit`, one verb, each step resumed from out_dir, so rerunning `convert` continues):
-1. routers (routers.safetensors): trained on the frozen dense model's FFN inputs;
-2. latency table (latency_table.json, `adaptinf.latency`): every candidate block timed on this
-   machine at the deployment batch size and sequence length; re-profiled when taken elsewhere;
-3. search (search.json): greedy, from the dense architecture, the one-slot downgrade (to the next
-   cheaper block of that slot) with the least proxy increase per millisecond saved, until the
-   additive estimate meets (1 - search_margin) * target; then the best one-slot upgrades that still
-   fit. Proxy: KL from the dense model's logits + relative error of the pooled representation on
-   a few hundred validation samples. The result's latency is then measured (interleaved with the
-   dense architecture); while it misses the target, the aim is tightened by the miss and the descent
-   continues (up to 3 rounds, recorded in search.json). Skipped when the config names the architecture;
-4. distillation (finetune/): the shared trainer, task loss + distill_weight * KL to the dense logits;
-5. real latency of the result, measured interleaved with the dense architecture at the table's
-   settings; a missed target is printed and recorded in the summary and architecture.json (the
-   architecture also stays readable in the saved config), never hidden.
+Training (`adaptinf.recipes.planer.fit`): routers; the latency table (every candidate block timed
+on this machine at the deployment setting); a greedy search of the architecture under the target
+(additive estimate from the table, the result's real latency measured, the aim tightened while it
+misses); distillation from the dense model (the forward's `aux_loss` while training: distill_weight
+* T^2 * KL to the teacher's logits); the final model's measured latency, a missed target recorded.
 
 Cost (adaptinf.flops convention), per sample at real length L: pooler + classifier, and per layer
 the attention block (all or half the heads; 0 when skipped), the FFN (full or half width; 0 when
@@ -55,22 +51,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from adaptinf import flops
 from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, attention_bias
-from adaptinf.data import Encoded
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
@@ -116,33 +106,37 @@ class PlanerConfig(MethodConfig):
     router_hidden: width of each layer's router MLP (d -> router_hidden -> E).
     kmeans_iters: iterations of the balanced k-means that groups neurons into experts.
     router_epochs, router_lr: router training (Adam) on the dense model's captured FFN inputs.
-    latency_target: target latency as a fraction of the dense model's (table estimate), in (0, 1].
-    latency_target_ms: target in milliseconds; when set it replaces latency_target.
+    architecture: one "attn/ffn" per layer (e.g. "half/moe2"); empty = every layer "full/moe<E>"
+        before a search. A non-empty architecture is used as given: the recipe's `fit` does not search.
     latency_batch_size, latency_seq_len: the deployment setting the table is profiled and the final
         model measured at (every token real).
     latency_repeats: timed samples per block (median kept).
+    latency_target: target latency as a fraction of the dense model's (table estimate), in (0, 1].
+    latency_target_ms: target in milliseconds; when set it replaces latency_target.
     search_margin: the search aims at (1 - search_margin) * target: the additive estimate runs a few
         per cent under the measured latency (it misses interactions between blocks of a layer).
     proxy_samples: validation samples of the search's proxy (KL to the dense logits).
-    architecture: one "attn/ffn" per layer (e.g. "half/moe2"); empty = every layer "full/moe<E>"
-        before a search. A non-empty architecture is used as given: `fit` does not search.
     distill_weight, distill_temperature: fine-tuning loss = task loss + weight * T^2 * KL(dense || model) at T.
     finetune: fine-tune (distil) the chosen architecture with the shared trainer after the search.
     """
 
+    # conversion and routers
     num_experts: int = 8
     router_hidden: int = 64
     kmeans_iters: int = 10
     router_epochs: int = 1
     router_lr: float = 5e-3
-    latency_target: float = 0.5
-    latency_target_ms: float | None = None
+    # the architecture: given, or searched by the recipe under the latency target
+    architecture: tuple[str, ...] = ()
+    # the latency table's deployment setting, and the target (a fraction of dense, or milliseconds)
     latency_batch_size: int = 1
     latency_seq_len: int = 32
     latency_repeats: int = 5
+    latency_target: float = 0.5
+    latency_target_ms: float | None = None
+    # search and distillation
     search_margin: float = 0.05
     proxy_samples: int = 256
-    architecture: tuple[str, ...] = ()
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     finetune: bool = True
@@ -403,13 +397,13 @@ class PlanerClassifier(AdaptiveClassifier):
     (0 without MoE layers).
     """
 
-    method = "planer"
     Config = PlanerConfig
+    method = "planer"
     knob_name = "tau"
     description = "PLANER: per-layer attention/FFN/MoE blocks searched under a latency target from a profiled latency table"
 
     def __init__(self, spec: ModelSpec, config: PlanerConfig | None = None):
-        super().__init__(spec, config or PlanerConfig())
+        super().__init__(spec, config)
         cfg, e = spec.encoder, self.config.num_experts
         if cfg.intermediate_size % e or cfg.intermediate_size // e < 1:
             raise ValueError(f"PlanerConfig.num_experts ({e}) must divide the FFN width "
@@ -422,7 +416,7 @@ class PlanerClassifier(AdaptiveClassifier):
         self.classifier = nn.Linear(cfg.hidden_size, spec.num_labels)
         self.routers = nn.ModuleList(Router(cfg.hidden_size, self.config.router_hidden, e)
                                      for _ in range(cfg.num_hidden_layers))
-        self.routers.requires_grad_(False)  # trained by their own phase in `fit`, never end to end
+        self.routers.requires_grad_(False)  # trained by their own phase of the recipe, never end to end
         for block in self.encoder.blocks:
             # FFN down weights [d, d_ff] stored column-major, so an expert's columns are one contiguous
             # [m, d] block (its matmul reads no strided weight); loading copies into this layout
@@ -567,7 +561,7 @@ class PlanerClassifier(AdaptiveClassifier):
                 total = total + flops.ffn_block(lengths, d, dff if f == "dense" else dff // 2)
         return total.to(torch.float64)
 
-    # --- latency table interface (adaptinf.latency) ------------------------------------------------
+    # --- latency table interface (adaptinf.recipes.latency_table) ---------------------------------
     def block_choices(self) -> list[str]:
         """Every candidate block of a slot: "attn:<full|half|skip>", "ffn:<dense|half|skip|moe<k>>"."""
         e = self.config.num_experts
@@ -580,332 +574,10 @@ class PlanerClassifier(AdaptiveClassifier):
                 "intermediate_size": cfg.intermediate_size, "num_experts": self.config.num_experts,
                 "router_hidden": self.config.router_hidden, "num_labels": self.spec.num_labels}
 
-    # --- training -------------------------------------------------------------------------------
-    def fit(self, train: Encoded, val: Encoded, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
-        """Routers, latency table, search, distillation (finetune/), final latency measurement; each
-        step resumed from out_dir when rerun. Under torchrun, rank 0 does the routers, table and
-        search (the others read its files, so every rank has the same architecture), all ranks
-        fine-tune, rank 0 measures. Returns the summary (rank 0; {} elsewhere)."""
-        from adaptinf.recipes import latency_table as latency
-        from adaptinf.checkpoint import save_tensors_atomic, write_json_atomic
-        from adaptinf.model import accuracy
-        from adaptinf.recipes.finetune import barrier as _barrier, dist_info, finetune
-
-        rank, _ = dist_info()
-        c = self.config
-        out = Path(out_dir)
-        names = ("routers.safetensors", "routers.json", "latency_table.json", "search.json", "architecture.json")
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in names if restart else ():
-                (out / name).unlink(missing_ok=True)
-        pad = self.spec.encoder.pad_token_id
-        layers = self.spec.encoder.num_hidden_layers
-        summary: dict[str, Any] = {"n_train": len(train)}
-
-        # 1. routers
-        t0 = time.time()
-        settings = {"num_experts": c.num_experts, "router_hidden": c.router_hidden, "kmeans_iters": c.kmeans_iters,
-                    "router_epochs": c.router_epochs, "router_lr": c.router_lr, "n_train": len(train),
-                    "batch_size": cfg.batch_size, "seed": cfg.seed}
-        rpath, rjson = out / "routers.safetensors", out / "routers.json"
-        if rank == 0 and not (rpath.is_file() and rjson.is_file() and json.loads(rjson.read_text()).get("settings") == settings):
-            stats = self.train_routers(train, cfg, progress)
-            save_tensors_atomic(dict(self.routers.state_dict()), rpath)
-            write_json_atomic(rjson, {"settings": settings, "stats": stats})
-        _barrier()
-        self.routers.load_state_dict(load_file(str(rpath)))
-        summary["routers"] = json.loads(rjson.read_text())["stats"]
-        summary["router_seconds"] = round(time.time() - t0, 1)
-
-        # 2. latency table at the deployment setting (re-profiled when taken elsewhere)
-        tpath = out / "latency_table.json"
-        if rank == 0:
-            table = latency.LatencyTable.load(tpath) if tpath.is_file() else None
-            if table is None or table.mismatches(c.latency_batch_size, c.latency_seq_len, self.latency_shape()):
-                latency.profile(self, c.latency_batch_size, c.latency_seq_len, c.latency_repeats).save(tpath)
-        _barrier()
-        table = latency.LatencyTable.load(tpath)
-        dense_ms = table.dense_ms(layers)
-        target_ms = c.latency_target_ms if c.latency_target_ms is not None else c.latency_target * dense_ms
-        summary.update(latency_table=str(tpath), latency_target_ms=target_ms, dense_estimated_ms=dense_ms)
-
-        # 3. search (skipped when the config names an architecture)
-        proxy = _subset(val, c.proxy_samples)
-        spath = out / "search.json"
-        if c.architecture:
-            summary["search"] = "skipped: the config names the architecture"
-        else:
-            aim = (1 - c.search_margin) * target_ms
-            key = {"aim_ms": aim, "table": table.created, "proxy_samples": len(proxy), "routers": settings}
-            if rank == 0:
-                found = json.loads(spath.read_text()) if spath.is_file() else None
-                if not found or found.get("key") != key:
-                    write_json_atomic(spath, {"key": key, **self._search_measured(table, aim, proxy, cfg, progress)})
-            _barrier()
-            found = json.loads(spath.read_text())
-            self.config.architecture = tuple(found["architecture"])
-            self.set_architecture(found["architecture"])
-            summary["search"] = {k: v for k, v in found.items() if k != "key"}
-        estimated = table.estimate(self.architecture)
-
-        # 4. distillation from the dense model (the shared trainer)
-        if c.finetune:
-            knob = self.knob
-            self.set_knob(None)
-            try:
-                result = finetune(self, train, val, cfg, out / "finetune", progress=progress, restart=restart)
-            finally:
-                self.set_knob(knob)
-            best = out / "finetune" / "best" / "model.safetensors"
-            if best.is_file():
-                self.load_state_dict(load_file(str(best)))
-            summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps)
-        if rank != 0:
-            return {}
-        summary["val_accuracy"] = accuracy(self, val, cfg.eval_batch_size, pad)[0]
-        if self._teacher:
-            summary["val_accuracy_dense"] = accuracy(self._teacher[0], val, cfg.eval_batch_size, pad)[0]
-
-        # 5. real latency of the final model, the dense and the empty architecture, interleaved, with
-        # the table's settings. A relative target is checked against the dense model measured in the
-        # same run (drift cancels); a target in ms against the measured milliseconds.
-        arch = self.architecture
-        check = latency.validate(self, table, [arch, ["full/dense"] * layers, ["skip/skip"] * layers],
-                                 repeats=2 * table.repeats)
-        measured, dense_measured = check["rows"][0]["measured_ms"], check["rows"][1]["measured_ms"]
-        if c.latency_target_ms is not None:
-            met, goal = measured <= c.latency_target_ms, f"target {c.latency_target_ms:.2f} ms"
-        else:
-            met, goal = measured <= c.latency_target * dense_measured, f"target {c.latency_target:g} x dense"
-        record = {"architecture": arch, "estimated_ms": estimated, "measured_ms": measured,
-                  "dense_measured_ms": dense_measured, "measured_vs_dense": measured / dense_measured,
-                  "latency_target": None if c.latency_target_ms is not None else c.latency_target,
-                  "latency_target_ms": target_ms, "latency_target_met": met,
-                  "batch_size": table.batch_size, "seq_len": table.seq_len, "torch_threads": table.torch_threads,
-                  "machine": table.machine}
-        summary.update(record, latency_model_error=check)
-        write_json_atomic(out / "architecture.json", record)
-        print(f"planer: architecture {arch}; latency at batch {table.batch_size}, {table.seq_len} tokens, "
-              f"{table.torch_threads} threads: estimated {estimated:.2f} ms, measured {measured:.2f} ms "
-              f"({measured / dense_measured:.2f} x dense, measured {dense_measured:.2f} ms); {goal}: "
-              + ("met" if met else "MISSED (measured latency above the target)"))
-        return summary
-
-    def _search_measured(self, table, aim: float, proxy: Encoded, cfg, progress: bool, rounds: int = 3) -> dict:
-        """Search under `aim` (ms, table estimate), then measure the result against the dense
-        architecture (interleaved, the table's settings); while it misses the target, tighten the aim
-        by the miss and continue the descent from it (at most `rounds` searches). The table's absolute
-        times drift with the machine's load, so the target is checked as the measured ratio to dense
-        (a relative target, so drift cancels) or as measured milliseconds (a target in ms)."""
-        from adaptinf.recipes import latency_table as latency
-
-        c, layers = self.config, self.spec.encoder.num_hidden_layers
-        dense_est = table.dense_ms(layers)
-        arch, rounds_log, found = None, [], {}
-        for _ in range(rounds):
-            found = self.search(table, aim, proxy, cfg.eval_batch_size, progress, start=arch)
-            arch = found["architecture"]
-            rows = latency.validate(self, table, [arch, ["full/dense"] * layers])["rows"]
-            measured, dense = rows[0]["measured_ms"], rows[1]["measured_ms"]
-            # > 1: the measured latency misses the target by this factor
-            miss = measured / c.latency_target_ms if c.latency_target_ms is not None else measured / dense / c.latency_target
-            rounds_log.append({"aim_ms": aim, "architecture": arch, "estimated_ms": found["estimated_ms"],
-                               "estimated_vs_dense": found["estimated_ms"] / dense_est, "measured_ms": measured,
-                               "measured_vs_dense": measured / dense, "miss": miss})
-            # accepted with half the margin as headroom: repeated measurements on a shared machine vary
-            if miss <= 1 - c.search_margin / 2 or not found["meets_target_estimate"]:
-                break
-            aim *= (1 - c.search_margin) / miss
-        return {**found, "rounds": rounds_log}
-
-    def train_routers(self, train: Encoded, cfg, progress: bool = False) -> dict:
-        """Fit every layer's router to the norms of its experts' outputs (relative to the token's mean
-        norm) on the dense model's FFN inputs, captured by forward hooks on the frozen teacher, real
-        tokens only. MSE, Adam, one optimizer per layer."""
-        from adaptinf.data import steps_per_epoch, train_batches
-
-        c = self.config
-        if not self._teacher:
-            raise ValueError("router training needs the dense model: build this model with PlanerClassifier.from_dense")
-        teacher = self._teacher[0]
-        layers = len(self.encoder.blocks)
-        captured: list[torch.Tensor | None] = [None] * layers
-        real = [None]
-        def keep(i: int):
-            def hook(module, args, output):
-                captured[i] = args[0].reshape(-1, args[0].shape[-1]).index_select(0, real[0])  # [T, d] real tokens
-            return hook
-
-        hooks = [teacher.encoder.blocks[i].ffn.register_forward_hook(keep(i)) for i in range(layers)]
-        self.routers.requires_grad_(True)
-        opts = [torch.optim.Adam(r.parameters(), lr=c.router_lr) for r in self.routers]
-        sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
-        total = steps_per_epoch(len(train), cfg.batch_size) * c.router_epochs
-        bar = tqdm(total=total, desc="planer routers", disable=not progress, unit="step")
-        try:
-            for epoch in range(c.router_epochs):
-                sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
-                for batch, _, _ in train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id=self.spec.encoder.pad_token_id):
-                    real[0] = batch.attention_mask.reshape(-1).nonzero().squeeze(1)
-                    with torch.no_grad():
-                        teacher(batch.input_ids, batch.attention_mask)
-                    for i in range(layers):
-                        x = captured[i]  # [T, d]
-                        with torch.no_grad():
-                            # per token relative to its mean: top-k and the (1 - tau) * max threshold
-                            # only compare a token's experts with each other, and the scale is then ~1
-                            norms = self.expert_norms(i, x)  # [T, E]
-                            target = norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
-                        pred = self.routers[i](x)
-                        loss = F.mse_loss(pred, target)
-                        opts[i].zero_grad(set_to_none=True)
-                        loss.backward()
-                        opts[i].step()
-                        t = x.shape[0]
-                        sums[i][0] += float(loss.detach()) * t
-                        sums[i][1] += float(target.var(dim=1, unbiased=False).mean()) * t
-                        sums[i][2] += float((pred.detach().argmax(1) == target.argmax(1)).sum())
-                        sums[i][3] += t
-                    bar.update(1)
-        finally:
-            bar.close()
-            for hk in hooks:
-                hk.remove()
-            self.routers.requires_grad_(False)
-        # last epoch, per layer: MSE over the variance of the targets across experts (1 = no better than
-        # predicting every expert alike) and how often the router's top expert is the true top expert
-        return {str(i): {"unexplained_variance": s[0] / max(s[1], 1e-30), "top1_agreement": s[2] / max(s[3], 1)}
-                for i, s in enumerate(sums)}
-
+    # --- the router's target (trained by adaptinf.recipes.planer.train_routers) ------------------
     def expert_norms(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The norm of every expert's output (no bias) for tokens x [T, d] -> [T, E]: the router's target."""
         ffn, e = self.encoder.blocks[layer].ffn, self.config.num_experts
         a = F.gelu(F.linear(x, ffn.up.weight, ffn.up.bias)).view(x.shape[0], e, -1)  # [T, E, m]
         w = ffn.down.weight.view(ffn.down.weight.shape[0], e, -1)  # [d, E, m]
         return torch.einsum("tem,dem->ted", a, w).norm(dim=-1)
-
-    # --- search ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def search(self, table, target_ms: float, proxy: Encoded, batch_size: int = 64, progress: bool = False,
-               start: list[str] | None = None) -> dict:
-        """Greedy search under `target_ms` (the table's additive estimate), from the dense architecture.
-
-        Descent: repeatedly take the one-slot downgrade (to the next cheaper block of that slot, by the
-        table) with the least proxy increase per millisecond saved, until the estimate meets the
-        target. Refinement: the last step usually overshoots, so while some one-slot upgrade (to any
-        dearer block) still fits the target and lowers the proxy, take the best one.
-        Proxy (lower is better, 0 for the dense model): mean KL(dense || candidate) of the logits plus
-        the relative squared error of the pooled representation (informative even where the dense
-        head is unsure), on `proxy`. Hidden states of the current architecture are cached per layer,
-        so a candidate changing layer l reruns only layers l.. . `start` continues the descent from
-        that architecture instead of the dense one. Returns the architecture and the path.
-        """
-        from adaptinf.data import eval_batches
-
-        was_training, knob = self.training, self.knob
-        self.eval()
-        self.knob = None  # the searched top-k
-        layers = len(self.encoder.blocks)
-        options = {"attn": [f"attn:{a}" for a in ATTN],
-                   "ffn": [n for n in self.block_choices() if n.startswith("ffn:")]}
-        batches = [(b.input_ids, b.attention_mask) for b in eval_batches(proxy, batch_size, self.spec.encoder.pad_token_id)]
-        prepared = [self.prepare(ids, mask) for ids, mask in batches]
-
-        def states(arch: list[str], start: int, cache: list) -> list[list[torch.Tensor]]:
-            """cache[l][i]: layer l's input for batch i (cache[layers]: the last hidden states)."""
-            out = [list(c) for c in cache[: start + 1]] + [[] for _ in range(start, layers)]
-            for i, (_, bias, ctx) in enumerate(prepared):
-                h = out[start][i]
-                for l in range(start, layers):
-                    h = self.run_layer(l, h, bias, ctx, parse_slot(arch[l], self.config.num_experts))
-                    out[l + 1].append(h)
-            return out
-
-        def heads(last: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            pooled = [self.encoder.pool(h) for h in last]  # [b, d] each
-            return [(p, F.log_softmax(self.classifier(p), -1)) for p in pooled]
-
-        def proxy_of(last: list[torch.Tensor]) -> float:
-            kl, err, n = 0.0, 0.0, 0
-            for (p, logp), (rp, rlogp) in zip(heads(last), ref):
-                kl += float(F.kl_div(logp, rlogp, log_target=True, reduction="sum"))
-                err += float((p - rp).pow(2).sum())
-                n += p.shape[0]
-            return kl / max(n, 1) + err / ref_power
-
-        def with_slot(arch: list[str], layer: int, block: str) -> list[str]:
-            a, f = arch[layer].split("/")
-            kind, choice = block.split(":")
-            cand = list(arch)
-            cand[layer] = f"{choice}/{f}" if kind == "attn" else f"{a}/{choice}"
-            return cand
-
-        def slot_of(arch: list[str], layer: int, kind: str) -> str:
-            return f"{kind}:{arch[layer].split('/')[0 if kind == 'attn' else 1]}"
-
-        arch = ["full/dense"] * layers
-        cache = states(arch, 0, [[p[0] for p in prepared]])
-        ref = heads(cache[-1])
-        ref_power = max(sum(float(p.pow(2).sum()) for p, _ in ref), 1e-30)
-        current = 0.0
-        if start is not None and list(start) != arch:
-            arch = list(start)
-            cache = states(arch, 0, cache)
-            current = proxy_of(cache[-1])
-        est, path = table.estimate(arch), []
-        bar = tqdm(desc="planer search", disable=not progress, unit="candidate")
-        try:
-            while est > target_ms:  # descent
-                best = None
-                for l in range(layers):
-                    for kind, opts in options.items():
-                        now = table.block_ms(slot_of(arch, l, kind))
-                        cheaper = [o for o in opts if table.block_ms(o) < now]
-                        if not cheaper:
-                            continue
-                        cand = with_slot(arch, l, max(cheaper, key=table.block_ms))
-                        new = states(cand, l, cache)
-                        score = proxy_of(new[-1])
-                        ratio = (score - current) / (est - table.estimate(cand))
-                        if best is None or ratio < best[0]:
-                            best = (ratio, cand, new, score)
-                        bar.update(1)
-                if best is None:
-                    break  # nothing cheaper left: the target cannot be met with these blocks
-                _, arch, cache, current = best
-                est = table.estimate(arch)
-                path.append({"step": "downgrade", "architecture": list(arch), "estimated_ms": est, "proxy": current})
-            while est <= target_ms:  # refinement
-                best = None
-                for l in range(layers):
-                    for kind, opts in options.items():
-                        now = table.block_ms(slot_of(arch, l, kind))
-                        for o in opts:
-                            cand = with_slot(arch, l, o)
-                            if table.block_ms(o) <= now or table.estimate(cand) > target_ms:
-                                continue
-                            new = states(cand, l, cache)
-                            score = proxy_of(new[-1])
-                            if score < current and (best is None or score < best[0]):
-                                best = (score, cand, new)
-                            bar.update(1)
-                if best is None:
-                    break
-                current, arch, cache = best
-                est = table.estimate(arch)
-                path.append({"step": "upgrade", "architecture": list(arch), "estimated_ms": est, "proxy": current})
-        finally:
-            bar.close()
-            self.knob = knob
-            self.train(was_training)
-        return {"architecture": arch, "estimated_ms": est, "proxy": current, "meets_target_estimate": est <= target_ms,
-                "path": path}
-
-
-def _subset(enc: Encoded, n: int) -> Encoded:
-    """The first n samples of a seeded permutation (the proxy set of the search)."""
-    if len(enc) <= n:
-        return enc
-    idx = torch.randperm(len(enc), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    return Encoded([enc.ids[i] for i in idx], enc.labels[idx])

@@ -1,5 +1,6 @@
 """The latency table: measured milliseconds of every candidate block on this machine, and the
-additive latency model PLANER's search uses (spec: ../shared/METHODS.md section 4).
+additive latency model PLANER's search uses (the PLANER paper, Latifi et al., 2022: a latency
+lookup table of the candidate blocks; the search itself is `adaptinf.recipes.planer`).
 
 Protocol (`profile`):
 - One table holds one deployment setting: batch size, sequence length (every token real), torch
@@ -7,12 +8,14 @@ Protocol (`profile`):
   says when a stored table was taken under other conditions, so it is re-profiled, never reused.
 - Every candidate block (attention with all heads / half the heads; FFN dense / half width / MoE
   with k experts) is timed as a stack: the model with that block in every layer and the other slot
-  skipped, end to end on random tokens under `torch.inference_mode()`, at the model's current knob
-  (`measure_architectures`: `warmup` discarded calls per stack, then `repeats` rounds timing every
-  stack once in an order rotated by the round, so load from other processes hits all alike; each
-  sample the mean of enough calls to last `min_sample_ms`; median kept); the block's time is
-  (stack - overhead) / layers. Absolute times still drift with the machine's load between tables;
-  the times within one table are comparable, which is what the search needs. Timing a block alone in a loop keeps
+  skipped, end to end on random tokens under `torch.inference_mode()`, at the model's current knob.
+  The timing is the project's one measurement protocol (`adaptinf.bench`; `measure_architectures`):
+  `warmup` discarded calls per stack (`bench.warm_up`), then `repeats` rounds timing every stack
+  once in an order rotated by the round, so load from other processes hits all alike
+  (`bench.interleaved_rounds`); each sample the mean of enough calls to last `MIN_SAMPLE_MS`
+  (`bench.time_call`); median kept. The block's time is (stack - overhead) / layers. Absolute
+  times still drift with the machine's load between tables; the times within one table are
+  comparable, which is what the search needs. Timing a block alone in a loop keeps
   its weights cache-hot and underestimates the real model (measured: half the end-to-end latency at
   batch 1); the stack makes every layer's own weights pass through the caches as they do in use.
   All layers of the backbone have the same shape, so one time per block stands for every layer.
@@ -31,38 +34,20 @@ The model to profile provides `block_choices()` (names such as "attn:half", "ffn
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from adaptinf.bench import interleaved_rounds, machine_name, time_call, warm_up
+
 SKIP = 0.0  # a skipped block's latency
-
-
-def time_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 2, min_sample_ms: float = 2.0) -> float:
-    """Median milliseconds per call of `fn` over `repeats` samples (each the mean of enough calls to
-    last about `min_sample_ms`, so sub-millisecond blocks are not timer noise), after `warmup` calls."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"time_ms: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    once = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    number = max(1, min(1000, math.ceil(min_sample_ms / once)))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - t0) * 1e3 / number)
-    return statistics.median(samples)
+MIN_SAMPLE_MS = 2.0  # a timing sample lasts at least this long (sub-millisecond stacks are not timer noise)
 
 
 def random_inputs(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +60,6 @@ def random_inputs(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0)
 
 def conditions(batch_size: int, seq_len: int) -> dict:
     """What a latency number depends on besides the model: stamped on every table."""
-    from adaptinf.bench import machine_name
-
     return {"machine": machine_name(), "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "batch_size": batch_size, "seq_len": seq_len}
 
@@ -161,33 +144,31 @@ def measure_model(model, batch_size: int, seq_len: int, repeats: int = 5, warmup
 @torch.inference_mode()
 def measure_architectures(model, architectures: dict[str, list[str] | None], batch_size: int, seq_len: int,
                           repeats: int = 5, warmup: int = 2, seed: int = 0) -> dict[str, float]:
-    """End-to-end milliseconds of the model with each architecture (None: its own), interleaved as
-    the bench protocol does: `warmup` discarded calls each, then `repeats` rounds, each timing every
-    architecture once in an order rotated by the round, so drift (another process on the same cores)
-    hits them alike; the median per architecture over rounds."""
+    """End-to-end milliseconds of the model with each architecture (None: its own), with the bench
+    protocol: `warmup` discarded calls each, then `repeats` rounds, each timing every architecture
+    once in an order rotated by the round, so drift (another process on the same cores) hits them
+    alike; the median per architecture over rounds."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     was_training = model.training
     model.eval()
     ids, mask = random_inputs(model.spec.encoder.vocab_size, batch_size, seq_len, seed)
-    names = list(architectures)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    archs = {name: list(arch or model.architecture) for name, arch in architectures.items()}
 
-    def arch_of(name: str) -> list[str]:
-        return architectures[name] or model.architecture
+    def run(arch: list[str]) -> None:
+        with model.using_architecture(arch):
+            model(ids, mask)
+
+    def sample(arch: list[str]) -> float:  # the architecture is set outside the timed calls
+        with model.using_architecture(arch):
+            return time_call(lambda: model(ids, mask), min_sample_ms=MIN_SAMPLE_MS)
 
     try:
-        for n in names:
-            with model.using_architecture(arch_of(n)):
-                for _ in range(warmup):
-                    model(ids, mask)
-        for r in range(repeats):
-            for n in names[r % len(names):] + names[: r % len(names)]:
-                with model.using_architecture(arch_of(n)):
-                    samples[n].append(time_ms(lambda: model(ids, mask), repeats=1, warmup=0))
+        warm_up({name: functools.partial(run, arch) for name, arch in archs.items()}, warmup)
+        samples = interleaved_rounds({name: functools.partial(sample, arch) for name, arch in archs.items()}, repeats)
     finally:
         model.train(was_training)
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def profile(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> LatencyTable:

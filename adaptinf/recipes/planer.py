@@ -1,7 +1,414 @@
-"""Interim: the planer recipe still lives on the model class (moved here by the layering work)."""
+"""PLANER's recipe (the PLANER paper, Latifi et al., 2022): what turns a converted model
+(`PlanerClassifier.from_dense`) into one that meets a latency target.
+
+`fit` (one verb, each step resumed from out_dir, so rerunning `convert` continues):
+1. routers (routers.safetensors; stats and settings in routers.json, a `Stage`): every layer's router
+   trained on the frozen dense model's FFN inputs (`train_routers`, teacher capture by forward hooks);
+2. latency table (latency_table.json, `adaptinf.recipes.latency_table`): every candidate block timed
+   on this machine at the deployment batch size and sequence length; re-profiled when taken elsewhere;
+3. search (search.json, a `Stage`): greedy, from the dense architecture, the one-slot downgrade (to
+   the next cheaper block of that slot) with the least proxy increase per millisecond saved, until
+   the additive estimate meets (1 - search_margin) * target; then the best one-slot upgrades that
+   still fit (`search`). Proxy: KL from the dense model's logits + relative error of the pooled
+   representation on a few hundred validation samples. The result's latency is then measured
+   (interleaved with the dense architecture); while it misses the target, the aim is tightened by the
+   miss and the descent continues (up to 3 rounds, recorded in search.json; `_search_measured`).
+   Skipped when the config names the architecture;
+4. distillation (finetune/): the shared trainer, task loss + distill_weight * KL to the dense logits
+   (the model's forward adds the KL while training);
+5. real latency of the result, measured interleaved with the dense architecture at the table's
+   settings; a missed target is printed and recorded in the summary and architecture.json (the
+   architecture also stays readable in the saved config), never hidden.
+
+Under torchrun, rank 0 does the routers, table and search (the others read its files, so every rank
+has the same architecture), all ranks fine-tune, rank 0 measures.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
-def fit(model, train, val, cfg, out_dir, progress: bool = True, restart: bool = False) -> dict:
-    return model.fit(train, val, cfg, out_dir, progress=progress, restart=restart)
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from adaptinf.checkpoint import save_tensors_atomic, write_json_atomic
+from adaptinf.data import Encoded, eval_batches, steps_per_epoch, train_batches
+from adaptinf.methods.planer import ATTN, PlanerClassifier, PlanerConfig, parse_slot
+from adaptinf.model import accuracy
+from adaptinf.recipes import latency_table as latency
+from adaptinf.recipes.finetune import Stage, barrier, capture_tokens, dist_info, finetune_then_load_best
+from adaptinf.settings import TrainConfig
+
+FILES = ("routers.safetensors", "routers.json", "latency_table.json", "search.json", "architecture.json")
+
+
+# --- the recipe -------------------------------------------------------------------------------------
+
+
+def fit(model: PlanerClassifier, train: Encoded, val: Encoded, cfg: TrainConfig, out_dir: str | os.PathLike,
+        progress: bool = True, restart: bool = False) -> dict:
+    """Routers, latency table, search, distillation (finetune/), final latency measurement (see the
+    module docstring); each step resumed from out_dir when rerun. Returns the summary (rank 0; {}
+    on the other ranks)."""
+    rank, _ = dist_info()
+    c, out = model.config, Path(out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in FILES if restart else ():
+            (out / name).unlink(missing_ok=True)
+    summary: dict[str, Any] = {"n_train": len(train)}
+    routers = _router_settings(c, train, cfg)
+    summary.update(_routers(model, train, cfg, out, routers, rank, progress))
+    table = _latency_table(model, out / "latency_table.json", rank)
+    dense_ms = table.dense_ms(model.spec.encoder.num_hidden_layers)
+    target_ms = c.latency_target_ms if c.latency_target_ms is not None else c.latency_target * dense_ms
+    summary.update(latency_table=str(out / "latency_table.json"), latency_target_ms=target_ms, dense_estimated_ms=dense_ms)
+    summary["search"] = _architecture(model, table, target_ms, val, cfg, out, routers, rank, progress)
+    estimated = table.estimate(model.architecture)
+    if c.finetune:  # distillation from the dense model (the shared trainer, at knob None)
+        result = finetune_then_load_best(model, train, val, cfg, out / "finetune", progress=progress, restart=restart)
+        summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps)
+    if rank != 0:
+        return {}
+    pad = model.spec.encoder.pad_token_id
+    summary["val_accuracy"] = accuracy(model, val, cfg.eval_batch_size, pad)[0]
+    if model._teacher:
+        summary["val_accuracy_dense"] = accuracy(model._teacher[0], val, cfg.eval_batch_size, pad)[0]
+    summary.update(_final_latency(model, table, estimated, target_ms, out))
+    return summary
+
+
+def _router_settings(c: PlanerConfig, train: Encoded, cfg: TrainConfig) -> dict:
+    """What the trained routers depend on (the routers' `Stage` key, part of the search's)."""
+    return {"num_experts": c.num_experts, "router_hidden": c.router_hidden, "kmeans_iters": c.kmeans_iters,
+            "router_epochs": c.router_epochs, "router_lr": c.router_lr, "n_train": len(train),
+            "batch_size": cfg.batch_size, "seed": cfg.seed}
+
+
+def _routers(model: PlanerClassifier, train: Encoded, cfg: TrainConfig, out: Path, settings: dict, rank: int,
+             progress: bool) -> dict:
+    """Step 1: train the routers (rank 0) unless routers.json holds a result under these settings
+    and the weights are there; every rank then loads the weights. Their stats and the time."""
+    t0 = time.time()
+    stage, weights = Stage(out, "routers", settings), out / "routers.safetensors"
+    if rank == 0 and (stage.result() is None or not weights.is_file()):
+        stats = train_routers(model, train, cfg, progress)
+        save_tensors_atomic(dict(model.routers.state_dict()), weights)
+        stage.finish(stats)
+    barrier()
+    model.routers.load_state_dict(load_file(str(weights)))
+    return {"routers": stage.result(), "router_seconds": round(time.time() - t0, 1)}
+
+
+def _latency_table(model: PlanerClassifier, path: Path, rank: int) -> latency.LatencyTable:
+    """Step 2: the latency table at the deployment setting, profiled by rank 0 unless the stored one
+    was taken under these very conditions."""
+    c = model.config
+    if rank == 0:
+        table = latency.LatencyTable.load(path) if path.is_file() else None
+        if table is None or table.mismatches(c.latency_batch_size, c.latency_seq_len, model.latency_shape()):
+            latency.profile(model, c.latency_batch_size, c.latency_seq_len, c.latency_repeats).save(path)
+    barrier()
+    return latency.LatencyTable.load(path)
+
+
+def _architecture(model: PlanerClassifier, table: latency.LatencyTable, target_ms: float, val: Encoded,
+                  cfg: TrainConfig, out: Path, routers: dict, rank: int, progress: bool) -> dict | str:
+    """Step 3: the searched architecture (rank 0 searches unless search.json holds a result for this
+    aim, table, proxy and routers), set on the model and its config; the search record."""
+    c = model.config
+    if c.architecture:
+        return "skipped: the config names the architecture"
+    proxy = _subset(val, c.proxy_samples)
+    aim = (1 - c.search_margin) * target_ms
+    stage = Stage(out, "search", {"aim_ms": aim, "table": table.created, "proxy_samples": len(proxy), "routers": routers})
+    if rank == 0 and stage.result() is None:
+        stage.finish(_search_measured(model, table, aim, proxy, cfg, progress))
+    barrier()
+    found = stage.result()
+    model.config.architecture = tuple(found["architecture"])
+    model.set_architecture(found["architecture"])
+    return found
+
+
+def _final_latency(model: PlanerClassifier, table: latency.LatencyTable, estimated: float, target_ms: float,
+                   out: Path) -> dict:
+    """Step 5: real latency of the final model, the dense and the empty architecture, interleaved, with
+    the table's settings. A relative target is checked against the dense model measured in the same
+    run (drift cancels); a target in ms against the measured milliseconds. Written to
+    architecture.json and printed, met or missed."""
+    c, arch, layers = model.config, model.architecture, model.spec.encoder.num_hidden_layers
+    check = latency.validate(model, table, [arch, ["full/dense"] * layers, ["skip/skip"] * layers],
+                             repeats=2 * table.repeats)
+    measured, dense_measured = check["rows"][0]["measured_ms"], check["rows"][1]["measured_ms"]
+    if c.latency_target_ms is not None:
+        met, goal = measured <= c.latency_target_ms, f"target {c.latency_target_ms:.2f} ms"
+    else:
+        met, goal = measured <= c.latency_target * dense_measured, f"target {c.latency_target:g} x dense"
+    record = {"architecture": arch, "estimated_ms": estimated, "measured_ms": measured,
+              "dense_measured_ms": dense_measured, "measured_vs_dense": measured / dense_measured,
+              "latency_target": None if c.latency_target_ms is not None else c.latency_target,
+              "latency_target_ms": target_ms, "latency_target_met": met,
+              "batch_size": table.batch_size, "seq_len": table.seq_len, "torch_threads": table.torch_threads,
+              "machine": table.machine}
+    write_json_atomic(out / "architecture.json", record)
+    print(f"planer: architecture {arch}; latency at batch {table.batch_size}, {table.seq_len} tokens, "
+          f"{table.torch_threads} threads: estimated {estimated:.2f} ms, measured {measured:.2f} ms "
+          f"({measured / dense_measured:.2f} x dense, measured {dense_measured:.2f} ms); {goal}: "
+          + ("met" if met else "MISSED (measured latency above the target)"))
+    return {**record, "latency_model_error": check}
+
+
+def _subset(enc: Encoded, n: int) -> Encoded:
+    """The first n samples of a seeded permutation (the proxy set of the search)."""
+    if len(enc) <= n:
+        return enc
+    idx = torch.randperm(len(enc), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return Encoded([enc.ids[i] for i in idx], enc.labels[idx])
+
+
+# --- routers ----------------------------------------------------------------------------------------
+
+
+def train_routers(model: PlanerClassifier, train: Encoded, cfg: TrainConfig, progress: bool = False) -> dict:
+    """Fit every layer's router to the norms of its experts' outputs (relative to the token's mean
+    norm, `PlanerClassifier.expert_norms`) on the dense model's FFN inputs, captured by forward hooks
+    on the frozen teacher, real tokens only. MSE, Adam, one optimizer per layer.
+
+    Returns, per layer (last epoch): the MSE over the variance of the targets across experts
+    ("unexplained_variance", 1 = no better than predicting every expert alike) and how often the
+    router's top expert is the true top expert ("top1_agreement")."""
+    c = model.config
+    if not model._teacher:
+        raise ValueError("router training needs the dense model: build this model with PlanerClassifier.from_dense")
+    teacher = model._teacher[0]
+    layers = len(model.encoder.blocks)
+    points = {str(i): (teacher.encoder.blocks[i].ffn, "input") for i in range(layers)}  # FFN inputs [T, d]
+    model.routers.requires_grad_(True)
+    opts = [torch.optim.Adam(r.parameters(), lr=c.router_lr) for r in model.routers]
+    sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
+    total = steps_per_epoch(len(train), cfg.batch_size) * c.router_epochs
+    bar = tqdm(total=total, desc="planer routers", disable=not progress, unit="step")
+    try:
+        with capture_tokens(points) as captured:
+            for epoch in range(c.router_epochs):
+                sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
+                for batch, _, _ in train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id=model.spec.encoder.pad_token_id):
+                    captured.select(batch.attention_mask)
+                    with torch.no_grad():
+                        teacher(batch.input_ids, batch.attention_mask)
+                    for i in range(layers):
+                        _router_step(model, i, captured[str(i)], opts[i], sums[i])
+                    bar.update(1)
+    finally:
+        bar.close()
+        model.routers.requires_grad_(False)
+    return {str(i): {"unexplained_variance": s[0] / max(s[1], 1e-30), "top1_agreement": s[2] / max(s[3], 1)}
+            for i, s in enumerate(sums)}
+
+
+def _router_step(model: PlanerClassifier, layer: int, x: torch.Tensor, opt: torch.optim.Optimizer, sums: list) -> None:
+    """One Adam step of layer `layer`'s router on tokens x [T, d]; adds to sums (loss * T, target
+    variance * T, top-1 hits, T)."""
+    with torch.no_grad():
+        # per token relative to its mean: top-k and the (1 - tau) * max threshold only compare a
+        # token's experts with each other, and the scale is then ~1
+        norms = model.expert_norms(layer, x)  # [T, E]
+        target = norms / norms.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    pred = model.routers[layer](x)  # [T, E]
+    loss = F.mse_loss(pred, target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    t = x.shape[0]
+    sums[0] += float(loss.detach()) * t
+    sums[1] += float(target.var(dim=1, unbiased=False).mean()) * t
+    sums[2] += float((pred.detach().argmax(1) == target.argmax(1)).sum())
+    sums[3] += t
+
+
+# --- search -----------------------------------------------------------------------------------------
+
+
+def _search_measured(model: PlanerClassifier, table: latency.LatencyTable, aim: float, proxy: Encoded,
+                     cfg: TrainConfig, progress: bool, rounds: int = 3) -> dict:
+    """Search under `aim` (ms, table estimate), then measure the result against the dense
+    architecture (interleaved, the table's settings); while it misses the target, tighten the aim
+    by the miss and continue the descent from it (at most `rounds` searches). The table's absolute
+    times drift with the machine's load, so the target is checked as the measured ratio to dense
+    (a relative target, so drift cancels) or as measured milliseconds (a target in ms)."""
+    c, layers = model.config, model.spec.encoder.num_hidden_layers
+    dense_est = table.dense_ms(layers)
+    arch, rounds_log, found = None, [], {}
+    for _ in range(rounds):
+        found = search(model, table, aim, proxy, cfg.eval_batch_size, progress, start=arch)
+        arch = found["architecture"]
+        rows = latency.validate(model, table, [arch, ["full/dense"] * layers])["rows"]
+        measured, dense = rows[0]["measured_ms"], rows[1]["measured_ms"]
+        # > 1: the measured latency misses the target by this factor
+        miss = measured / c.latency_target_ms if c.latency_target_ms is not None else measured / dense / c.latency_target
+        rounds_log.append({"aim_ms": aim, "architecture": arch, "estimated_ms": found["estimated_ms"],
+                           "estimated_vs_dense": found["estimated_ms"] / dense_est, "measured_ms": measured,
+                           "measured_vs_dense": measured / dense, "miss": miss})
+        # accepted with half the margin as headroom: repeated measurements on a shared machine vary
+        if miss <= 1 - c.search_margin / 2 or not found["meets_target_estimate"]:
+            break
+        aim *= (1 - c.search_margin) / miss
+    return {**found, "rounds": rounds_log}
+
+
+@dataclass
+class _Point:
+    """An architecture on the search's path, with its per-layer hidden states and proxy."""
+
+    arch: list[str]
+    states: list[list[torch.Tensor]]  # states[l][i]: layer l's input for proxy batch i ([layers]: the last)
+    proxy: float
+
+
+class _Proxy:
+    """The search's proxy (lower is better, 0 for the dense model): mean KL(dense || candidate) of the
+    logits plus the relative squared error of the pooled representation (informative even where the
+    dense head is unsure), on fixed batches, at the searched top-k (knob None)."""
+
+    def __init__(self, model: PlanerClassifier, proxy: Encoded, batch_size: int):
+        self.model, self.layers = model, len(model.encoder.blocks)
+        batches = eval_batches(proxy, batch_size, model.spec.encoder.pad_token_id)
+        self.prepared = [model.prepare(b.input_ids, b.attention_mask, knob=None) for b in batches]
+        dense = ["full/dense"] * self.layers
+        self.dense = _Point(dense, self.states(dense, 0, [[p[0] for p in self.prepared]]), 0.0)
+        self.ref = self.heads(self.dense.states[-1])
+        self.ref_power = max(sum(float(p.pow(2).sum()) for p, _ in self.ref), 1e-30)
+
+    def states(self, arch: list[str], start: int, cache: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """The per-layer states of `arch`, reusing `cache` (another architecture's) up to layer `start`:
+        a candidate changing layer l reruns only layers l.. ."""
+        out = [list(c) for c in cache[: start + 1]] + [[] for _ in range(start, self.layers)]
+        for i, (_, bias, ctx) in enumerate(self.prepared):
+            h = out[start][i]
+            for l in range(start, self.layers):
+                h = self.model.run_layer(l, h, bias, ctx, parse_slot(arch[l], self.model.config.num_experts))
+                out[l + 1].append(h)
+        return out
+
+    def heads(self, last: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pooled = [self.model.encoder.pool(h) for h in last]  # [b, d] each
+        return [(p, F.log_softmax(self.model.classifier(p), -1)) for p in pooled]
+
+    def score(self, last: list[torch.Tensor]) -> float:
+        kl, err, n = 0.0, 0.0, 0
+        for (p, logp), (rp, rlogp) in zip(self.heads(last), self.ref):
+            kl += float(F.kl_div(logp, rlogp, log_target=True, reduction="sum"))
+            err += float((p - rp).pow(2).sum())
+            n += p.shape[0]
+        return kl / max(n, 1) + err / self.ref_power
+
+    def point(self, arch: list[str], start: int, base: _Point) -> _Point:
+        """`arch` evaluated from `base`'s states (which agree with it below layer `start`)."""
+        states = self.states(arch, start, base.states)
+        return _Point(arch, states, self.score(states[-1]))
+
+
+def _with_slot(arch: list[str], layer: int, block: str) -> list[str]:
+    """`arch` with one slot of `layer` replaced by `block` ("attn:half", "ffn:moe2", ...)."""
+    a, f = arch[layer].split("/")
+    kind, choice = block.split(":")
+    cand = list(arch)
+    cand[layer] = f"{choice}/{f}" if kind == "attn" else f"{a}/{choice}"
+    return cand
+
+
+def _slot_of(arch: list[str], layer: int, kind: str) -> str:
+    return f"{kind}:{arch[layer].split('/')[0 if kind == 'attn' else 1]}"
+
+
+def _moves(arch: list[str], table: latency.LatencyTable, options: dict[str, list[str]],
+           downgrade: bool) -> Iterator[tuple[int, list[str]]]:
+    """One-slot changes of `arch`, layer by layer, attention then FFN: (layer, candidate). Downgrade:
+    each slot to the next cheaper block (by the table); else each slot to every dearer block."""
+    for l in range(len(arch)):
+        for kind, opts in options.items():
+            now = table.block_ms(_slot_of(arch, l, kind))
+            if downgrade:
+                cheaper = [o for o in opts if table.block_ms(o) < now]
+                if cheaper:
+                    yield l, _with_slot(arch, l, max(cheaper, key=table.block_ms))
+            else:
+                yield from ((l, _with_slot(arch, l, o)) for o in opts if table.block_ms(o) > now)
+
+
+def _descend(ev: _Proxy, cur: _Point, table, target_ms: float, options: dict, bar, path: list) -> _Point:
+    """While the estimate misses the target: the downgrade with the least proxy increase per ms saved."""
+    est = table.estimate(cur.arch)
+    while est > target_ms:
+        best = None
+        for l, cand in _moves(cur.arch, table, options, downgrade=True):
+            new = ev.point(cand, l, cur)
+            ratio = (new.proxy - cur.proxy) / (est - table.estimate(cand))
+            if best is None or ratio < best[0]:
+                best = (ratio, new)
+            bar.update(1)
+        if best is None:
+            break  # nothing cheaper left: the target cannot be met with these blocks
+        cur = best[1]
+        est = table.estimate(cur.arch)
+        path.append({"step": "downgrade", "architecture": list(cur.arch), "estimated_ms": est, "proxy": cur.proxy})
+    return cur
+
+
+def _refine(ev: _Proxy, cur: _Point, table, target_ms: float, options: dict, bar, path: list) -> _Point:
+    """While the estimate meets the target: the upgrade that still fits it and lowers the proxy most."""
+    est = table.estimate(cur.arch)
+    while est <= target_ms:
+        best = None
+        for l, cand in _moves(cur.arch, table, options, downgrade=False):
+            if table.estimate(cand) > target_ms:
+                continue
+            new = ev.point(cand, l, cur)
+            if new.proxy < cur.proxy and (best is None or new.proxy < best.proxy):
+                best = new
+            bar.update(1)
+        if best is None:
+            break
+        cur = best
+        est = table.estimate(cur.arch)
+        path.append({"step": "upgrade", "architecture": list(cur.arch), "estimated_ms": est, "proxy": cur.proxy})
+    return cur
+
+
+@torch.no_grad()
+def search(model: PlanerClassifier, table: latency.LatencyTable, target_ms: float, proxy: Encoded,
+           batch_size: int = 64, progress: bool = False, start: list[str] | None = None) -> dict:
+    """Greedy search under `target_ms` (the table's additive estimate), from the dense architecture.
+
+    Descent: repeatedly take the one-slot downgrade (to the next cheaper block of that slot, by the
+    table) with the least proxy increase per millisecond saved, until the estimate meets the
+    target. Refinement: the last step usually overshoots, so while some one-slot upgrade (to any
+    dearer block) still fits the target and lowers the proxy, take the best one. Proxy: `_Proxy`, on
+    `proxy`. `start` continues the descent from that architecture instead of the dense one. The
+    model's architecture, knob and mode are left as they are. Returns the architecture and the path.
+    """
+    was_training = model.training
+    model.eval()
+    options = {"attn": [f"attn:{a}" for a in ATTN], "ffn": [n for n in model.block_choices() if n.startswith("ffn:")]}
+    bar = tqdm(desc="planer search", disable=not progress, unit="candidate")
+    path: list[dict] = []
+    try:
+        ev = _Proxy(model, proxy, batch_size)
+        cur = ev.dense
+        if start is not None and list(start) != cur.arch:
+            cur = ev.point(list(start), 0, cur)
+        cur = _descend(ev, cur, table, target_ms, options, bar, path)
+        cur = _refine(ev, cur, table, target_ms, options, bar, path)
+    finally:
+        bar.close()
+        model.train(was_training)
+    est = table.estimate(cur.arch)
+    return {"architecture": cur.arch, "estimated_ms": est, "proxy": cur.proxy, "meets_target_estimate": est <= target_ms,
+            "path": path}
