@@ -8,7 +8,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,7 @@ from typing import Callable
 import torch
 
 from adaptinf.backbone import attention_bias
-from adaptinf.bench import machine_name
+from adaptinf.bench import interleaved_rounds, machine_name, time_call, warm_up
 from adaptinf.data import encode, eval_batches, rotten_tomatoes
 
 
@@ -65,21 +64,20 @@ def ffn_inputs(model, args) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def time_cases(cases: dict[str, Callable], inputs: list[tuple], repeats: int) -> dict[str, list[float]]:
-    """ms per batch of every case (called as fn(*input[:2])) over `inputs`, per repeat; cases
-    interleaved round-robin, alternating direction, after a warm-up on two batches."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    with torch.inference_mode():
-        for fn in cases.values():
-            for x, real, *_ in inputs[:2]:
+    """ms per batch of every case (called as fn(*input[:2])) over `inputs`, per repeat, with the
+    package's timing protocol (`adaptinf.bench`): one warm-up pass on two batches, then rounds that
+    time every case once in an order rotated by the round."""
+
+    def over(fn: Callable, batches: list[tuple]) -> Callable[[], None]:
+        def run() -> None:
+            for x, real, *_ in batches:
                 fn(x, real)
-        for r in range(repeats):
-            order = list(cases.items()) if r % 2 == 0 else list(reversed(cases.items()))
-            for name, fn in order:
-                t0 = time.perf_counter()
-                for x, real, *_ in inputs:
-                    fn(x, real)
-                times[name].append((time.perf_counter() - t0) * 1e3 / len(inputs))
-    return times
+        return run
+
+    with torch.inference_mode():
+        warm_up({name: over(fn, inputs[:2]) for name, fn in cases.items()}, passes=1)
+        timers = {name: (lambda run=over(fn, inputs): time_call(run) / len(inputs)) for name, fn in cases.items()}
+        return interleaved_rounds(timers, repeats)
 
 
 def write_results(args, times: dict[str, list[float]], inputs: list[tuple], reference: str, extra: dict) -> None:
