@@ -11,10 +11,13 @@ Stages, in order (each writes into its own folder under the run directory):
                         accuracy_vs_latency.png
     resolved.yaml/json  the settings of this run; run.json: what each stage did and how long it took
 
-Caching: each stage folder holds `.stage.json` with the hash of the stage's resolved settings and of
-the stages it depends on. A finished stage with the same hash is skipped; a changed setting
-reruns that stage and every stage that depends on it (its folder is cleared first). An interrupted
-stage resumes: training restarts from its last checkpoint. The report is always rewritten.
+Caching: each stage folder holds `.stage.json` with the hash of the stage's resolved settings (the
+data by content too: a data file edited in place under the same name is other settings) and of the
+results of the stages it depends on. A finished stage with the same hash whose outputs are all there
+is skipped; a changed setting reruns that stage and every stage that depends on it (its folder is
+cleared first). A stage whose outputs went missing, or whose marker is malformed, runs again from the
+start, and so do the stages that use its result. An interrupted stage resumes: training restarts
+from its last checkpoint. The report is always rewritten.
 
 A method that fails is recorded (its error in methods/<m>/error.txt and in the report) and the run
 goes on with the others; the dense baseline failing ends the run.
@@ -27,6 +30,7 @@ import shutil
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,44 +39,84 @@ from typing import Any
 from adaptinf.preset import RunConfig, settings_hash, write_resolved
 
 STAGE_FILE = ".stage.json"
+# the folders of a run that its stages write (and clear); a new folder beside them is left alone
+STAGE_DIRS = ("dense", "points", "methods", "latency", "report")
 # the latency fields of a timed point
 TIMED_FIELDS = ("latency_ms_b1", "latency_ms_b32", "speedup_b1", "speedup_b32", "realisation_b32")
 
 
 class Stage:
-    """One cached step: a folder, the hash of its settings, and a marker saying started or done."""
+    """One cached step: a folder, the hash of its settings, the files it must leave (relative to the
+    folder), and a marker saying started or done. Done means: the marker says done with the same key
+    and every output is there."""
 
-    def __init__(self, directory: Path, name: str, key: str, settings: dict):
+    def __init__(self, directory: Path, name: str, key: str, settings: dict, outputs: tuple[str, ...] = ()):
         self.dir, self.name, self.key, self.settings = Path(directory), name, key, settings
+        self.outputs = tuple(outputs)
+        self._marker = read_marker(self.dir / STAGE_FILE)
 
     def marker(self) -> dict | None:
-        try:
-            return json.loads((self.dir / STAGE_FILE).read_text())
-        except (OSError, ValueError):
-            return None
+        """The stage's marker as read when the stage was made (None: none, or a malformed one)."""
+        return self._marker
+
+    def finished_before(self) -> bool:
+        """Whether the marker says this stage finished with the same settings (outputs not checked)."""
+        m = self._marker
+        return m is not None and m.get("key") == self.key and m.get("state") == "done"
+
+    def missing(self) -> list[str]:
+        return [o for o in self.outputs if not (self.dir / o).is_file()]
 
     def is_done(self) -> bool:
-        m = self.marker()
-        return bool(m) and m.get("key") == self.key and m.get("state") == "done"
+        return self.finished_before() and not self.missing()
 
     def start(self, restart: bool = False) -> bool:
         """Prepare the folder; True when an earlier attempt with the same settings is resumed."""
-        m = self.marker()
-        resume = bool(m) and m.get("key") == self.key and not restart
+        m = self._marker
+        resume = m is not None and m.get("key") == self.key and not restart
         if not resume and self.dir.exists():
             shutil.rmtree(self.dir)  # other settings (or --restart): start this stage over
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write({"state": "started", "started": _now()})
         return resume
 
-    def finish(self, seconds: float, info: dict | None = None) -> None:
-        self._write({"state": "done", "seconds": round(seconds, 1), "finished": _now(), "info": info or {}})
+    def finish(self, seconds: float, info: dict | None = None) -> str:
+        """Mark the stage done; returns the id of this result, which the stages that use it hash (so a
+        stage that ran again reruns what depends on it)."""
+        output = uuid.uuid4().hex[:16]
+        self._write({"state": "done", "seconds": round(seconds, 1), "finished": _now(), "info": info or {},
+                     "output": output})
+        return output
 
     def _write(self, extra: dict) -> None:
         from adaptinf.checkpoint import write_json_atomic
 
-        write_json_atomic(self.dir / STAGE_FILE, {"stage": self.name, "key": self.key, **extra,
-                                                  "settings": self.settings})
+        self._marker = {"stage": self.name, "key": self.key, **extra, "settings": self.settings}
+        write_json_atomic(self.dir / STAGE_FILE, self._marker)
+
+
+# what a marker's fields must be when present
+_MARKER_FIELDS = {"key": str, "state": str, "seconds": (int, float), "info": dict, "output": str}
+
+
+def read_marker(path: Path) -> dict | None:
+    """A stage marker, or None when there is none; a malformed one (unreadable, not JSON, not an object,
+    a field of the wrong type) is reported in one line and read as none, so the stage runs again."""
+    if not path.exists():
+        return None
+    try:
+        m = json.loads(path.read_bytes().decode("utf-8"))
+        problem = None if isinstance(m, dict) else f"it holds a JSON {type(m).__name__}, not an object"
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        m, problem = None, f"it cannot be read ({type(e).__name__})"
+    if problem is None:
+        bad = [k for k, kind in _MARKER_FIELDS.items()
+               if k in m and (not isinstance(m[k], kind) or isinstance(m[k], bool))]
+        problem = f"its field(s) {bad} have the wrong type" if bad else None
+    if problem:
+        _say(f"warning: ignoring the stage marker {path}: {problem}; the stage runs again")
+        return None
+    return m
 
 
 @dataclass
@@ -116,29 +160,37 @@ class _Job:
         self.evals: dict[str, tuple[str, Path]] = {}  # model name -> (eval stage key, points folder)
         self.result = RunResult(out=out, report=None, skipped=dict(cfg.skipped))
         # the settings every model depends on (the dense model's, and a method's trained from pretrained)
+        # and the data by content, so a file edited in place under the same name reruns every stage
         self.base = {"model": cfg.model, "max_length": cfg.max_length, "task": cfg.task.to_dict(),
-                     "max_train_samples": cfg.max_train_samples}
+                     "data_digest": cfg.task.data_digest(), "max_train_samples": cfg.max_train_samples}
 
-    def stage(self, name: str, directory: Path, settings: dict, deps: list[str], body) -> tuple[str, Any]:
-        """Run `body(stage)` unless the stage is done with the same settings; returns (key, info)."""
+    def stage(self, name: str, directory: Path, settings: dict, deps: list[str], body,
+              outputs: tuple[str, ...] = ()) -> tuple[str, Any]:
+        """Run `body(stage)` unless the stage is done with the same settings and its `outputs` (files
+        relative to `directory`) are there; returns (the id of its result, info). The ids of the stages
+        it uses are its `deps`."""
         self.count += 1
         key = settings_hash(settings, deps)
-        st = Stage(directory, name, key, settings)
+        st = Stage(directory, name, key, settings, outputs)
         head = f"[{self.count}/{self.total}] {name}"
+        m = st.marker()
         if st.is_done() and not self.restart:
-            m = st.marker()
             _say(f"{head}: cached (same settings; took {m.get('seconds', 0):.0f} s) -> {directory}")
             self.records.append(StageRecord(name, "cached", m.get("seconds", 0.0)))
-            return key, m.get("info", {})
-        resumed = st.start(self.restart)
+            return m.get("output", key), m.get("info", {})
+        lost = st.finished_before() and not self.restart and st.missing()
+        if lost:
+            _say(f"{head}: finished before, but {', '.join(lost)} {'is' if len(lost) == 1 else 'are'} missing from "
+                 f"{directory}; running it again")
+        resumed = st.start(self.restart or bool(lost))
         _say(f"{head}: {'resuming' if resumed else 'running'} -> {directory}")
         t0 = time.time()
         info = body(st) or {}
         seconds = time.time() - t0
-        st.finish(seconds, info)
+        output = st.finish(seconds, info)
         self.records.append(StageRecord(name, "resumed" if resumed else "ran", round(seconds, 1)))
         _say(f"{head}: done in {seconds:.0f} s")
-        return key, info
+        return output, info
 
 
 def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = False) -> RunResult:
@@ -184,7 +236,8 @@ def _dense_stage(job: _Job) -> str:
                                  progress=job.progress, task=job.task)
         return {"summary": summary}
 
-    key, _ = job.stage("dense: fine-tune", dense_dir, {**job.base, "train": vars(cfg.dense)}, [], train_dense)
+    key, _ = job.stage("dense: fine-tune", dense_dir, {**job.base, "train": vars(cfg.dense)}, [], train_dense,
+                       outputs=("best/config.json", "best/model.safetensors"))
     return key
 
 
@@ -207,7 +260,7 @@ def _eval_stage(job: _Job, name: str, model_dir: Path, model_key: str, knobs) ->
 
     settings = {"batch_size": ev.batch_size, "max_samples": ev.max_samples, "refine_rounds": ev.refine_rounds,
                 "refine_gap": ev.refine_gap, "knobs": knobs}
-    key, _ = job.stage(f"{name}: evaluate", folder, settings, [model_key], evaluate)
+    key, _ = job.stage(f"{name}: evaluate", folder, settings, [model_key], evaluate, outputs=("points.json",))
     job.evals[name] = (key, folder)
 
 
@@ -250,7 +303,8 @@ def _train_method_stage(job: _Job, ms, mdir: Path, dense_key: str) -> str:
 
     settings = {"method": ms.name, "source": ms.source, "set": ms.set, "train": vars(ms.train)}
     deps = [dense_key] if ms.source == "dense" else [settings_hash(job.base)]
-    key, _ = job.stage(f"{ms.name}: convert and train", mdir, settings, deps, train_method)
+    key, _ = job.stage(f"{ms.name}: convert and train", mdir, settings, deps, train_method,
+                       outputs=("model/config.json", "model/model.safetensors"))
     return key
 
 
@@ -265,7 +319,7 @@ def _latency_stage(job: _Job, points) -> dict:
 
     job.total = job.count + 1
     settings = {**vars(job.cfg.latency), "evals": sorted(k for k, _ in job.evals.values())}
-    _, info = job.stage("latency at chosen points", lat_dir, settings, [], time_chosen)
+    _, info = job.stage("latency at chosen points", lat_dir, settings, [], time_chosen, outputs=("bench.json",))
     timed = {(t["model"], t["knob"]): t for t in info.get("timed", [])}
     for p in points:
         t = timed.get((p.model, p.knob))
@@ -286,6 +340,19 @@ def _finish(job: _Job, points, timed: dict) -> RunResult:
         "finished": _now(), "report": str(result.report), "failed": result.failed, "skipped": result.skipped,
         "stages": [vars(r) for r in result.stages]}, indent=2) + "\n")
     return result
+
+
+def run_model_dir(run_dir: str | Path, model_dir: str, allow_outside: bool = False) -> Path:
+    """The model folder a run's points file names (relative to the run folder, or absolute); it must
+    lie inside the run folder unless `allow_outside` (ValueError naming both)."""
+    run = Path(run_dir)
+    src = Path(model_dir)
+    src = src if src.is_absolute() else run / src
+    if not allow_outside and not src.resolve().is_relative_to(run.resolve()):
+        raise ValueError(f"the points of {run} name the model folder {model_dir!r} ({src.resolve()}), which lies "
+                         f"outside the run folder {run.resolve()}; refusing to follow it (pass --allow-outside-run "
+                         "if the run's models really live there)")
+    return src
 
 
 def choose_latency_points(points, max_drop: float) -> list[tuple[Any, str]]:
@@ -315,7 +382,7 @@ def measure_latency(chosen, task, seed: int, cfg: RunConfig, out: Path, progress
     models = {}
     for p, _ in chosen:
         if p.model_dir not in models:
-            models[p.model_dir] = load_model(run_dir / p.model_dir)
+            models[p.model_dir] = load_model(run_model_dir(run_dir, p.model_dir))
     enc = encode_split(dense, task, "test", None, seed)
     pts = [p for p, _ in chosen]
     lat = cfg.latency

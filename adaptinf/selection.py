@@ -8,6 +8,11 @@ Chosen on validation, across every method of the run (dense included):
   many points below dense's (the most accurate point would just be the full-budget model).
 Ties go to the cheaper point. The exported model is the point's model with its knob fixed in
 config.json, so `adaptinf.load(DIR).predict(...)` runs at that point.
+
+Export never writes into what a run made: the run folder itself, its stage folders (dense/, points/,
+methods/, latency/, report/) and any model folder its points name are refused (a new folder beside
+them, RUN/selected, is fine), and so is a folder that already holds a model unless asked to
+overwrite it. The model folders a run's points name must lie inside the run unless allowed.
 """
 
 from __future__ import annotations
@@ -94,21 +99,60 @@ def _name(p: OperatingPoint) -> str:
     return p.model if p.knob is None else f"{p.model} {p.knob_name or 'knob'}={p.knob:g}"
 
 
-def export(run_dir: str | Path, budget: Budget, out: str | Path) -> tuple[Path, OperatingPoint, OperatingPoint | None]:
-    """Select under `budget` and save the chosen model with its knob fixed to `out`."""
+def _run_folder_holding(out: Path, run: Path, points: list[OperatingPoint]) -> str | None:
+    """What of a run the (resolved) folder `out` is or lies inside: this run's folder or one of its
+    stage folders, a model folder its points name, or those of another run (a folder holding run.json
+    or resolved.yaml); None if none. A new folder beside the stages (RUN/selected) is no part of them."""
+    from adaptinf.run import STAGE_DIRS
+
+    for d in sorted({(run / p.model_dir).resolve() for p in points if p.model_dir}):
+        if out.is_relative_to(d):
+            return f"the run's model folder {d}"
+    roots = [run] + [d for d in (out, *out.parents) if (d / "run.json").is_file() or (d / "resolved.yaml").is_file()]
+    for root in roots:
+        if out == root:
+            return f"the run folder {root}"
+        stage = next((root / s for s in STAGE_DIRS if out.is_relative_to(root / s)), None)
+        if stage is not None:
+            return f"the run's stage folder {stage}"
+    return None
+
+
+def check_export_dir(out: str | Path, run_dir: str | Path, points: list[OperatingPoint], overwrite: bool = False) -> None:
+    """Refuse an export folder that is part of a run (this one or another: the run folder, a stage
+    folder, a model folder its points name) and, unless `overwrite`, one that already holds a model:
+    ValueError naming the path."""
+    o = Path(out).resolve()
+    if o.exists() and not o.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory")
+    inside = _run_folder_holding(o, Path(run_dir).resolve(), points)
+    if inside is not None:
+        raise ValueError(f"--out {out} is {inside} or lies inside it: exporting there would overwrite what the run "
+                         "made (and a later `adaptinf run` would reuse it as its own); pick a folder outside the run "
+                         "(or a new one beside its stages, such as RUN/selected)")
+    held = [f for f in ("config.json", "model.safetensors") if (o / f).exists()]
+    if held and not overwrite:
+        raise ValueError(f"--out {out} already holds a model ({', '.join(held)}); pick another folder, "
+                         "or pass --overwrite to replace it")
+
+
+def export(run_dir: str | Path, budget: Budget, out: str | Path, overwrite: bool = False,
+           allow_outside: bool = False) -> tuple[Path, OperatingPoint, OperatingPoint | None]:
+    """Select under `budget` and save the chosen model with its knob fixed to `out`, a folder that is
+    no part of a run (see `check_export_dir`; `overwrite`: it may hold a model already). The model
+    folders the run's points name must lie inside the run unless `allow_outside`."""
     from adaptinf.checkpoint import read_config, save_model
     from adaptinf.registry import load_model
+    from adaptinf.run import run_model_dir
 
     run = Path(run_dir)
-    chosen, twin = select_point(run_points(run), budget)
+    points = run_points(run)
+    chosen, twin = select_point(points, budget)
     if chosen.model_dir is None:
         raise ValueError(f"the point {_name(chosen)} does not record its model directory")
-    src = Path(chosen.model_dir)
-    if not src.is_absolute():
-        src = run / src
+    src = run_model_dir(run, chosen.model_dir, allow_outside)
     out = Path(out)
-    if out.exists() and out.resolve() == src.resolve():
-        raise ValueError("--out must not be the run's own model directory")
+    check_export_dir(out, run, points, overwrite)
     model = load_model(src)
     model.set_knob(chosen.knob)
     extra = dict(read_config(src).get("extra") or {})

@@ -10,6 +10,8 @@ writes only to the directory it is given.
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,11 +23,21 @@ if TYPE_CHECKING:
     from adaptinf.model import AdaptiveClassifier
     from adaptinf.settings import TrainConfig
 
+
 def load_task(settings: TaskSettings, labels=None) -> TaskData:
     from adaptinf.data import load_task as _load
 
-    return _load(settings.data, settings.text_column, settings.label_column, settings.group_column, settings.seed,
+    data = settings.data
+    if isinstance(data, RecordedData) and not os.path.exists(data):
+        raise ValueError(f"the model at {data.model_dir} was trained on {data}, which does not exist here; "
+                         "pass --data FILE")
+    return _load(data, settings.text_column, settings.label_column, settings.group_column, settings.seed,
                  labels=labels)
+
+
+def recorded_settings(settings: TaskSettings) -> dict:
+    """The task as a saved model records it (extra.task): its settings and the data's content digest."""
+    return {**settings.to_dict(), "data_digest": settings.data_digest()}
 
 
 def encode_split(model: AdaptiveClassifier, task: TaskData, split: str, max_samples: int | None, seed: int) -> Encoded:
@@ -37,11 +49,31 @@ def encode_split(model: AdaptiveClassifier, task: TaskData, split: str, max_samp
     return encode(texts, labels, model.tokenizer, model.spec.max_length)
 
 
-def recorded_task(model_dir: str | Path) -> dict | None:
-    """The task settings a saved model recorded (extra.task), or None."""
-    from adaptinf.checkpoint import read_config
+class RecordedData(str):
+    """A data file named by a saved model's recorded task (not by the user), with the model's folder:
+    `load_task` says where the name came from when the file is not there."""
 
-    return read_config(model_dir).get("extra", {}).get("task")
+    model_dir: str
+
+
+def recorded_task(model_dir: str | Path) -> dict | None:
+    """The task settings a saved model recorded (extra.task), or None. Warns when the data file's
+    content is not what the model was trained on; a data file that is missing is reported (with the
+    model it came from) only when that task is loaded, so that --data can still replace it."""
+    from adaptinf.checkpoint import read_config
+    from adaptinf.data import BUILTIN_TASKS
+
+    task = (read_config(model_dir).get("extra") or {}).get("task")
+    if not isinstance(task, dict) or not isinstance(task.get("data"), str) or task.get("data") in ("", *BUILTIN_TASKS):
+        return task
+    data, digest = task["data"], task.get("data_digest")
+    if not os.path.exists(data):
+        task = {**task, "data": RecordedData(data)}
+        task["data"].model_dir = str(model_dir)
+    elif isinstance(digest, str) and digest.startswith("sha256:") and TaskSettings(data=data).data_digest() != digest:
+        warnings.warn(f"the data file changed since the model was trained: {data} is not the content the model at "
+                      f"{model_dir} was trained on", stacklevel=2)
+    return task
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -117,6 +149,7 @@ def finetune_dense(
 
     rank, _ = dist_info()
     task = task or load_task(task_settings)
+    recorded = recorded_settings(task_settings)  # the digest of the data as read now, before training
     model, path = dense_from_pretrained(model_name, task.labels, max_length, classifier_dropout, task_settings.seed)
     tokenizer = model.tokenizer
     train = encode(*subsample(task.train, max_train_samples, task_settings.seed), tokenizer, max_length)
@@ -125,7 +158,7 @@ def finetune_dense(
         print(f"{task.summary()}; training on {len(train)} samples; model {model_name} ({path})")
     # the task is recorded in the saved model so evaluate/bench find the same split
     result = finetune(model, train, val, cfg, out, progress=progress, restart=restart,
-                      save_extra={"task": task_settings.to_dict()})
+                      save_extra={"task": recorded})
     if rank != 0:
         return None
     best_dir = Path(out) / "best"
@@ -172,7 +205,7 @@ def convert_method(
     model.tokenizer = dense.tokenizer
     extra: dict = {"converted_from": source_name}
     if task_settings is not None:
-        extra["task"] = task_settings.to_dict()
+        extra["task"] = recorded_settings(task_settings)
     rank = 0
     if recipe is not None:
         if task_settings is None or cfg is None:
