@@ -1,8 +1,11 @@
 """The `adaptinf` command: run | select | predict | finetune | convert | evaluate | bench | report.
 
 Every command takes its inputs from flags or saved model directories and writes its outputs to
-`--out`; nothing goes to the network. User errors (bad paths, unknown methods, bad data) end with
-a one-line `error: ...` message and exit status 2, never a traceback.
+`--out`; nothing goes to the network. User errors (bad flags, paths, settings or data: a ValueError,
+or a FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError or FileNotFoundError)
+end with a one-line `error: ...` message naming what is wrong and how to fix it, and exit status 2;
+`adaptinf --debug ...` (or ADAPTINF_DEBUG=1) shows their traceback instead. Any other exception is
+an internal error and shows its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -21,15 +25,7 @@ from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings, TrainCo
 
 # the TrainConfig fields that are flags of finetune and convert (--epochs, --batch-size, ...) and their help;
 # their defaults and types are TrainConfig's
-_TRAIN_HELP = {
-    "epochs": "passes over the training split",
-    "batch_size": "global batch size (split across processes under torchrun)",
-    "lr": "peak AdamW learning rate",
-    "weight_decay": "AdamW weight decay (not on biases and LayerNorms)",
-    "warmup_ratio": "fraction of steps of linear warm-up",
-    "max_grad_norm": "gradient clipping norm (over all parameters)",
-    "save_every": "steps between resume checkpoints",
-}
+_TRAIN_HELP = TrainConfig.flags()
 
 
 def _train_config(args, seed: int) -> TrainConfig:
@@ -87,13 +83,13 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _parse_floats(s: str | None) -> list[float | None] | None:
+def _parse_floats(s: str | None, flag: str) -> list[float | None] | None:
     if s is None:
         return None
     try:
         return [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {s!r}") from None
+        raise ValueError(f"{flag} expects comma-separated numbers, got {s!r}") from None
 
 
 def _parse_ints(s: str, flag: str) -> list[int]:
@@ -104,6 +100,59 @@ def _parse_ints(s: str, flag: str) -> list[int]:
     if not vals or any(v < 1 for v in vals):
         raise ValueError(f"{flag} expects positive integers, got {s!r}")
     return vals
+
+
+# --- checks before any work ---------------------------------------------------------------------------
+
+# the integer flags that count something and the least value each takes (argparse takes any integer)
+_LEAST = {"samples": 1, "repeats": 1, "latency_samples": 1, "warmup": 0, "max_samples": 1, "refine": 0,
+          "batch_size": 1, "chunk_size": 1, "epochs": 1, "save_every": 1, "max_train_samples": 1,
+          "max_eval_samples": 1, "threads": 1, "max_length": 2}
+
+
+def _check_counts(args) -> None:
+    for dest, least in _LEAST.items():
+        v = getattr(args, dest, None)
+        if v is not None and v < least:
+            why = " ([CLS] and [SEP])" if dest == "max_length" else ""
+            raise ValueError(f"--{dest.replace('_', '-')} must be at least {least}{why}, got {v}")
+
+
+def _check_out(out: str | None) -> None:
+    """--out is a folder, or can be made as one in the nearest existing folder above it, and written."""
+    if out is None:
+        return
+    p = Path(out)
+    if not out.strip():
+        raise ValueError("--out is empty; give a folder")
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    base = next(a for a in (p, *p.parents) if a.exists())  # "." or "/" at the latest
+    if not base.is_dir():
+        raise ValueError(f"--out {out}: {base} is a file, not a folder; give a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} cannot be written: no permission to write in {base}; choose another "
+                         "folder or fix its permissions")
+
+
+def _check_method(name: str) -> None:
+    from adaptinf.preset import did_you_mean
+    from adaptinf.registry import get_method, list_methods
+
+    try:
+        get_method(name)
+    except ValueError as e:
+        raise ValueError(f"{e}{did_you_mean([name], list_methods())}") from None
+
+
+def _check_pretrained(model: str, command: str) -> None:
+    """A command that starts from a pretrained model refuses an adaptinf model directory."""
+    from adaptinf.steps import is_model_dir
+
+    if is_model_dir(model):
+        raise ValueError(f"{model} is an adaptinf model directory; {command} starts from a pretrained model "
+                         "(built-in name or Hugging Face checkpoint); to add a method to it use "
+                         f"`adaptinf convert {model} --method M`")
 
 
 # --- finetune -----------------------------------------------------------------------------------------
@@ -118,6 +167,7 @@ def cmd_finetune(args) -> int:
     """
     from adaptinf.steps import finetune_dense
 
+    _check_pretrained(args.model, "finetune")
     _set_threads(args.threads)
     settings = _task_settings(args)
     finetune_dense(args.model, settings, _train_config(args, settings.seed), args.out, max_length=args.max_length,
@@ -172,12 +222,14 @@ def cmd_convert(args) -> int:
     pretrained source), select on validation, and save to --out; an interrupted run resumes when the
     same command is rerun.
     """
-    from adaptinf.registry import get_method
+    from adaptinf.preset import method_config
     from adaptinf.steps import convert_method, load_source
 
     _set_threads(args.threads)
-    get_method(args.method)  # an unknown method fails here, before any work
+    _check_method(args.method)
     sets = {**_parse_sets(args.set or []), **_latency_target_sets(args)}
+    method_config(args.method, sets, "--set")  # an unknown method, field or value fails here, before any work
+    _train_config(args, 0)  # and so does a bad training flag
     # a pretrained source (built-in name or HF checkpoint) takes its task from the flags
     flags = _task_settings(args)
     dense, recorded = load_source(args.source, flags, args.max_length, flags.seed)
@@ -204,6 +256,7 @@ def cmd_evaluate(args) -> int:
     from adaptinf.steps import evaluate_splits
 
     _set_threads(args.threads)
+    knobs = _parse_floats(args.knobs, "--knobs")
     models = [(d, load_model(d)) for d in args.models]
     dense_dir = args.dense or next((d for d, m in models if m.method == "dense"), None)
     splits = ["validation", "test"] if args.split == "both" else [args.split]
@@ -218,7 +271,7 @@ def cmd_evaluate(args) -> int:
         # --knobs and --refine apply to the models that have a knob; one without (dense) is evaluated once
         has_knob = model.knob_name is not None
         points += evaluate_splits(model, task, splits, name, str(d), settings.seed, batch_size=args.batch_size,
-                                  knobs=_parse_floats(args.knobs) if has_knob else None, max_samples=args.max_samples,
+                                  knobs=knobs if has_knob else None, max_samples=args.max_samples,
                                   progress=not args.no_progress, refine_rounds=args.refine if has_knob else 0)
     add_reductions(points)  # against the dense point of each split
     if args.latency:
@@ -273,15 +326,14 @@ def cmd_bench(args) -> int:
     from adaptinf.methods.dense import to_hf_sequence_classifier
 
     _set_threads(args.threads)
+    sizes, knobs = _parse_ints(args.batch_sizes, "--batch-sizes"), _parse_floats(args.knob, "--knob")
     specs = [_model_at_knob(m) for m in args.models]  # (directory, knob fixed with DIR@KNOB or None)
     models = [(d, load_model(d)) for d, _ in specs]
     ref_dir, ref = models[0]
     settings = _task_settings(args, _recorded_task(ref_dir))
     task = _load_task(settings, labels=ref.spec.labels)
     enc = _encode_split(ref, task, "test", None, settings.seed)
-    sizes = _parse_ints(args.batch_sizes, "--batch-sizes")
     batches = {b: make_batches(enc, b, max(1, args.samples // b), settings.seed) for b in sizes}
-    knobs = _parse_floats(args.knob)
     cases = {}
     for i, ((d, m), (_, fixed)) in enumerate(zip(models, specs)):
         name = "dense" if i == 0 and m.method == "dense" else f"{m.method}:{Path(d).name}"
@@ -338,6 +390,8 @@ def cmd_run(args) -> int:
     from adaptinf.preset import resolve
     from adaptinf.run import run
 
+    if args.model is not None:
+        _check_pretrained(args.model, "run")
     _set_threads(args.threads)
     cfg = resolve(args.preset, methods=args.methods, model=args.model, data=args.data, text_column=args.text_column,
                   label_column=args.label_column, group_column=args.group_column, seed=args.seed,
@@ -364,7 +418,8 @@ def cmd_select(args) -> int:
 
     budget = Budget(max_gflops=args.max_gflops, max_latency_ms=args.max_latency_ms, batch_size=args.batch_size,
                     max_drop=args.max_drop)
-    out, chosen, twin = export(args.run_dir, budget, args.out)
+    out, chosen, twin = export(args.run_dir, budget, args.out, overwrite=args.overwrite,
+                               allow_outside=args.allow_outside_run)
     knob = "" if chosen.knob is None else f" at {chosen.knob_name}={chosen.knob:g}"
     test = "" if twin is None else f"; test accuracy {twin.accuracy:.4f}"
     print(f"selected {chosen.model}{knob} ({budget.describe()}): validation accuracy {chosen.accuracy:.4f}, "
@@ -537,7 +592,10 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--max-latency-ms", type=float, default=None, help="milliseconds per batch at --batch-size")
     c.add_argument("--max-drop", type=float, default=None, help="accuracy points below dense on validation")
     p.add_argument("--batch-size", type=int, default=1, choices=[1, 32], help="batch size --max-latency-ms refers to")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (outside the run's stages, e.g. RUN/selected)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--allow-outside-run", action="store_true",
+                   help="follow model folders the run's points name outside the run folder")
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -576,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report), then `select` a point under a budget and `predict` with it. Run `adaptinf CMD --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"adaptinf {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message (also ADAPTINF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (func, add_args) in _COMMANDS.items():
         summary, _, description = (func.__doc__ or "").partition("\n")  # (no docstrings under python -OO)
@@ -585,16 +645,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --- the error boundary -------------------------------------------------------------------------------
+
+# flags whose value is a comma-separated list of numbers, which may start with '-' (`--knobs -1,2`)
+_NUMBER_LISTS = ("--knobs", "--knob")
+_NEGATIVE = re.compile(r"-[0-9.]")
+
+# OSErrors that a path the user gave causes; any other exception is an internal error (a traceback)
+_PATH_ERRORS = (FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError)
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """`--knobs -1,2` as `--knobs=-1,2`: argparse reads a value starting with '-' as a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return out + argv[i:]
+        if a in _NUMBER_LISTS and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+def _within(path, folder) -> bool:
+    p, f = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return p == f or f in p.parents
+
+
+def _path_error(e: OSError, args) -> str:
+    """What is wrong with the path of `e` and how to fix it, naming the --out folder when the path is
+    in it or above it."""
+    path = None if e.filename is None else os.fsdecode(e.filename) if isinstance(e.filename, bytes) else str(e.filename)
+    out = getattr(args, "out", None)
+    below, above = (out is not None and path is not None and _within(*pair) for pair in ((path, out), (out, path)))
+    flag = f"--out {out}: " if below or above else ""
+    if isinstance(e, PermissionError):
+        if out is not None and (path is None or flag):
+            inside = "" if path is None or above else f" ({path})"
+            return f"--out {out} cannot be written{inside}: permission denied; choose another folder or fix its permissions"
+        return f"{path or e}: permission denied; fix its permissions or give another path"
+    if path is None:
+        return e.strerror or str(e)
+    if isinstance(e, NotADirectoryError):
+        blocker = next((a for a in (Path(path), *Path(path).parents) if a.exists() and not a.is_dir()), None)
+        what = f"{blocker} is a file, not a folder" if blocker else "a part of it is not a folder"
+        return f"{flag}{path}: {what}; give a path under a folder"
+    if isinstance(e, FileExistsError):
+        if below and above:
+            return f"--out {out} is a file; give a folder"
+        if above:
+            return f"{flag}{path} is a file, not a folder; give a folder"
+        return f"{flag}{path} already exists and is not a folder; remove it or give another path"
+    if isinstance(e, IsADirectoryError):
+        return f"{flag}{path} is a folder; give a file"
+    return f"{flag}{path} does not exist; check the path"  # FileNotFoundError
+
+
+def _one_line(e: Exception, args) -> str:
+    text = _path_error(e, args) if isinstance(e, OSError) else str(e)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(e).__name__
+
+
+def _debug(args) -> bool:
+    return args.debug or os.environ.get("ADAPTINF_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        _check_counts(args)  # what the flags alone tell, before any work
+        _check_out(getattr(args, "out", None))
         return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, *_PATH_ERRORS) as e:
+        if _debug(args):
+            raise
+        print(f"error: {_one_line(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -13,6 +13,7 @@ skips it with a warning.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -36,14 +37,46 @@ def builtin_presets() -> list[str]:
 # --- field readers ----------------------------------------------------------------------------------
 
 
+def did_you_mean(unknown, known) -> str:
+    """" (did you mean 'x'?)" for the names in `unknown` that are close to one in `known` (difflib);
+    "" when none is."""
+    known = [str(k) for k in known]
+    close = [(str(u), difflib.get_close_matches(str(u), known, n=1)) for u in unknown]
+    close = [(u, m[0]) for u, m in close if m]
+    if not close:
+        return ""
+    if len(close) == 1:
+        return f" (did you mean {close[0][1]!r}?)"
+    return " (did you mean " + ", ".join(f"{m!r} for {u!r}" for u, m in close) + "?)"
+
+
+def method_config(method: str, sets: dict, where: str):
+    """The config of the registered `method` from its fields `sets` (what `adaptinf convert --set`
+    and a preset's `set:` give), or ValueError starting with `where`: an unknown field with the
+    close known ones, a value of the wrong type naming the field and the type it expects."""
+    from adaptinf.registry import get_method
+
+    cls = get_method(method).Config
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in set(sets) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown} of method {method!r}{did_you_mean(unknown, known)}; "
+                         f"known: {', '.join(known)}")
+    try:
+        return cls.from_dict(dict(sets))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def _check_keys(d: Any, where: str, allowed) -> dict:
     if d is None:
         return {}
     if not isinstance(d, dict):
         raise ValueError(f"{where} must be a mapping, got {type(d).__name__} {d!r}")
-    unknown = sorted(set(d) - set(allowed))
+    unknown = sorted(set(d) - set(allowed), key=str)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        raise ValueError(f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, allowed)}; "
+                         f"allowed: {sorted(allowed)}")
     return d
 
 
@@ -190,12 +223,7 @@ class MethodSettings:
 
     def check_config(self) -> None:
         """Raise ValueError if `set` is not a valid config of the (registered) method."""
-        from adaptinf.registry import get_method
-
-        try:
-            get_method(self.name).Config.from_dict(dict(self.set))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"methods.{self.name}.set: {e}") from None
+        method_config(self.name, self.set, f"methods.{self.name}.set")
 
 
 @dataclass
@@ -265,12 +293,16 @@ def preset_path(name_or_path: str) -> Path:
     """The YAML file of a built-in preset name, or a path to the user's own preset."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
+        if p.is_dir():
+            raise ValueError(f"preset {p} is a folder; give a .yaml file")
         if not p.is_file():
             raise ValueError(f"preset file {p} does not exist")
         return p
     builtin = PRESETS_DIR / f"{name_or_path}.yaml"
     if not builtin.is_file():
-        raise ValueError(f"unknown preset {name_or_path!r}; built-in presets: {', '.join(builtin_presets())} "
+        hint = (" (a preset file's name ends in .yaml or .yml)" if p.is_file()
+                else did_you_mean([name_or_path], builtin_presets()))
+        raise ValueError(f"unknown preset {name_or_path!r}{hint}; built-in presets: {', '.join(builtin_presets())} "
                          "(or pass a path to a .yaml file)")
     return builtin
 
@@ -303,7 +335,8 @@ def _read_methods(raw: Any, train: TrainSettings, name: str) -> list[MethodSetti
         if m == "dense":
             raise ValueError(f"{where}: the dense baseline always runs; set its training under 'dense'")
         if m not in known:
-            raise ValueError(f"{where}: unknown method {m!r}; registered: {', '.join(list_methods())}"
+            raise ValueError(f"{where}: unknown method {m!r}{did_you_mean([m], sorted(known))}; "
+                             f"registered: {', '.join(list_methods())}"
                              + (f"; pending: {', '.join(PENDING_METHODS)}" if PENDING_METHODS else ""))
         d = _check_keys(d, where, METHOD_KEYS)
         sets = d.get("set") or {}
@@ -369,7 +402,8 @@ def select_methods(cfg: RunConfig, requested: str | list[str] | None = "all") ->
         raise ValueError("--methods is empty; pass 'all' or comma-separated method names")
     unknown = [n for n in names if n not in registered and n != "dense"]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown} in --methods; registered: {', '.join(registered)} (or 'all')")
+        raise ValueError(f"unknown method(s) {unknown} in --methods{did_you_mean(unknown, registered)}; "
+                         f"registered: {', '.join(registered)} (or 'all')")
     chosen = []
     for n in dict.fromkeys(names):
         if n == "dense":

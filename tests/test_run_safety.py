@@ -207,3 +207,22 @@ def test_a_missing_recorded_data_file_names_the_model_and_suggests_data(safety_r
     assert message in capsys.readouterr().err
     # --data replaces the recorded file (the recorded columns still apply)
     assert main(["evaluate", str(model), "--data", str(user_csv), "--out", str(tmp_path / "pts"), "--no-progress"]) == 0
+
+
+def test_select_flags_reach_export(monkeypatch, tmp_path):
+    """`select --overwrite --allow-outside-run` are passed to selection.export (named in its messages)."""
+    import adaptinf.selection as selection
+    from adaptinf.cli import main
+
+    seen = {}
+
+    def fake_export(run_dir, budget, out, overwrite=False, allow_outside=False):
+        seen.update(overwrite=overwrite, allow_outside=allow_outside)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(selection, "export", fake_export)
+    assert main(["select", str(tmp_path), "--max-drop", "1", "--out", str(tmp_path / "sel")]) == 2
+    assert seen == {"overwrite": False, "allow_outside": False}
+    assert main(["select", str(tmp_path), "--max-drop", "1", "--out", str(tmp_path / "sel"), "--overwrite",
+                 "--allow-outside-run"]) == 2
+    assert seen == {"overwrite": True, "allow_outside": True}
