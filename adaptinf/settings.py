@@ -7,6 +7,7 @@ written here are the only copy (the CLI flags and the presets read them from the
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -77,6 +78,15 @@ class TrainConfig:
     eval_batch_size: int = 64
     save_every: int = _flag(50, "steps between resume checkpoints")
     log_every: int = 10
+    min_steps: int = _flag(0, "at least this many optimizer steps: a small data set gets more epochs (0: epochs alone)")
+    max_steps: int = _flag(0, "at most this many optimizer steps: a large data set gets fewer epochs (0: no cap)")
+    eval_every: int = _flag(0, "steps between validations, the best kept (0: at the end of every epoch)")
+    patience: int = _flag(0, "stop after this many validations without a better score (0: never stop early)")
+
+    def total_steps(self, n_train: int) -> int:
+        """The step budget on `n_train` samples: `epochs` passes, raised to `min_steps`, capped at `max_steps`."""
+        steps = max(self.min_steps, self.epochs * math.ceil(n_train / self.batch_size))
+        return min(steps, self.max_steps) if self.max_steps else steps
 
     @classmethod
     def flags(cls) -> dict[str, str]:
@@ -94,6 +104,10 @@ class TrainConfig:
             "eval_batch_size": self.eval_batch_size >= 1,
             "save_every": self.save_every >= 1,
             "log_every": self.log_every >= 1,
+            "min_steps": self.min_steps >= 0,
+            "max_steps": self.max_steps >= 0 and (not self.max_steps or self.max_steps >= self.min_steps),
+            "eval_every": self.eval_every >= 0,
+            "patience": self.patience >= 0,
         }
         for name, ok in checks.items():
             if not ok:

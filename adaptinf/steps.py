@@ -167,7 +167,8 @@ def finetune_dense(
     test_acc, _ = accuracy(best, test)
     summary = {"best_val_accuracy": result.best_val_score, "best_epoch": result.best_epoch,
                "test_accuracy": test_acc, "n_train": len(train), "n_val": len(val), "n_test": len(test),
-               "steps": result.steps, "resumed_from_step": result.resumed_from_step,
+               "steps": result.steps, "best_step": result.best_step, "total_steps": result.total_steps,
+               "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from_step,
                "seconds_this_run": round(result.seconds, 1), "model_dir": str(best_dir)}
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"best validation accuracy {result.best_val_score:.4f} (epoch {result.best_epoch}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -116,6 +117,41 @@ def test_ctrl_c_mid_step_resumes_to_the_same_weights(tmp_path):
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+
+
+def test_step_budget_scales_with_the_data(tmp_path):
+    """min_steps gives a small data set more epochs (the last one partial), max_steps caps a large one."""
+    train, val = tiny_data(16, 1), tiny_data(8, 2)  # 2 steps per epoch at batch 8
+    res = finetune(tiny_model(), train, val, TrainConfig(epochs=1, batch_size=8, min_steps=7), tmp_path / "a", progress=False)
+    assert (res.steps, res.total_steps, res.epochs_run) == (7, 7, 3)  # 3 whole epochs and one step of a 4th
+    res = finetune(tiny_model(), train, val, TrainConfig(epochs=5, batch_size=8, max_steps=3), tmp_path / "b", progress=False)
+    assert (res.steps, res.total_steps) == (3, 3)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(min_steps=10, max_steps=5)
+
+
+def test_early_stopping_on_validation_keeps_the_best_and_resumes_to_nothing(tmp_path):
+    """With a learning rate too small to change the score, every validation after the first is no
+    better: patience 2 with a validation every step stops after 3 steps; the best is the first."""
+    train, val = tiny_data(32, 1), tiny_data(8, 2)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-12, eval_every=1, patience=2)
+    res = finetune(tiny_model(), train, val, cfg, tmp_path, progress=False)
+    assert res.stopped_early and res.steps == 3 and res.best_step == 1 and res.total_steps == 12
+    rows = [r for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r["val_accuracy"]]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    again = finetune(tiny_model(seed=5), train, val, cfg, tmp_path, progress=False)
+    assert again.steps == 3 and again.resumed_from_step == 3 and again.stopped_early
+
+
+def test_validation_every_n_steps_picks_the_best_step(tmp_path):
+    train, val = tiny_data(60, 1), tiny_data(16, 2)  # 8 steps per epoch
+    res = finetune(tiny_model(), train, val, TrainConfig(epochs=2, batch_size=8, lr=1e-3, eval_every=3), tmp_path,
+                   progress=False)
+    rows = [r for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r["val_accuracy"]]
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15, 16]  # every 3 steps and the last
+    best = max(rows, key=lambda r: float(r["val_score"]))  # the first of equal scores is kept
+    assert res.best_step == int(best["step"])
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["extra"]["step"] == res.best_step
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

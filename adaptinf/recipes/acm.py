@@ -88,6 +88,7 @@ def fit(model: AcmClassifier, train: Encoded, val: Encoded, cfg: TrainConfig, ou
         summary["gates_seconds"] = round(time.time() - t0, 1)
     result = finetune_then_load_best(model, train, val, cfg, out / "e2e", progress=progress, restart=restart)
     summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps,
+                   best_step=result.best_step, stopped_early=result.stopped_early,
                    resumed_from_step=result.resumed_from_step)
     return summary
 

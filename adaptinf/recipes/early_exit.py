@@ -22,6 +22,8 @@ def fit(model: MultiExitClassifier, train: Encoded, val: Encoded, cfg: TrainConf
         "best_val_score": result.best_val_score,
         "best_epoch": result.best_epoch,
         "steps": result.steps,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
         "resumed_from_step": result.resumed_from_step,
         "n_train": len(train),
         **calib,

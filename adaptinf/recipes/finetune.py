@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,6 +59,9 @@ class TrainResult:
     resumed_from_step: int
     seconds: float
     out_dir: Path
+    best_step: int = -1  # the optimizer step of the best validation
+    total_steps: int = 0  # the step budget (`TrainConfig.total_steps`)
+    stopped_early: bool = False  # `patience` validations without a better score ended the run
 
 
 # --- distributed helpers ----------------------------------------------------------------------------
@@ -324,10 +328,12 @@ class _Position:
     global_step: int = 0
     best_acc: float = -1.0
     best_epoch: int = -1
+    best_step: int = -1
+    since_best: int = 0  # validations since the best one
+    stopped: bool = False  # early-stopped: a resume has nothing left to do
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_acc": self.best_acc, "best_epoch": self.best_epoch}
+        return dataclasses.asdict(self)
 
 
 def _prepare(model, train: Encoded, val: Encoded, cfg: TrainConfig, out: Path, restart: bool, rank: int, world: int):
@@ -371,19 +377,34 @@ def _train_step(model, forward, opt, batch, global_n: int, filler: bool, world: 
     return 0.0 if filler else float(loss.detach()) * global_n / world
 
 
-def _end_of_epoch(model, val: Encoded, cfg: TrainConfig, out: Path, pos: _Position, log: _Log, bar, t0: float,
-                  save_extra: dict | None) -> None:
-    """Rank 0: validate at full budget, keep the best in out/best."""
+def _validate(model, val: Encoded, cfg: TrainConfig, out: Path, pos: _Position, log: _Log, bar, t0: float,
+              total: int, save_extra: dict | None) -> None:
+    """Rank 0: validate at full budget, keep the best in out/best, count validations since the best
+    and stop the run when `patience` of them brought nothing better."""
     acc, vloss = accuracy(model, val, cfg.eval_batch_size, model.spec.encoder.pad_token_id, knob=None)
     score = model.selection_score(val, cfg.eval_batch_size)  # what "best" means for this method
     log({"epoch": pos.epoch, "step": pos.global_step, "val_accuracy": acc, "val_loss": vloss, "val_score": score,
          "elapsed_s": round(time.time() - t0, 1)})
-    bar.write(f"epoch {pos.epoch + 1}/{cfg.epochs}: validation accuracy {acc:.4f}, loss {vloss:.4f}"
+    bar.write(f"step {pos.global_step}/{total} (epoch {pos.epoch + 1}): validation accuracy {acc:.4f}, loss {vloss:.4f}"
               + (f", selection score {score:.4f}" if score != acc else ""))
     if score > pos.best_acc:
-        pos.best_acc, pos.best_epoch = score, pos.epoch
+        pos.best_acc, pos.best_epoch, pos.best_step, pos.since_best = score, pos.epoch, pos.global_step, 0
         save_model(model, out / "best", extra={**(save_extra or {}), "val_accuracy": acc, "val_score": score,
-                                               "epoch": pos.epoch + 1})
+                                               "epoch": pos.epoch + 1, "step": pos.global_step})
+    else:
+        pos.since_best += 1
+    if cfg.patience and pos.since_best >= cfg.patience:
+        pos.stopped = True
+        bar.write(f"early stop: {pos.since_best} validations without a better score; best at step {pos.best_step}")
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's value of `flag` on every rank (a decision only rank 0 took, e.g. to stop early)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 @dataclass
@@ -399,17 +420,30 @@ class _Loop:
     rank: int
     world: int
     total: int
+    per_epoch: int
     log: _Log
     bar: Any
     stop_after_steps: int | None
+    val: Encoded
+    save_extra: dict | None
     t0: float = 0.0
     steps_this_call: int = 0
     running: float = 0.0
     running_n: float = 0.0
 
 
+def _due(loop: _Loop) -> bool:
+    """Whether this step ends with a validation: every `eval_every` steps (else at the end of every
+    epoch), and always at the last step of the budget."""
+    pos, every = loop.pos, loop.cfg.eval_every
+    if pos.global_step >= loop.total:
+        return True
+    return pos.global_step % every == 0 if every else pos.step_in_epoch == loop.per_epoch
+
+
 def _epoch(loop: _Loop, train: Encoded, ctrl_c: dict) -> bool:
-    """The rest of the current epoch; True when stopped early (`stop_after_steps`)."""
+    """The rest of the current epoch, up to the step budget or an early stop; True when stopped by
+    `stop_after_steps` (an interruption)."""
     pos, cfg = loop.pos, loop.cfg
     for batch, global_n, filler in train_batches(train, cfg.batch_size, cfg.seed, pos.epoch, pos.step_in_epoch,
                                                  loop.rank, loop.world, loop.model.spec.encoder.pad_token_id):
@@ -426,8 +460,17 @@ def _epoch(loop: _Loop, train: Encoded, ctrl_c: dict) -> bool:
             loop.log({"epoch": pos.epoch, "step": pos.global_step, "lr": lr, "train_loss": loop.running / loop.running_n,
                       "elapsed_s": round(time.time() - loop.t0, 1)})
             loop.running, loop.running_n = 0.0, 0.0
-        if loop.rank == 0 and pos.global_step % cfg.save_every == 0:
+        if _due(loop):
+            if loop.rank == 0:
+                _validate(loop.model, loop.val, cfg, loop.out, pos, loop.log, loop.bar, loop.t0, loop.total, loop.save_extra)
+            pos.stopped = _agree(pos.stopped)
+        if pos.step_in_epoch == loop.per_epoch:  # the resume point moves to the next epoch
+            pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+        if loop.rank == 0 and (pos.global_step % cfg.save_every == 0 or pos.step_in_epoch == 0 or pos.stopped
+                               or pos.global_step >= loop.total):
             save_state(loop.out, loop.model, loop.opt, pos.to_dict())
+        if pos.stopped or pos.global_step >= loop.total or pos.step_in_epoch == 0:
+            return False
         if loop.stop_after_steps is not None and loop.steps_this_call >= loop.stop_after_steps:
             return True
     return False
@@ -453,24 +496,17 @@ def finetune(
     rank, world = dist_info()
     out = Path(out_dir)
     opt, pos = _prepare(model, train, val, cfg, out, restart, rank, world)
-    total = steps_per_epoch(len(train), cfg.batch_size) * cfg.epochs
+    total = cfg.total_steps(len(train))
     resumed_from = pos.global_step
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     bar = tqdm(total=total, initial=pos.global_step, desc="finetune", disable=not progress or rank != 0, unit="step")
-    loop = _Loop(model, forward, opt, pos, cfg, out, rank, world, total, _Log(out, rank), bar, stop_after_steps,
-                 t0=time.time())
+    loop = _Loop(model, forward, opt, pos, cfg, out, rank, world, total, steps_per_epoch(len(train), cfg.batch_size),
+                 _Log(out, rank), bar, stop_after_steps, val, save_extra, t0=time.time())
     interrupted = False
     with interrupt_at_step_boundary() as ctrl_c:
         try:
-            while pos.epoch < cfg.epochs and not interrupted:
+            while pos.global_step < total and not pos.stopped and not interrupted:
                 interrupted = _epoch(loop, train, ctrl_c)
-                if interrupted:
-                    break
-                if rank == 0:  # end of epoch: validate, keep the best, move the resume point to the next epoch
-                    _end_of_epoch(model, val, cfg, out, pos, loop.log, bar, loop.t0, save_extra)
-                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-                if rank == 0:
-                    save_state(out, model, opt, pos.to_dict())
                 barrier()
         except KeyboardInterrupt:
             if rank == 0 and world == 1 and ctrl_c["hit"]:
@@ -483,7 +519,8 @@ def finetune(
     if interrupted and rank == 0:
         save_state(out, model, opt, pos.to_dict())
     barrier()
-    return TrainResult(pos.best_acc, pos.best_epoch + 1, pos.epoch, pos.global_step, resumed_from, time.time() - loop.t0, out)
+    return TrainResult(pos.best_acc, pos.best_epoch + 1, pos.epoch, pos.global_step, resumed_from, time.time() - loop.t0,
+                       out, best_step=pos.best_step, total_steps=total, stopped_early=pos.stopped)
 
 
 def finetune_then_load_best(model: AdaptiveClassifier, train: Encoded, val: Encoded, cfg: TrainConfig,

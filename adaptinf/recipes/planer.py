@@ -73,7 +73,8 @@ def fit(model: PlanerClassifier, train: Encoded, val: Encoded, cfg: TrainConfig,
     estimated = table.estimate(model.architecture)
     if c.finetune:  # distillation from the dense model (the shared trainer, at knob None)
         result = finetune_then_load_best(model, train, val, cfg, out / "finetune", progress=progress, restart=restart)
-        summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps)
+        summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps,
+                       best_step=result.best_step, stopped_early=result.stopped_early)
     if rank != 0:
         return {}
     pad = model.spec.encoder.pad_token_id

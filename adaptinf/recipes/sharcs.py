@@ -171,29 +171,35 @@ def _start(model: SharcsClassifier, train: Encoded, val: Encoded, cfg: TrainConf
 
 def _train(model: SharcsClassifier, train: Encoded, val: Encoded, cfg: TrainConfig, out: Path, progress: bool) -> dict:
     """The training loop: per epoch, labels from the confidence history, one width per batch,
-    task + router loss, then validation. Epoch-granular resume state in out/last."""
+    task + router loss, then validation (with `cfg.patience`, the run stops after that many epochs
+    without a better score). Epoch-granular resume state in out/last. The epochs are SHARCS's budget:
+    its label window is counted in epochs, so `min_steps`/`max_steps`/`eval_every` do not apply."""
     opt, history, pos = _start(model, train, val, cfg, out)
     epoch, step, best, best_epoch = pos["epoch"], pos["global_step"], pos["best"], pos["best_epoch"]
+    since_best, stopped = pos.get("since_best", 0), pos.get("stopped", False)
     resumed_from = step
     first_selectable = min(model.config.window, cfg.epochs - 1)  # epochs whose router saw hardness labels
     log_rows = []
-    while epoch < cfg.epochs:
+    while epoch < cfg.epochs and not stopped:
         targets, plan = _labels_and_plan(model, history, epoch, cfg)
         losses, step = _train_epoch(model, opt, train, targets, plan, history, epoch, step, cfg, progress)
         row = _epoch_row(model, val, cfg, epoch, step, losses, targets, plan, progress)
         log_rows.append(row)
         _append_metrics(out / "metrics.csv", row)
         if epoch >= first_selectable and row["val_score"] > best:
-            best, best_epoch = row["val_score"], epoch
+            best, best_epoch, since_best = row["val_score"], epoch, 0
             save_model(model, out / "best", extra={"val_score": best, "epoch": epoch + 1})
+        elif epoch >= first_selectable:
+            since_best += 1
+        stopped = bool(cfg.patience) and since_best >= cfg.patience  # early stop on validation, per epoch
         epoch += 1
         save_tensors_atomic({"history": history}, out / "history.safetensors")
-        save_state(out, model, opt, {"epoch": epoch, "step_in_epoch": 0, "global_step": step,
-                                     "best": best, "best_epoch": best_epoch})
+        save_state(out, model, opt, {"epoch": epoch, "step_in_epoch": 0, "global_step": step, "best": best,
+                                     "best_epoch": best_epoch, "since_best": since_best, "stopped": stopped})
     load_best(model, out)
     model.eval()
     return {"best_val_score": best, "best_epoch": best_epoch + 1, "steps": step,
-            "resumed_from_step": resumed_from, "epochs": log_rows}
+            "resumed_from_step": resumed_from, "epochs": log_rows, "stopped_early": stopped}
 
 
 def _train_epoch(model: SharcsClassifier, opt, train: Encoded, targets: torch.Tensor, plan: list, history: torch.Tensor,
