@@ -507,3 +507,18 @@ def test_convert_latency_target_flags_are_checked(flags, message, tiny_hf_dir, t
     code = main(["convert", str(tiny_hf_dir), *flags, "--out", str(tmp_path / "o"), *QUIET])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_grouped_experts_falls_back_to_the_loop_on_unaligned_widths():
+    """`torch._grouped_mm` needs rows that are multiples of 16 bytes: an expert width of 10 (fp32)
+    runs the portable loop under "auto" and gives the same result."""
+    g = torch.Generator().manual_seed(0)
+    e, m, d = 9, 10, 12
+    x, w_up, b_up = torch.randn(7, d, generator=g), torch.randn(e * m, d, generator=g), torch.randn(e * m, generator=g)
+    w_down = torch.randn(d, e * m, generator=g)
+    sel = torch.zeros(7, e, dtype=torch.bool)
+    sel[torch.arange(7), torch.arange(7) % e] = True
+    with torch.no_grad():
+        got = grouped_experts(x, sel, w_up, b_up, w_down)
+        want = grouped_experts(x, sel, w_up, b_up, w_down, impl="loop")
+    torch.testing.assert_close(got, want)

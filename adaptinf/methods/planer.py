@@ -337,7 +337,8 @@ def grouped_experts(x: torch.Tensor, sel: torch.Tensor, w_up: torch.Tensor, b_up
     out = x.new_zeros(x.shape[0], d_out)
     if impl == "auto":
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_up, b_up, w_down))
-        impl = "grouped_mm" if not needs_grad and grouped_mm_works(x.device.type, x.dtype) else "loop"
+        aligned = all(n * x.element_size() % 16 == 0 for n in (m, x.shape[1], d_out))  # _grouped_mm's stride rule
+        impl = "grouped_mm" if not needs_grad and aligned and grouped_mm_works(x.device.type, x.dtype) else "loop"
     if impl == "grouped_mm":
         offs = torch.bincount(expert, minlength=e).cumsum(0).to(torch.int32)  # [E] group ends
         a = torch._grouped_mm(xs, w_up.view(e, m, -1).transpose(1, 2), offs=offs)  # [P, m]
