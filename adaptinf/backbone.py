@@ -1,8 +1,14 @@
 """A small BERT-family encoder we own.
 
 Every adaptive method is applied to this module rather than to a fork of `transformers`' BERT.
-Weights load from Hugging Face BERT checkpoints (see `adaptinf.hf`) and outputs match
-`transformers.BertModel` to fp32 precision (tests/test_backbone_parity.py).
+Weights load from Hugging Face BERT, RoBERTa / XLM-R, DistilBERT and ELECTRA checkpoints (see
+`adaptinf.hf`) and outputs match the family's `transformers` model to fp32 precision
+(tests/test_backbone_parity.py, tests/test_hf_families.py). The families share BERT's post-LN
+block; they differ only in the embeddings, which `EncoderConfig` describes:
+- `position_offset`: the first position id (RoBERTa's positions start at pad_token_id + 1);
+- `type_vocab_size` 0: no token-type embeddings (DistilBERT);
+- `embedding_size`: embeddings narrower or wider than the blocks, followed by a Linear projection
+  to hidden_size (ELECTRA).
 
 Weight layout, chosen so methods can slice and split it:
 - `Attention.q`, `.k`, `.v` hold head-major rows (`[n_heads, head_dim]`), so keeping the first h
@@ -25,9 +31,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# fields added after BERT's; `to_dict` leaves them out at their defaults, so a BERT config is written as before
+FAMILY_FIELDS = ("position_offset", "embedding_size")
+_NON_NEGATIVE = ("pad_token_id", "type_vocab_size", "position_offset")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Shape of a BERT-family encoder (field names follow `transformers.BertConfig`)."""
+    """Shape of a BERT-family encoder (field names follow `transformers.BertConfig`).
+
+    `type_vocab_size` 0 means no token-type embeddings (DistilBERT); `position_offset` is the row of
+    the position table the first token uses (RoBERTa: pad_token_id + 1); `embedding_size` (None:
+    hidden_size) is the embeddings' width, projected to hidden_size by a Linear when it differs (ELECTRA).
+    """
 
     vocab_size: int = 30522
     hidden_size: int = 384
@@ -40,16 +56,24 @@ class EncoderConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     pad_token_id: int = 0
+    position_offset: int = 0
+    embedding_size: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int",):
-                # sizes must be positive (0 heads would divide by zero below); only the pad id may be 0
-                low = 0 if f.name == "pad_token_id" else 1
+            if f.type in ("int",) or (f.name == "embedding_size" and v is not None):
+                # sizes must be positive (0 heads would divide by zero below); ids, offsets and the
+                # token-type count (0: none) may be 0
+                low = 0 if f.name in _NON_NEGATIVE else 1
                 if not isinstance(v, int) or isinstance(v, bool) or v < low:
                     kind = "non-negative" if low == 0 else "positive"
                     raise ValueError(f"EncoderConfig.{f.name} must be a {kind} int, got {v!r}")
+        if self.position_offset >= self.max_position_embeddings:
+            raise ValueError(
+                f"EncoderConfig.position_offset ({self.position_offset}) must be below "
+                f"max_position_embeddings ({self.max_position_embeddings})"
+            )
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(
                 f"EncoderConfig.pad_token_id ({self.pad_token_id}) must be below vocab_size ({self.vocab_size})"
@@ -67,8 +91,20 @@ class EncoderConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the token, position and token-type embeddings (before any projection)."""
+        return self.hidden_size if self.embedding_size is None else self.embedding_size
+
+    @property
+    def max_positions(self) -> int:
+        """The longest input the position table covers (max_position_embeddings less the offset)."""
+        return self.max_position_embeddings - self.position_offset
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in d.items() if k not in FAMILY_FIELDS or v != defaults[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
@@ -90,22 +126,40 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype = torch.floa
 
 
 class Embeddings(nn.Module):
+    """Token + position (+ token type) embeddings, LayerNorm, dropout, and (ELECTRA) a projection to d.
+
+    Position i uses row `position_offset + i`: RoBERTa numbers real tokens from pad_token_id + 1
+    (and gives pads pad_token_id); with right padding the real tokens get the same rows here, and
+    pads are masked out of attention, so real-token outputs are the same. `token_type` has 0 rows
+    when the family has no token types (DistilBERT).
+    """
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        e = cfg.embedding_dim
+        self.word = nn.Embedding(cfg.vocab_size, e, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, e)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, e)
+        self.norm = nn.LayerNorm(e, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.offset = cfg.position_offset
+        self.project = nn.Linear(e, cfg.hidden_size) if e != cfg.hidden_size else None
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         s = input_ids.shape[1]
-        h = self.word(input_ids) + self.position.weight[:s]  # [b, s, d]
-        if token_type_ids is None:
+        if self.offset + s > self.position.num_embeddings:
+            raise ValueError(f"input of {s} tokens is longer than the {self.position.num_embeddings - self.offset} "
+                             "positions the encoder has")
+        h = self.word(input_ids) + self.position.weight[self.offset : self.offset + s]  # [b, s, e]
+        if self.token_type.num_embeddings == 0:
+            if token_type_ids is not None:
+                raise ValueError("this encoder has no token-type embeddings (DistilBERT); pass token_type_ids=None")
+        elif token_type_ids is None:
             h = h + self.token_type.weight[0]
         else:
             h = h + self.token_type(token_type_ids)
-        return self.dropout(self.norm(h))
+        h = self.dropout(self.norm(h))
+        return h if self.project is None else self.project(h)  # [b, s, d]
 
 
 class Attention(nn.Module):

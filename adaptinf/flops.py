@@ -4,7 +4,8 @@ Convention (the same for dense and every adaptive method):
 - 2 FLOPs per multiply-add of a matrix product (Linear layers, attention scores Q·Kᵀ and the
   weighted sum P·V). Biases, LayerNorm, GELU, softmax, tanh and residual adds are not counted
   (they are O(s·d) against the O(s·d²) matmuls; `torch.utils.flop_counter` ignores them too).
-- Embedding lookups cost 0.
+- Embedding lookups cost 0. An embedding projection (ELECTRA: embedding_size -> hidden_size, a
+  Linear on every real token) is counted (`embeddings`); without one the embeddings cost 0.
 - Padding is excluded: every sample is counted at its own real length L (tokens with mask 1),
   whatever the padded batch length was.
 - The pooler (d→d on the first token) and every classifier / exit head / router / gate that ran
@@ -41,6 +42,13 @@ def ffn_block(length, d: int, d_ff: int):
     return linear(length, d, d_ff) + linear(length, d_ff, d)
 
 
+def embeddings(length, cfg: EncoderConfig):
+    """The embeddings at real length `length`: the projection embedding_size -> hidden_size where the
+    encoder has one (ELECTRA), else 0 (lookups are free)."""
+    e = cfg.embedding_dim
+    return linear(length, e, cfg.hidden_size) if e != cfg.hidden_size else 0 * length
+
+
 def block(length, cfg: EncoderConfig):
     """One full-width transformer block at real length `length`."""
     return attention_block(length, cfg.hidden_size) + ffn_block(length, cfg.hidden_size, cfg.intermediate_size)
@@ -52,9 +60,10 @@ def head(cfg: EncoderConfig, num_labels: int) -> int:
 
 
 def dense_model(lengths: torch.Tensor, cfg: EncoderConfig, num_labels: int, layers: int | None = None) -> torch.Tensor:
-    """Per-sample FLOPs of the dense classifier: `layers` blocks (default all) + pooler + classifier."""
+    """Per-sample FLOPs of the dense classifier: embeddings (a projection, if any) + `layers` blocks
+    (default all) + pooler + classifier."""
     n = cfg.num_hidden_layers if layers is None else layers
-    return n * block(lengths, cfg) + head(cfg, num_labels)
+    return embeddings(lengths, cfg) + n * block(lengths, cfg) + head(cfg, num_labels)
 
 
 def lengths_of(attention_mask: torch.Tensor) -> torch.Tensor:
