@@ -9,6 +9,12 @@ summarised in `OperatingPoint.extras["shares"][key]` as the share of samples per
 
 A model whose `sweep_offline` returns results (early exit: every knob from one pass that stores
 all exits' logits) is evaluated from those instead of one forward pass per knob.
+
+Each point also records what a model that ignores its input would score on the same labels
+(`majority`: the share of the most frequent label; `num_labels`, so chance = 1 / num_labels), which
+`split_baselines` turns into one `SplitBaseline` per split and `dense_problems` uses to tell when the
+dense reference is no better than always predicting the majority class (then no point may be called
+"within N points of dense"). `wilson_interval` gives each accuracy its 95% interval.
 """
 
 from __future__ import annotations
@@ -29,6 +35,42 @@ from adaptinf.data import Encoded, eval_batches
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier
 
 PARETO_AXES = ("gflops", "latency_ms_b1", "latency_ms_b32")
+# dense must beat always predicting the majority class by at least this much (a fraction, 0.05 = 5
+# accuracy points) on validation and test to serve as the reference other points are compared with
+SANITY_MARGIN = 0.05
+# columns the points files add from the raw numbers (the 95% Wilson interval of `accuracy`); not read back
+DERIVED_FIELDS = ("accuracy_low", "accuracy_high")
+Z95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
+
+
+def wilson_interval(accuracy: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (default 95%) of a proportion `accuracy` measured on `n` samples."""
+    if n < 1 or not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"wilson_interval needs n >= 1 and a proportion in [0, 1], got {accuracy!r}, n={n!r}")
+    z2n = z * z / n
+    centre = (accuracy + z2n / 2) / (1 + z2n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z2n / (4 * n)) / (1 + z2n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class SplitBaseline:
+    """What a model that ignores its input scores on one split: `majority` (always predicting the most
+    frequent label: that label's share of the split) and `chance` (1 / number of labels), over n samples."""
+
+    split: str
+    n: int
+    majority: float
+    chance: float
+
+    @classmethod
+    def from_labels(cls, split: str, labels, num_labels: int) -> SplitBaseline:
+        """From a split's label ids (a list or a 1-d tensor) and the task's number of labels."""
+        counts = Counter(int(y) for y in labels)
+        if not counts or num_labels < 1:
+            raise ValueError(f"split {split!r}: a baseline needs at least one label and one class")
+        n = sum(counts.values())
+        return cls(split, n, max(counts.values()) / n, 1.0 / num_labels)
 
 
 @dataclass
@@ -58,10 +100,19 @@ class OperatingPoint:
     realisation_b32: float | None = None
     model_dir: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    majority: float | None = None  # share of the most frequent label among the n evaluated samples
+    num_labels: int | None = None  # the model's number of labels (chance = 1 / num_labels)
+
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% Wilson interval of `accuracy` over its n samples (None without a usable n)."""
+        ok = self.n >= 1 and math.isfinite(self.accuracy) and 0.0 <= self.accuracy <= 1.0
+        return wilson_interval(self.accuracy, self.n) if ok else None
 
     def to_dict(self) -> dict:
-        """JSON-ready dict; non-finite floats become None (JSON has no NaN)."""
+        """JSON-ready dict, with the accuracy's 95% interval added (`DERIVED_FIELDS`); non-finite
+        floats become None (JSON has no NaN)."""
         d = dataclasses.asdict(self)
+        d["accuracy_low"], d["accuracy_high"] = self.interval() or (None, None)
         for k, v in d.items():
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = None
@@ -72,7 +123,7 @@ class OperatingPoint:
         if not isinstance(d, dict):
             raise ValueError(f"an operating point must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        unknown = set(d) - names - set(DERIVED_FIELDS)
         if unknown:
             raise ValueError(f"operating point has unknown fields {sorted(unknown)} (known: {sorted(names)})")
         required = ("method", "model", "split", "accuracy", "gflops", "n")
@@ -88,6 +139,7 @@ class OperatingPoint:
             kw["accuracy"] = float(d["accuracy"])
             kw["gflops"] = float(d["gflops"])
             kw["n"] = int(d["n"])
+            kw["num_labels"] = None if d.get("num_labels") is None else int(d["num_labels"])
             for k in (
                 "knob",
                 "latency_ms_b1",
@@ -96,6 +148,7 @@ class OperatingPoint:
                 "speedup_b32",
                 "flops_reduction",
                 "realisation_b32",
+                "majority",
             ):
                 kw[k] = None if d.get(k) is None else float(d[k])
         except (TypeError, ValueError) as e:
@@ -218,6 +271,8 @@ class _Sweep:
             n=n,
             model_dir=self.model_dir,
             extras=extras,
+            majority=torch.bincount(self.labels).max().item() / n,
+            num_labels=model.spec.num_labels,
         )
 
 
@@ -358,7 +413,7 @@ def write_points(points: list[OperatingPoint], out_dir: str | Path, stem: str = 
     rows = [p.to_dict() for p in points]
     json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
     json_path.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    names = [f.name for f in dataclasses.fields(OperatingPoint)]
+    names = [f.name for f in dataclasses.fields(OperatingPoint)] + list(DERIVED_FIELDS)
     with csv_path.open("w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=names)
         w.writeheader()
@@ -413,8 +468,13 @@ def pareto_front(points: list[OperatingPoint], x: str = "gflops") -> list[Operat
     return front
 
 
+class DenseNotAboveMajority(ValueError):
+    """Dense is no better than always predicting the majority class, so nothing is "within N points of dense"."""
+
+
 def cheapest_within_drop(
-    points: list[OperatingPoint], max_drop: float, select_split: str = "validation", report_split: str = "test"
+    points: list[OperatingPoint], max_drop: float, select_split: str = "validation", report_split: str = "test",
+    margin: float | None = SANITY_MARGIN,
 ) -> list[tuple[OperatingPoint, OperatingPoint, OperatingPoint]]:
     """Per adaptive model, the cheapest point (mean GFLOPs) whose accuracy on `select_split` is at
     most `max_drop` (a fraction, 0.01 = one point) below the dense model's on that split.
@@ -423,10 +483,16 @@ def cheapest_within_drop(
     `select_split`, the same model and knob on `report_split`, the dense point on `report_split`)
     per model that has a qualifying point, in the order the models first appear. Raises ValueError
     when the points hold no single dense model on both splits (identical dense results from
-    several evaluations count as one).
+    several evaluations count as one), and `DenseNotAboveMajority` (a ValueError) when the points
+    show dense within `margin` of the majority-class rate on either split (`dense_problems`; None:
+    not checked; points without a recorded majority rate are not checked either).
     """
     if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
         raise ValueError(f"max_drop must be a non-negative number, got {max_drop!r}")
+    problems = [] if margin is None else dense_problems(points, margin=margin, splits=(select_split, report_split))
+    if problems:
+        raise DenseNotAboveMajority(f"no point is chosen within {100 * max_drop:g} point(s) of dense: "
+                                    + "; ".join(problems))
     dense = {}
     for s in (select_split, report_split):  # the same dense model evaluated in several runs counts once
         found = {(p.accuracy, p.n, round(p.gflops, 9)): p for p in points if p.method == "dense" and p.split == s}
@@ -445,3 +511,43 @@ def cheapest_within_drop(
         if (p.method, p.model, p.knob) in twins and (key not in chosen or p.gflops < chosen[key].gflops):
             chosen[key] = p
     return [(p, twins[(p.method, p.model, p.knob)], dense[report_split][0]) for p in chosen.values()]
+
+
+# --- is dense a reference at all? ----------------------------------------------------------------
+
+
+def split_baselines(points: list[OperatingPoint]) -> dict[str, SplitBaseline]:
+    """The majority-class and chance rates per split, from the points that recorded them (a dense
+    point's where there is one); splits whose points recorded none (files saved before) are absent."""
+    out: dict[str, SplitBaseline] = {}
+    for p in sorted(points, key=lambda p: p.method != "dense"):
+        if p.split not in out and p.majority is not None and p.num_labels:
+            out[p.split] = SplitBaseline(p.split, p.n, p.majority, 1.0 / p.num_labels)
+    return out
+
+
+def dense_problems(
+    points: list[OperatingPoint], baselines: dict[str, SplitBaseline] | None = None, margin: float = SANITY_MARGIN,
+    splits: tuple[str, ...] = ("validation", "test"),
+) -> list[str]:
+    """One sentence per split of `splits` whose dense point is not at least `margin` (a fraction) above
+    always predicting the majority class there; empty when dense is a usable reference (or when no
+    majority rate is known). `baselines` default: `split_baselines(points)`."""
+    base = split_baselines(points) if baselines is None else baselines
+    found = []
+    for split in splits:
+        b = base.get(split)
+        for d in {p.accuracy: p for p in points if p.method == "dense" and p.split == split}.values():
+            if b is not None and d.accuracy - b.majority < margin - 1e-12:
+                found.append(f"{split}: dense {100 * d.accuracy:.2f}% vs majority class {100 * b.majority:.2f}%, "
+                             f"chance {100 * b.chance:.2f}%, n={b.n}")
+    return found
+
+
+def sanity_warning(problems: list[str], margin: float = SANITY_MARGIN, what: str = "the comparisons below") -> str:
+    """The one-line warning for `dense_problems`' findings (empty string when there are none); `what`
+    names the comparisons it invalidates."""
+    if not problems:
+        return ""
+    return (f"WARNING: dense is within {100 * margin:g} points of always predicting the majority class "
+            f"({'; '.join(problems)}); {what} are not meaningful")

@@ -49,10 +49,10 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.labels needs at least 2 labels, got {list(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"ModelSpec.labels has duplicates: {list(self.labels)}")
-        if not 2 <= self.max_length <= self.encoder.max_position_embeddings:
+        if not 2 <= self.max_length <= self.encoder.max_positions:
             raise ValueError(
-                f"ModelSpec.max_length must be in [2, {self.encoder.max_position_embeddings}] "
-                f"(the backbone's max_position_embeddings), got {self.max_length}"
+                f"ModelSpec.max_length must be in [2, {self.encoder.max_positions}] "
+                f"(the positions the backbone has), got {self.max_length}"
             )
 
     @property

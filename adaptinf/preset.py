@@ -187,6 +187,10 @@ class TrainSettings:
     warmup_ratio: float = _TRAIN.warmup_ratio
     max_grad_norm: float = _TRAIN.max_grad_norm
     save_every: int = field(default=_TRAIN.save_every, metadata=_POSITIVE)
+    min_steps: int = _TRAIN.min_steps
+    max_steps: int = _TRAIN.max_steps
+    eval_every: int = _TRAIN.eval_every
+    patience: int = _TRAIN.patience
 
     def __post_init__(self) -> None:
         self.to_train_config(0)  # validates every field

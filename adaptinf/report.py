@@ -1,15 +1,36 @@
 """A side-by-side report of every method's accuracy/cost trade-off: markdown tables, CSV/JSON, a plot.
 
+What a reader needs to trust it comes first: dense's accuracy next to always predicting the majority
+class and chance on each split, and a warning at the top when dense is within `SANITY_MARGIN` of the
+majority class (then no point is called "within N points of dense"). Every accuracy in the tables
+has its 95% Wilson score interval beside it, whatever the split's size (at n = 10,000 it is still
+about ±0.8 points, so it is never noise to drop), and the chosen points say whether their interval
+overlaps dense's (statistically indistinguishable at this n; overlapping intervals are a conservative
+check). The operating-points table merges consecutive knob values of one model whose row would read
+the same; points.csv/json keep every point, with the interval bounds as extra columns.
+
 matplotlib is imported only when `plot_tradeoff` draws (importing adaptinf stays light), and the figure
 is drawn on an Agg canvas without touching pyplot's global backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adaptinf.evaluate import OperatingPoint, cheapest_within_drop, pareto_front, write_points
+from adaptinf.evaluate import (
+    SANITY_MARGIN,
+    OperatingPoint,
+    SplitBaseline,
+    cheapest_within_drop,
+    dense_problems,
+    pareto_front,
+    sanity_warning,
+    split_baselines,
+    wilson_interval,
+    write_points,
+)
 
 # Stable style per method: known methods first, in this order; others follow alphabetically.
 KNOWN_METHODS = ("dense", "ee", "sweet", "multi-model", "sharcs", "acm", "planer")
@@ -78,6 +99,73 @@ def knob_label(p: OperatingPoint) -> str:
     return f"{p.knob_name}={p.knob:g}" if p.knob_name else f"{p.knob:g}"
 
 
+def acc_cell(p: OperatingPoint) -> str:
+    """The point's accuracy in percent, two decimals."""
+    return f"{100 * p.accuracy:.2f}"
+
+
+def interval_cell(p: OperatingPoint, accuracy: float | None = None) -> str:
+    """The 95% Wilson interval of the point's accuracy (or of `accuracy` over the point's n) in
+    percent, one decimal: "[79.9, 84.1]"; a dash without a usable n."""
+    if accuracy is not None:
+        lo, hi = wilson_interval(accuracy, p.n) if p.n >= 1 else (None, None)
+    else:
+        lo, hi = p.interval() or (None, None)
+    return _DASH if lo is None else f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def versus_dense(p: OperatingPoint, dense: OperatingPoint) -> str:
+    """"indistinguishable" when the two 95% intervals overlap, else "below" or "above" dense."""
+    a, d = p.interval(), dense.interval()
+    if a is None or d is None:
+        return _DASH
+    if a[0] <= d[1] and d[0] <= a[1]:
+        return "indistinguishable"
+    return "below" if p.accuracy < dense.accuracy else "above"
+
+
+def overlap_line(pairs: list[tuple[OperatingPoint, OperatingPoint]], split: str = "test") -> str:
+    """One sentence on which (point, dense) pairs have overlapping 95% intervals on `split`."""
+    same = [p for p, d in pairs if versus_dense(p, d) == "indistinguishable"]
+    if not pairs:
+        return ""
+    d = pairs[0][1]
+    ref = f"dense's {acc_cell(d)} {interval_cell(d)}"
+    if not same:
+        return f"No chosen point's 95% interval on {split} overlaps {ref}: each differs from dense at n={d.n}."
+    names = ", ".join(f"{p.model} {knob_label(p)}" for p in same)
+    return (f"Statistically indistinguishable from dense on {split} (95% intervals overlap {ref}, n={d.n}): "
+            f"{names}.")
+
+
+def reference_line(points: list[OperatingPoint], split: str, baselines: dict[str, SplitBaseline]) -> str:
+    """Dense's accuracy on `split` beside always predicting the majority class and chance there."""
+    dense = next((p for p in points if p.method == "dense" and p.split == split), None)
+    b = baselines.get(split)
+    parts = [f"dense {acc_cell(dense)}% {interval_cell(dense)}" if dense else "no dense point"]
+    if b is None:
+        parts.append("majority class unknown (these points were saved without their label counts)")
+    else:
+        parts += [f"always predicting the majority class {100 * b.majority:.2f}%",
+                  f"chance (1/{round(1 / b.chance)} labels) {100 * b.chance:.2f}%"]
+    return f"Reference on {split}: " + "; ".join(parts) + "."
+
+
+def reference_table(points: list[OperatingPoint], baselines: dict[str, SplitBaseline]) -> list[str]:
+    """Dense, the majority class and chance side by side, one column per split (validation, test first)."""
+    have = {p.split for p in points} | set(baselines)
+    splits = [s for s in ("validation", "test") if s in have] + sorted(have - {"validation", "test"})
+    rows = [["dense"], ["always the majority class"], ["chance (1 / labels)"], ["samples"]]
+    for s in splits:
+        d = next((p for p in points if p.method == "dense" and p.split == s), None)
+        b = baselines.get(s)
+        rows[0].append(f"{acc_cell(d)} {interval_cell(d)}" if d else _DASH)
+        rows[1].append(f"{100 * b.majority:.2f}" if b else "unknown")
+        rows[2].append(f"{100 * b.chance:.2f}" if b else _DASH)
+        rows[3].append(str(b.n if b else d.n if d else _DASH))
+    return markdown_table(["reference", *[f"{s} (%)" for s in splits]], rows, align="l" + "r" * len(splits))
+
+
 def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
     """The lines of a markdown table, cells escaped (a "|" kept inside its cell, newlines as spaces).
 
@@ -92,61 +180,99 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str | None =
     return lines
 
 
+_POINT_HEADER = ["method", "model", "knob", "accuracy (%)", "95% CI (%)", "GFLOPs/sample", "FLOPs reduction",
+                 "latency b1 (ms)", "latency b32 (ms)", "speed-up b1", "speed-up b32", "realisation b32"]
+
+
+def _point_cells(p: OperatingPoint) -> list[str]:
+    return [p.method, p.model, knob_label(p), acc_cell(p), interval_cell(p), f"{p.gflops:.3f}",
+            _num(p.flops_reduction, ".2f", "×"), _num(p.latency_ms_b1, ".2f"), _num(p.latency_ms_b32, ".2f"),
+            _num(p.speedup_b1, ".2f", "×"), _num(p.speedup_b32, ".2f", "×"), _num(p.realisation_b32, ".2f")]
+
+
+def knob_range(points: list[OperatingPoint]) -> str:
+    """The knob cell of merged points: "threshold=0.5–0.62 (5 values)" (one point: its `knob_label`)."""
+    if len(points) == 1:
+        return knob_label(points[0])
+    knobs = [p.knob for p in points]
+    name = points[0].knob_name
+    return f"{name + '=' if name else ''}{min(knobs):g}–{max(knobs):g} ({len(points)} values)"
+
+
+def collapse_rows(points: list[OperatingPoint], cells: Callable[[OperatingPoint], list[str]],
+                  knob_col: int = 2) -> list[list[str]]:
+    """Table rows for `points` in report order (`_sort_key`), where consecutive knob values of one
+    (method, model) whose `cells` are the same in every column but `knob_col` share one row, its knob
+    cell a `knob_range`. A point without a knob is never merged."""
+    groups: list[list[OperatingPoint]] = []
+    models: dict[tuple[str, str], list[OperatingPoint]] = {}
+    for p in points:
+        models.setdefault((p.method, p.model), []).append(p)
+    for pts in models.values():
+        for p in sorted(pts, key=lambda p: (p.knob is not None, p.knob or 0.0)):
+            last = groups[-1] if groups else None
+            same = (last is not None and (last[0].method, last[0].model) == (p.method, p.model)
+                    and p.knob is not None and last[-1].knob is not None)
+            if same and _without(cells(p), knob_col) == _without(cells(last[-1]), knob_col):
+                last.append(p)
+            else:
+                groups.append([p])
+    rows = []
+    for g in sorted(groups, key=lambda g: _sort_key(g[0])):
+        row = cells(g[0])
+        row[knob_col] = knob_range(g)
+        rows.append(row)
+    return rows
+
+
+def _without(cells: list[str], i: int) -> list[str]:
+    return cells[:i] + cells[i + 1:]
+
+
 def _points_table(points: list[OperatingPoint]) -> list[str]:
-    header = [
-        "method",
-        "model",
-        "knob",
-        "accuracy (%)",
-        "GFLOPs/sample",
-        "FLOPs reduction",
-        "latency b1 (ms)",
-        "latency b32 (ms)",
-        "speed-up b1",
-        "speed-up b32",
-        "realisation b32",
-    ]
-    rows = [
-        [
-            p.method,
-            p.model,
-            knob_label(p),
-            f"{100 * p.accuracy:.2f}",
-            f"{p.gflops:.3f}",
-            _num(p.flops_reduction, ".2f", "×"),
-            _num(p.latency_ms_b1, ".2f"),
-            _num(p.latency_ms_b32, ".2f"),
-            _num(p.speedup_b1, ".2f", "×"),
-            _num(p.speedup_b32, ".2f", "×"),
-            _num(p.realisation_b32, ".2f"),
-        ]
-        for p in points
-    ]
-    return markdown_table(header, rows)
+    return markdown_table(_POINT_HEADER, collapse_rows(points, _point_cells))
 
 
 def _front_table(points: list[OperatingPoint]) -> list[str]:
-    header = ["method", "model", "knob", "accuracy (%)", "GFLOPs/sample", "FLOPs reduction"]
-    rows = [
-        [p.method, p.model, knob_label(p), f"{100 * p.accuracy:.2f}", f"{p.gflops:.3f}",
-         _num(p.flops_reduction, ".2f", "×")]
-        for p in points
-    ]
+    header = ["method", "model", "knob", "accuracy (%)", "95% CI (%)", "GFLOPs/sample", "FLOPs reduction"]
+    rows = [[p.method, p.model, knob_label(p), acc_cell(p), interval_cell(p), f"{p.gflops:.3f}",
+             _num(p.flops_reduction, ".2f", "×")] for p in points]
     return markdown_table(header, rows)
 
 
-def _within_drop_table(points: list[OperatingPoint], max_drop: float) -> list[str]:
-    """The cheapest point per model within `max_drop` of dense, chosen on validation, shown on test."""
+def _refused_section(problems: list[str], max_drop: float, margin: float) -> list[str]:
+    """What replaces the within-drop table when dense is no better than the majority class."""
+    return [
+        "## No point is chosen against dense",
+        "",
+        f"Dense is within {100 * margin:g} points of always predicting the majority class "
+        f"({'; '.join(problems)}), so no point is called \"within {100 * max_drop:g} point(s) of dense\": a model "
+        "that learned nothing would qualify. Make the baseline learn first (more training data or epochs, "
+        "check the labels and the text column), then compare.",
+        "",
+    ]
+
+
+def _within_drop_table(points: list[OperatingPoint], max_drop: float, baselines: dict[str, SplitBaseline] | None = None,
+                       margin: float = SANITY_MARGIN) -> list[str]:
+    """The cheapest point per model within `max_drop` of dense, chosen on validation, shown on test;
+    a note instead when dense is within `margin` of the majority class."""
+    baselines = split_baselines(points) if baselines is None else baselines
+    problems = dense_problems(points, baselines, margin)
+    if problems:
+        return _refused_section(problems, max_drop, margin)
     try:
-        picked = cheapest_within_drop(points, max_drop)
+        picked = cheapest_within_drop(points, max_drop, margin=None)
     except ValueError:
         return []
-    header = ["method", "model", "knob", "val acc (%)", "test acc (%)", "test drop vs dense (pt)", "GFLOPs/sample",
-              "FLOPs reduction", "speed-up b1", "speed-up b32", "realisation b32"]
+    header = ["method", "model", "knob", "val acc (%)", "test acc (%)", "test drop vs dense (pt)", "test 95% CI (%)",
+              "val 95% CI (%)", "vs dense (test)", "GFLOPs/sample", "FLOPs reduction", "speed-up b1", "speed-up b32",
+              "realisation b32"]
     rows = [
-        [t.method, t.model, knob_label(t), f"{100 * v.accuracy:.2f}", f"{100 * t.accuracy:.2f}",
-         f"{100 * (d.accuracy - t.accuracy):+.2f}", f"{t.gflops:.3f}", _num(d.gflops / t.gflops if t.gflops else None, ".2f", "×"),
-         _num(t.speedup_b1, ".2f", "×"), _num(t.speedup_b32, ".2f", "×"), _num(t.realisation_b32, ".2f")]
+        [t.method, t.model, knob_label(t), acc_cell(v), acc_cell(t), f"{100 * (d.accuracy - t.accuracy):+.2f}",
+         interval_cell(t), interval_cell(v), versus_dense(t, d), f"{t.gflops:.3f}",
+         _num(d.gflops / t.gflops if t.gflops else None, ".2f", "×"), _num(t.speedup_b1, ".2f", "×"),
+         _num(t.speedup_b32, ".2f", "×"), _num(t.realisation_b32, ".2f")]
         for v, t, d in picked
     ]
     return [
@@ -155,8 +281,13 @@ def _within_drop_table(points: list[OperatingPoint], max_drop: float) -> list[st
         "Chosen on the validation split (the knob with the fewest GFLOPs whose validation accuracy is at most "
         f"{100 * max_drop:g} point(s) below dense's), reported on test.",
         "",
+        reference_line(points, "validation", baselines),
+        "",
+        reference_line(points, "test", baselines),
+        "",
         *(markdown_table(header, rows) if rows else ["No model has a point within this drop on validation."]),
         "",
+        *([overlap_line([(t, d) for _, t, d in picked]), ""] if rows else []),
     ]
 
 
@@ -169,38 +300,64 @@ def _exit_accuracy_table(points: list[OperatingPoint]) -> list[str]:
     if not seen:
         return []
     n = max(len(p.extras["exit_accuracy"]) for p in seen.values())
-    header = ["method", "model", "exit layers", *[f"exit {i + 1} (%)" for i in range(n)]]
+    header = ["method", "model", "exit layers", *[f"exit {i + 1} (%)" for i in range(n)], "95% CI per exit (%)"]
     rows = []
     for p in seen.values():
         acc = [f"{100 * a:.2f}" for a in p.extras["exit_accuracy"]]
+        cis = " ".join(interval_cell(p, a) for a in p.extras["exit_accuracy"])
         layers = p.extras.get("exit_layers")
-        rows.append([p.method, p.model, ",".join(map(str, layers)) if layers else "-", *acc, *[""] * (n - len(acc))])
+        rows.append([p.method, p.model, ",".join(map(str, layers)) if layers else "-", *acc, *[""] * (n - len(acc)),
+                     cis])
     return ["## Accuracy of each exit on its own", "", *markdown_table(header, rows), ""]
+
+
+def _summary(shown: list[OperatingPoint], points: list[OperatingPoint], split: str,
+             baselines: dict[str, SplitBaseline]) -> list[str]:
+    """The lines under the title: what is shown, dense beside the majority class and chance, how to read it."""
+    sizes = sorted({p.n for p in shown})
+    rows = len(collapse_rows(shown, _point_cells))
+    merged = (f" (the operating-points table shows them in {rows} rows: consecutive knob values of one model with "
+              "the same results share a row; points.csv/json list every point)") if rows < len(shown) else ""
+    return [
+        f"Split: **{split}** ({', '.join(str(n) for n in sizes)} samples); "
+        f"{len(shown)} operating points from {len({(p.method, p.model) for p in shown})} models{merged}.",
+        "",
+        "What dense is measured against: always predicting the most frequent label of the split (majority "
+        "class) and picking a label at random (chance).",
+        "",
+        *reference_table(points, baselines),
+        "",
+        "Accuracies are in percent with their 95% Wilson score interval (the range the true accuracy lies in "
+        "with 95% confidence, given n samples), for every split size. GFLOPs are analytic (padding excluded), "
+        "averaged per sample. FLOPs reduction = dense GFLOPs / GFLOPs. Latencies are measured, in ms per batch "
+        "of 1 or 32; speed-up = dense latency / latency (same run); realisation = measured speed-up at batch 32 "
+        "/ FLOPs reduction.",
+        "",
+    ]
 
 
 def render_markdown(
     points: list[OperatingPoint], title: str, split: str, notes: list[str] | None = None, plot: str | None = None,
-    max_drop: float = 0.01,
+    max_drop: float = 0.01, baselines: dict[str, SplitBaseline] | None = None, margin: float = SANITY_MARGIN,
 ) -> str:
-    """The report's markdown: the points of `split` (sorted by method, model, GFLOPs), their Pareto
-    front, each exit's own accuracy (early-exit models) and, when the points cover validation and
-    test, the cheapest point per model within `max_drop` of dense; `plot` is the relative path of a
-    figure to embed."""
+    """The report's markdown: a warning first when dense is within `margin` of the majority class on
+    validation or test, dense beside the majority class and chance per split (`baselines`, default
+    from the points), the points of `split` (sorted by method, model, GFLOPs; identical consecutive
+    knob values merged), their Pareto front, each exit's own accuracy (early-exit models) and, when
+    the points cover validation and test, the cheapest point per model within `max_drop` of dense
+    (or why none is chosen); `plot` is the relative path of a figure to embed."""
+    baselines = split_baselines(points) if baselines is None else baselines
     shown = sorted((p for p in points if p.split == split), key=_sort_key)
-    sizes = sorted({p.n for p in shown})
-    lines = [f"# {title}", ""]
+    warning = sanity_warning(dense_problems(points, baselines, margin), margin)
+    lines = [f"# {title}", "", *([f"**{warning}.**", ""] if warning else [])]
     if notes:
         lines += [*notes, ""]
     lines += [
-        f"Split: **{split}** ({', '.join(str(n) for n in sizes)} samples); "
-        f"{len(shown)} operating points from {len({(p.method, p.model) for p in shown})} models.",
-        "",
-        "GFLOPs are analytic (padding excluded), averaged per sample. FLOPs reduction = dense GFLOPs / GFLOPs. "
-        "Latencies are measured, in ms per batch of 1 or 32; speed-up = dense latency / latency (same run); "
-        "realisation = measured speed-up at batch 32 / FLOPs reduction.",
-        "",
+        *_summary(shown, points, split, baselines),
         *([f"![accuracy vs cost]({plot})", ""] if plot else []),
         "## Operating points",
+        "",
+        reference_line(points, split, baselines),
         "",
         *_points_table(shown),
         "",
@@ -211,7 +368,7 @@ def render_markdown(
         *_front_table(pareto_front(shown, x="gflops")),
         "",
         *_exit_accuracy_table(shown),
-        *(_within_drop_table(points, max_drop) if split == "test" else []),
+        *(_within_drop_table(points, max_drop, baselines, margin) if split == "test" else []),
     ]
     return "\n".join(lines)
 
@@ -289,6 +446,9 @@ def _draw_panel(ax, points: list[OperatingPoint], x: str, xlabel: str, lines: di
     """One panel: accuracy vs cost `x`, dense's accuracy as a dashed line, the Pareto front behind."""
     for d in (p for p in points if p.method == "dense"):
         ax.axhline(100 * d.accuracy, color="black", linestyle=(0, (5, 4)), linewidth=0.9, alpha=0.6, zorder=1)
+    majority = _plot_majority(points)
+    if majority is not None:
+        ax.axhline(100 * majority, color="0.45", linestyle=":", linewidth=1.2, zorder=1)
     front = pareto_front(points, x=x)
     if len(front) > 1:
         ax.step([getattr(p, x) for p in front], [100 * p.accuracy for p in front], where="post", color="0.6",
@@ -329,7 +489,21 @@ def _legend_handles(points: list[OperatingPoint], lines: dict, styles: dict, xs:
         handles.append((h, _label(method, model)))
     if any(len(pareto_front(points, x=x)) > 1 for x in xs):
         handles.append((Line2D([], [], color="0.6", linewidth=5, alpha=0.35), "Pareto front (all methods)"))
+    majority = _plot_majority(points)
+    if majority is not None:
+        handles.append((Line2D([], [], color="0.45", linestyle=":", linewidth=1.2),
+                        f"always the majority class ({100 * majority:.1f}%)"))
     return handles
+
+
+def _plot_majority(points: list[OperatingPoint]) -> float | None:
+    """The majority-class rate to draw: the points' one split's, when it lies no more than 5 points below
+    the least accurate point (lower, it would only squash the curves); else None."""
+    base = split_baselines(points)
+    if len(base) != 1 or len({p.split for p in points}) != 1:
+        return None
+    majority = next(iter(base.values())).majority
+    return majority if majority >= min(p.accuracy for p in points) - 0.05 else None
 
 
 # --- everything ------------------------------------------------------------------------------------
@@ -342,9 +516,13 @@ def write_report(
     split: str = "test",
     notes: list[str] | None = None,
     max_drop: float = 0.01,
+    baselines: dict[str, SplitBaseline] | None = None,
+    margin: float = SANITY_MARGIN,
 ) -> dict[str, Path]:
     """Write report.md and tradeoff.png for the points of `split`, and points.csv/points.json with all
-    points (every split). Returns {"report": ..., "csv": ..., "json": ..., "plot": ...}."""
+    points (every split). `baselines`: the majority-class and chance rates per split (default: what
+    the points recorded); `margin`: how far dense must beat the majority class (`render_markdown`).
+    Returns {"report": ..., "csv": ..., "json": ..., "plot": ...}."""
     if not points:
         raise ValueError("no operating points to report")
     shown = [p for p in points if p.split == split]
@@ -355,7 +533,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = write_points(points, out, stem="points")
     plot_path = plot_tradeoff(shown, out / "tradeoff.png", title=f"{title} ({split})")
-    md = render_markdown(points, title, split, notes, plot=plot_path.name, max_drop=max_drop)
+    md = render_markdown(points, title, split, notes, plot=plot_path.name, max_drop=max_drop, baselines=baselines,
+                         margin=margin)
     md_path = out / "report.md"
     md_path.write_text(md, encoding="utf-8")
     return {"report": md_path, "csv": csv_path, "json": json_path, "plot": plot_path}

@@ -6,7 +6,9 @@ Stages, in order (each writes into its own folder under the run directory):
     methods/<m>/        convert and train each method (model/, train/ = resumable training state)
     points/<m>/         every knob value of it on validation and test
     latency/            each method's chosen point (cheapest within `max_drop` of dense on validation,
-                        else its most accurate) timed at batch 1 and 32 against dense, one interleaved run
+                        else its most accurate; only the latter when dense is within SANITY_MARGIN of
+                        always predicting the majority class, which the run warns about on stderr)
+                        timed at batch 1 and 32 against dense, one interleaved run
     report/             report.md, points.csv/json, tradeoff.png, accuracy_vs_gflops.png,
                         accuracy_vs_latency.png
     resolved.yaml/json  the settings of this run; run.json: what each stage did and how long it took
@@ -208,8 +210,33 @@ def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = 
         _method_stages(job, ms, dense_key)
     points = read_points([folder / "points.json" for _, folder in job.evals.values()])
     add_reductions(points)  # against the dense point of each split
-    timed = _latency_stage(job, points)
-    return _finish(job, points, timed)
+    baselines = _baselines(job, points)
+    timed = _latency_stage(job, points, baselines)
+    _warn_if_dense_is_weak(points, baselines)
+    return _finish(job, points, timed, baselines)
+
+
+def _baselines(job: _Job, points) -> dict:
+    """The majority-class and chance rates per split: what the points recorded, else (points cached by
+    an older version) from the task's labels of the same evaluated subset."""
+    from adaptinf.data import subsample
+    from adaptinf.evaluate import SplitBaseline, split_baselines
+
+    found = split_baselines(points)
+    for split in ("validation", "test"):
+        if split not in found:
+            _, labels = subsample(job.task.split(split), job.cfg.evaluate.max_samples, job.seed)
+            found[split] = SplitBaseline.from_labels(split, labels, len(job.task.labels))
+    return found
+
+
+def _warn_if_dense_is_weak(points, baselines: dict) -> None:
+    """One line on stderr when dense is within `SANITY_MARGIN` of always predicting the majority class."""
+    from adaptinf.evaluate import dense_problems, sanity_warning
+
+    warning = sanity_warning(dense_problems(points, baselines), what="the report's comparisons with dense")
+    if warning:
+        _say(warning)
 
 
 def _prepare(cfg: RunConfig, out: str | Path) -> Path:
@@ -308,17 +335,21 @@ def _train_method_stage(job: _Job, ms, mdir: Path, dense_key: str) -> str:
     return key
 
 
-def _latency_stage(job: _Job, points) -> dict:
+def _latency_stage(job: _Job, points, baselines: dict | None = None) -> dict:
     """Time the chosen points into latency/ and copy their latency onto the test points; returns the
     timed points' fields by (model, knob)."""
+    from adaptinf.evaluate import dense_problems
+
     lat_dir = job.out / "latency"
 
     def time_chosen(st: Stage):
-        chosen = choose_latency_points(points, job.cfg.latency.max_drop / 100)
+        chosen = choose_latency_points(points, job.cfg.latency.max_drop / 100, baselines)
         return {"timed": measure_latency(chosen, job.task, job.seed, job.cfg, lat_dir, job.progress)}
 
     job.total = job.count + 1
     settings = {**vars(job.cfg.latency), "evals": sorted(k for k, _ in job.evals.values())}
+    if dense_problems(points, baselines):  # other choices (a key only then, so other runs' caches stay valid)
+        settings["dense_near_majority"] = True
     _, info = job.stage("latency at chosen points", lat_dir, settings, [], time_chosen, outputs=("bench.json",))
     timed = {(t["model"], t["knob"]): t for t in info.get("timed", [])}
     for p in points:
@@ -329,13 +360,13 @@ def _latency_stage(job: _Job, points) -> dict:
     return timed
 
 
-def _finish(job: _Job, points, timed: dict) -> RunResult:
+def _finish(job: _Job, points, timed: dict, baselines: dict | None = None) -> RunResult:
     """Write the report and run.json; the run's result."""
     from adaptinf.run_report import write_run_report
 
     result, out = job.result, job.out
     result.stages = job.records
-    result.report = write_run_report(points, job.cfg, out, result, timed)
+    result.report = write_run_report(points, job.cfg, out, result, timed, baselines)
     (out / "run.json").write_text(json.dumps({
         "finished": _now(), "report": str(result.report), "failed": result.failed, "skipped": result.skipped,
         "stages": [vars(r) for r in result.stages]}, indent=2) + "\n")
@@ -355,18 +386,22 @@ def run_model_dir(run_dir: str | Path, model_dir: str, allow_outside: bool = Fal
     return src
 
 
-def choose_latency_points(points, max_drop: float) -> list[tuple[Any, str]]:
+def choose_latency_points(points, max_drop: float, baselines: dict | None = None) -> list[tuple[Any, str]]:
     """The test points to time: per adaptive model, the cheapest point within `max_drop` (a fraction)
-    of dense on validation, else its most accurate point on validation. Returns (test point, why)."""
-    from adaptinf.evaluate import cheapest_within_drop
+    of dense on validation, else its most accurate point on validation; only the latter when dense is
+    within `SANITY_MARGIN` of the majority class (`baselines`, default what the points recorded).
+    Returns (test point, why)."""
+    from adaptinf.evaluate import cheapest_within_drop, dense_problems
 
-    picked = {(t.method, t.model): (t, f"cheapest within {100 * max_drop:g} pt of dense (validation)")
-              for _, t, _ in cheapest_within_drop(points, max_drop)}
+    weak = bool(dense_problems(points, baselines))
+    picked = {} if weak else {(t.method, t.model): (t, f"cheapest within {100 * max_drop:g} pt of dense (validation)")
+                              for _, t, _ in cheapest_within_drop(points, max_drop, margin=None)}
+    fallback = "most accurate (dense is near the majority class)" if weak else "most accurate (none within the drop)"
     test = {(p.model, p.knob): p for p in points if p.split == "test"}
     for p in sorted((p for p in points if p.split == "validation" and p.method != "dense"),
                     key=lambda p: (-p.accuracy, p.gflops)):
         if (p.method, p.model) not in picked and (p.model, p.knob) in test:
-            picked[(p.method, p.model)] = (test[(p.model, p.knob)], "most accurate (none within the drop)")
+            picked[(p.method, p.model)] = (test[(p.model, p.knob)], fallback)
     return list(picked.values())
 
 

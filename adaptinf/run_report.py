@@ -1,17 +1,43 @@
 """The report of `adaptinf run`: the standard report (adaptinf.report) plus what the run adds: its
-settings, the latency of the chosen points with their Pareto front, separate plots per cost axis,
-skipped or failed methods, and what each stage did."""
+settings, the latency of the chosen points with their Pareto front (each point's accuracy with its
+95% interval and whether it is distinguishable from dense's), separate plots per cost axis, skipped
+or failed methods, and what each stage did. When dense is within `SANITY_MARGIN` of the majority
+class the chosen points are each method's most accurate, and the text says so."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from adaptinf.evaluate import OperatingPoint, pareto_front
+from adaptinf.evaluate import (
+    SANITY_MARGIN,
+    OperatingPoint,
+    SplitBaseline,
+    dense_problems,
+    pareto_front,
+    split_baselines,
+)
 from adaptinf.preset import RunConfig
-from adaptinf.report import knob_label, markdown_table, plot_tradeoff, write_report
+from adaptinf.report import (
+    acc_cell,
+    interval_cell,
+    knob_label,
+    markdown_table,
+    overlap_line,
+    plot_tradeoff,
+    reference_line,
+    versus_dense,
+    write_report,
+)
+
+_DASH = "—"
 
 
-def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, result, timed: dict) -> Path:
+def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, result, timed: dict,
+                     baselines: dict[str, SplitBaseline] | None = None, margin: float = SANITY_MARGIN) -> Path:
+    """report/report.md of a run (and its plots); `baselines`: the majority-class and chance rates per
+    split (default: what the points recorded), `margin`: how far dense must beat the majority class
+    for the report to compare points with it."""
+    baselines = split_baselines(points) if baselines is None else baselines
     report_dir = Path(out) / "report"
     notes = [f"Preset **{cfg.preset}**: {cfg.description}" if cfg.description else f"Preset **{cfg.preset}**."]
     if cfg.note:
@@ -26,7 +52,7 @@ def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, re
         notes.append(f"**Failed** `{m}`: {err} (see `methods/{m}/error.txt`).")
     notes = [line for n in notes for line in (n, "")][:-1]  # one paragraph each
     paths = write_report(points, report_dir, title=f"adaptinf run: {cfg.preset}", split="test", notes=notes,
-                         max_drop=cfg.latency.max_drop / 100)
+                         max_drop=cfg.latency.max_drop / 100, baselines=baselines, margin=margin)
     test = [p for p in points if p.split == "test"]
     plot_tradeoff(test, report_dir / "accuracy_vs_gflops.png", title="accuracy vs GFLOPs (test)", axes=("gflops",))
     lines = ["", "## Latency at the chosen points", ""]
@@ -34,25 +60,8 @@ def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, re
     if any(p.method != "dense" for p in timed_pts):
         plot_tradeoff(timed_pts, report_dir / "accuracy_vs_latency.png", title="accuracy vs latency (test)",
                       axes=("latency_ms_b1", "latency_ms_b32"))
-        lines += [
-            "Each method timed at one point: its cheapest within "
-            f"{cfg.latency.max_drop:g} accuracy point(s) of dense on validation, or its most accurate on validation "
-            "when none is within; dense and every chosen point interleaved in one run (`latency/bench.csv`).",
-            "",
-            "![accuracy vs latency](accuracy_vs_latency.png)",
-            "",
-        ]
-        rows = []
-        for p in sorted(timed_pts, key=lambda p: p.latency_ms_b1):
-            why = timed.get((p.model, p.knob), {}).get("why", "")
-            rows.append([p.method, knob_label(p), f"{100 * p.accuracy:.2f}", f"{p.gflops:.3f}",
-                         f"{p.latency_ms_b1:.2f}", f"{p.latency_ms_b32:.2f}", f"{p.speedup_b1:.2f}×",
-                         f"{p.speedup_b32:.2f}×", why])
-        lines += markdown_table(["method", "knob", "test acc (%)", "GFLOPs/sample", "b1 (ms)", "b32 (ms)",
-                                 "speed-up b1", "speed-up b32", "chosen as"], rows, align="llrrrrrrl")
-        front = pareto_front(timed_pts, x="latency_ms_b1")
-        lines += ["", "Pareto front over the timed points (accuracy vs latency at batch 1): "
-                  + ", ".join(f"{p.method} {knob_label(p)}" for p in front) + "."]
+        sane = not dense_problems(points, baselines, margin)
+        lines += _latency_section(points, timed_pts, timed, cfg.latency.max_drop, sane, baselines, margin)
         bench_md = Path(out) / "latency" / "bench.md"
         if bench_md.is_file():
             lines += ["", "Benchmark rows:", "", bench_md.read_text().strip()]
@@ -65,3 +74,35 @@ def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, re
     md = paths["report"]
     md.write_text(md.read_text() + "\n".join(lines))
     return md
+
+
+def _latency_section(points: list[OperatingPoint], timed_pts: list[OperatingPoint], timed: dict, max_drop: float,
+                     sane: bool, baselines: dict[str, SplitBaseline], margin: float) -> list[str]:
+    """How the timed points were chosen, their table (accuracy with its 95% interval and whether it is
+    distinguishable from dense's) and their Pareto front over latency at batch 1."""
+    how = (f"its cheapest within {max_drop:g} accuracy point(s) of dense on validation, or its most accurate on "
+           "validation when none is within" if sane else
+           f"its most accurate on validation (dense is within {100 * margin:g} points of the majority class, so "
+           "no point is chosen as close to dense)")
+    lines = [f"Each method timed at one point: {how}; dense and every chosen point interleaved in one run "
+             "(`latency/bench.csv`).", "", "![accuracy vs latency](accuracy_vs_latency.png)", "",
+             reference_line(points, "test", baselines), ""]
+    dense = next((p for p in timed_pts if p.method == "dense"), None)
+    rows, pairs = [], []
+    for p in sorted(timed_pts, key=lambda p: p.latency_ms_b1):
+        why = timed.get((p.model, p.knob), {}).get("why", "")
+        vs = _DASH if dense is None or p is dense else versus_dense(p, dense)
+        if dense is not None and p is not dense:
+            pairs.append((p, dense))
+        rows.append([p.method, knob_label(p), acc_cell(p), interval_cell(p), vs, f"{p.gflops:.3f}",
+                     f"{p.latency_ms_b1:.2f}", f"{p.latency_ms_b32:.2f}", f"{p.speedup_b1:.2f}×",
+                     f"{p.speedup_b32:.2f}×", why])
+    lines += markdown_table(["method", "knob", "test acc (%)", "95% CI (%)", "vs dense", "GFLOPs/sample", "b1 (ms)",
+                             "b32 (ms)", "speed-up b1", "speed-up b32", "chosen as"], rows, align="llrrlrrrrrl")
+    if pairs:
+        lines += ["", overlap_line(pairs)]
+    front = pareto_front(timed_pts, x="latency_ms_b1")
+    lines += ["", "Pareto front over the timed points (accuracy vs latency at batch 1): "
+              + ", ".join(f"{p.method} {knob_label(p)}" for p in front) + "."]
+    return lines
+

@@ -183,9 +183,9 @@ def _planer(method: str, sets: dict, enc: EncoderConfig, out: dict, notes: list[
         _change(method, out, notes, "num_experts", cfg.num_experts, experts,
                 why + ("" if aligned else f"; no divisor gives experts of a multiple of {EXPERT_ALIGN} neurons"))
     _planer_architecture(method, cfg, experts, enc, out, notes)
-    if cfg.latency_seq_len > enc.max_position_embeddings:
-        _change(method, out, notes, "latency_seq_len", cfg.latency_seq_len, enc.max_position_embeddings,
-                f"the model has {enc.max_position_embeddings} positions")
+    if cfg.latency_seq_len > enc.max_positions:
+        _change(method, out, notes, "latency_seq_len", cfg.latency_seq_len, enc.max_positions,
+                f"the model has {enc.max_positions} positions")
 
 
 _RULES = {**{m: _early_exit for m in EARLY_EXIT}, "sharcs": _sharcs, "acm": _acm, "planer": _planer}

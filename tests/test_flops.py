@@ -133,3 +133,39 @@ def test_flop_counter_agrees_in_train_mode(tiny_dense):
     total, counts = counted_flops(tiny_dense, batch)
     assert aten.bmm in counts["Global"]
     assert total == flops.dense_model(torch.tensor([11]), tiny_dense.spec.encoder, 2).item()
+
+
+@pytest.mark.parametrize("name, times", [("dense", 1), ("ee", 1), ("multi-model", 2), ("sharcs", 1), ("acm", 1),
+                                         ("planer", 1)])
+def test_every_method_counts_an_embedding_projection(name, times):
+    """An encoder whose embeddings are narrower than its hidden size (ELECTRA) pays a projection per
+    real token; at full budget every method's FLOPs exceed the same model's without it by exactly
+    that (the 2-exit cascade embeds twice when a sample runs both models)."""
+    import dataclasses
+
+    from adaptinf.methods.dense import DenseClassifier, DenseConfig
+    from adaptinf.model import ModelSpec
+    from adaptinf.registry import get_method
+    from adaptinf.structure import adapt
+
+    base = EncoderConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    lengths = torch.tensor([5, 9])
+    ids = torch.randint(1, 60, (2, 9))
+    mask = (torch.arange(9)[None] < lengths[:, None]).long()
+    out = {}
+    for proj in (None, 16):
+        torch.manual_seed(0)
+        enc = dataclasses.replace(base, embedding_size=proj)
+        dense = DenseClassifier(ModelSpec(enc, ("a", "b"), 16), DenseConfig(classifier_dropout=0.0)).eval()
+        cls = get_method(name)
+        sets = {"exits": [1, 2], "policy": "patience"} if name == "multi-model" else {}
+        sets, _ = adapt(name, sets, enc)  # e.g. SHARCS's widths for 2 heads
+        model = cls.from_dense(dense, cls.Config.from_dict(sets)).eval()
+        with torch.no_grad():
+            knob = 2.0 if name == "multi-model" else None  # patience 2: every sample runs both models
+            extra = {"width": model.num_widths - 1} if name == "sharcs" else {}  # full width, whatever the router says
+            out[proj] = model(ids, mask, knob=knob, **extra).flops.double()
+    projection = flops.embeddings(lengths, dataclasses.replace(base, embedding_size=16)).double()
+    assert bool((projection > 0).all())
+    torch.testing.assert_close(out[16] - out[None], times * projection)

@@ -229,6 +229,9 @@ class MultiExitClassifier(AdaptiveClassifier):
         self.register_buffer(
             "layers_run", torch.tensor(self._layers_per_exit(), dtype=torch.int64), persistent=False
         )
+        # times the embeddings ran for a sample stopping at exit i: once, or once per cascade model
+        self.register_buffer("embeddings_run", torch.tensor(self._embeddings_per_exit(), dtype=torch.int64),
+                             persistent=False)
 
     @property
     def knob_name(self) -> str:
@@ -243,6 +246,10 @@ class MultiExitClassifier(AdaptiveClassifier):
     def _layers_per_exit(self) -> list[int]:
         """Blocks run by a sample that stops at exit i (one entry per exit)."""
         return list(self.exit_layers)
+
+    def _embeddings_per_exit(self) -> list[int]:
+        """Times the embeddings ran for a sample that stops at exit i: once on one backbone."""
+        return [1] * len(self.exit_layers)
 
     def _start(self, input_ids, attention_mask, token_type_ids) -> tuple:
         raise NotImplementedError
@@ -319,7 +326,8 @@ class MultiExitClassifier(AdaptiveClassifier):
         if self.config.pooling == "mean":
             per_head = per_head + lengths * cfg.hidden_size  # one add per token state element (the divide is d more)
         heads = (exit_index + 1) * per_head
-        return (self.layers_run[exit_index] * per_block + heads).to(torch.float64)
+        embed = self.embeddings_run[exit_index] * flops.embeddings(lengths, cfg)  # a projection, if any
+        return (self.layers_run[exit_index] * per_block + heads + embed).to(torch.float64)
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
@@ -565,6 +573,9 @@ class MultiModelClassifier(MultiExitClassifier):
 
     def _layers_per_exit(self) -> list[int]:
         return np.cumsum(self.exit_layers).tolist()  # an escalated sample re-runs every model from the input
+
+    def _embeddings_per_exit(self) -> list[int]:
+        return list(range(1, len(self.exit_layers) + 1))  # every model it went through embedded the input
 
     @classmethod
     def from_dense(cls, dense: AdaptiveClassifier, config: EarlyExitConfig | None = None) -> MultiModelClassifier:

@@ -551,7 +551,7 @@ class PlanerClassifier(AdaptiveClassifier):
         (summed over the sample's tokens) in each layer whose FFN ran as MoE."""
         cfg = self.spec.encoder
         d, dff, e = cfg.hidden_size, cfg.intermediate_size, self.config.num_experts
-        total = lengths * 0 + flops.head(cfg, self.spec.num_labels)
+        total = flops.embeddings(lengths, cfg) + flops.head(cfg, self.spec.num_labels)
         for layer, (a, f, _) in enumerate(self._arch):
             if a != "skip":
                 total = total + flops.attention_block(lengths, d, d if a == "full" else half_heads(cfg) * cfg.head_dim)

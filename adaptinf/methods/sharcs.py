@@ -370,11 +370,12 @@ class SharcsClassifier(AdaptiveClassifier):
 
     # --- cost -----------------------------------------------------------------------------------
     def _shared_cost(self, lengths: torch.Tensor) -> torch.Tensor:
-        """FLOPs [b] every width pays: the k full-width blocks and the router (mean + two Linears)."""
+        """FLOPs [b] every width pays: the embeddings (a projection, if any), the k full-width blocks
+        and the router (mean + two Linears)."""
         cfg = self.spec.encoder
         d, r = cfg.hidden_size, self.config.router_hidden
         router = lengths * d + flops.linear(1, d, r) + flops.linear(1, r, self.num_widths)
-        return self.router_layer * flops.block(lengths, cfg) + router
+        return flops.embeddings(lengths, cfg) + self.router_layer * flops.block(lengths, cfg) + router
 
     def _suffix_costs(self, lengths: torch.Tensor) -> torch.Tensor:
         """FLOPs [n_w, b] of the adaptive blocks at each width, the pooler (d_w -> d) and the classifier."""

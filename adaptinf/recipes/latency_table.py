@@ -173,8 +173,8 @@ def measure_architectures(model, architectures: dict[str, list[str] | None], bat
 
 def profile(model, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> LatencyTable:
     """Time every candidate block of `model` (see the module docstring) and the overhead; returns the table."""
-    if batch_size < 1 or not 1 <= seq_len <= model.spec.encoder.max_position_embeddings:
-        raise ValueError(f"profile: batch_size must be >= 1 and seq_len in [1, max_position_embeddings], "
+    if batch_size < 1 or not 1 <= seq_len <= model.spec.encoder.max_positions:
+        raise ValueError(f"profile: batch_size must be >= 1 and seq_len in [1, the positions the backbone has], "
                          f"got {batch_size}, {seq_len}")
     layers = model.spec.encoder.num_hidden_layers
     # each block in every layer, the other slot skipped: each layer's own weights pass through the
