@@ -278,6 +278,33 @@ class RunConfig:
     def method(self, name: str) -> MethodSettings:
         return next(m for m in self.methods if m.name == name)
 
+    def dense_budget(self, n_train: int) -> tuple[TrainSettings, dict[str, int]]:
+        """The dense baseline's training settings, given at least the training budget of the
+        most-trained method (it still stops on validation with `patience`), and every method's budget
+        in samples seen. A method converted from the dense model counts the dense training it starts
+        from too; its own phases count as passes over the training data (`method_samples`)."""
+        own = self.dense.to_train_config(0).total_steps(n_train) * self.dense.batch_size
+        budgets = {m.name: method_samples(m, n_train) + (own if m.source == "dense" else 0) for m in self.methods}
+        need = max(budgets.values(), default=0)
+        steps = -(-need // self.dense.batch_size)  # ceil
+        if steps <= self.dense.to_train_config(0).total_steps(n_train):
+            return self.dense, budgets
+        return dataclasses.replace(self.dense, min_steps=steps, max_steps=max(self.dense.max_steps, steps)
+                                   if self.dense.max_steps else 0), budgets
+
+
+def method_samples(ms: MethodSettings, n_train: int) -> int:
+    """Training samples a method's recipe sees on `n_train` samples: its fine-tuning steps times the
+    batch size, plus its own passes over the data (ACM's distillation and gate epochs, PLANER's router
+    epochs; SHARCS's epochs are its fine-tuning)."""
+    from adaptinf.registry import get_method
+
+    tc = ms.train.to_train_config(0)
+    cfg = get_method(ms.name).Config.from_dict(dict(ms.set))
+    passes = getattr(cfg, "distill_epochs", 0) + getattr(cfg, "gate_epochs", 0) + getattr(cfg, "router_epochs", 0)
+    tuned = tc.total_steps(n_train) * tc.batch_size if getattr(cfg, "finetune", True) else 0
+    return tuned + passes * n_train
+
 
 def settings_hash(*parts) -> str:
     """A short stable hash of JSON-ready settings."""

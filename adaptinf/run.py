@@ -135,6 +135,7 @@ class RunResult:
     report: Path | None
     stages: list[StageRecord] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # method -> error
+    notes: list[str] = field(default_factory=list)  # what the run adapted or decided (structure, budgets)
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -256,14 +257,22 @@ def _dense_stage(job: _Job) -> str:
     from adaptinf.steps import finetune_dense
 
     cfg, dense_dir = job.cfg, job.out / "dense"
+    n_train = len(job.task.train[0]) if cfg.max_train_samples is None else min(cfg.max_train_samples, len(job.task.train[0]))
+    train, budgets = cfg.dense_budget(n_train)
+    if train is not cfg.dense:
+        most = max(budgets, key=budgets.get)
+        note = (f"dense: trained for at least {train.min_steps} steps ({budgets[most]:,} samples: the budget of the "
+                f"most-trained method, {most}), stopping on validation" + (f" (patience {train.patience})" if train.patience else ""))
+        _say(note)
+        job.result.notes.append(note)
 
     def train_dense(st: Stage):
-        summary = finetune_dense(cfg.model, cfg.task, cfg.dense.to_train_config(job.seed), dense_dir,
+        summary = finetune_dense(cfg.model, cfg.task, train.to_train_config(job.seed), dense_dir,
                                  max_length=cfg.max_length, max_train_samples=cfg.max_train_samples,
                                  progress=job.progress, task=job.task)
-        return {"summary": summary}
+        return {"summary": summary, "method_budgets": budgets}
 
-    key, _ = job.stage("dense: fine-tune", dense_dir, {**job.base, "train": vars(cfg.dense)}, [], train_dense,
+    key, _ = job.stage("dense: fine-tune", dense_dir, {**job.base, "train": vars(train)}, [], train_dense,
                        outputs=("best/config.json", "best/model.safetensors"))
     return key
 
@@ -317,21 +326,27 @@ def _train_method_stage(job: _Job, ms, mdir: Path, dense_key: str) -> str:
     cfg, dense_best = job.cfg, job.out / "dense" / "best"
 
     def train_method(st: Stage):
+        from adaptinf.structure import adapt
+
         if ms.source == "dense":
             dense, source = load_model(dense_best, expect_method="dense"), str(dense_best)
         else:
             dense, _ = dense_from_pretrained(cfg.model, job.task.labels, cfg.max_length, 0.1, job.seed)
             source = cfg.model
-        convert_method(dense, ms.name, ms.set, mdir / "model", cfg.task, ms.train.to_train_config(job.seed),
+        sets, notes = adapt(ms.name, ms.set, dense.spec.encoder)  # the preset's structure fitted to this model
+        for note in notes:
+            _say(f"note: {note}")
+        convert_method(dense, ms.name, sets, mdir / "model", cfg.task, ms.train.to_train_config(job.seed),
                        train_dir=mdir / "train", max_train_samples=cfg.max_train_samples,
                        source_name=source, progress=job.progress, task=job.task)
         (mdir / "error.txt").unlink(missing_ok=True)
-        return {"source": source}
+        return {"source": source, "set": sets, "structure_notes": notes}
 
     settings = {"method": ms.name, "source": ms.source, "set": ms.set, "train": vars(ms.train)}
     deps = [dense_key] if ms.source == "dense" else [settings_hash(job.base)]
-    key, _ = job.stage(f"{ms.name}: convert and train", mdir, settings, deps, train_method,
-                       outputs=("model/config.json", "model/model.safetensors"))
+    key, info = job.stage(f"{ms.name}: convert and train", mdir, settings, deps, train_method,
+                          outputs=("model/config.json", "model/model.safetensors"))
+    job.result.notes += info.get("structure_notes", [])
     return key
 
 

@@ -46,6 +46,8 @@ def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, re
     notes.append(f"Model `{cfg.model}`, data `{cfg.task.data}` (seed {cfg.task.seed}), trained on {sub}; "
                  "every setting in `resolved.yaml`. Rerunning the same `adaptinf run` command reuses finished "
                  "stages and resumes an interrupted one.")
+    for n in getattr(result, "notes", []):
+        notes.append(f"**Note** {n}.")
     for m, why in result.skipped.items():
         notes.append(f"**Skipped** `{m}`: {why}.")
     for m, err in result.failed.items():
