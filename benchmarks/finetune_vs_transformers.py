@@ -49,13 +49,17 @@ def main() -> None:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="initialisation, dropout and batch-order seed")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (the quick preset uses 8e-5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    cfg = TrainConfig(epochs=args.epochs, batch_size=32, lr=5e-5, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, seed=args.seed)
     task = rotten_tomatoes(args.split_seed)
     tok = load_tokenizer("minilm-l6")
     train = encode(*subsample(task.train, args.max_train_samples, args.seed), tok, 64, warn=False)
@@ -131,7 +135,7 @@ def main() -> None:
                      f"| {r['test_accuracy']:.4f} | {r['train_seconds']} | {r['seconds_per_step']} |")
     lines.append("")
     lines.append(f"{results['split']}; {results['machine']}, {results['torch_threads']} threads, torch "
-                 f"{results['torch_version']}; batch 32, lr 5e-5, max length 64, {cfg.epochs} epochs; {results['timestamp']}")
+                 f"{results['torch_version']}; batch 32, lr {cfg.lr:g}, max length 64, {cfg.epochs} epochs; {results['timestamp']}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

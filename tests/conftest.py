@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,23 +109,33 @@ def minilm_tokenizer():
     return load_tokenizer("minilm-l6")
 
 
-@pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory):
-    """A randomly initialised 2-layer BERT saved as a Hugging Face checkpoint, with MiniLM's tokenizer."""
+def save_random_bert(directory: Path, **config) -> Path:
+    """A randomly initialised (seed 0) `BertModel` of `config` saved as a Hugging Face checkpoint in
+    `directory`, with MiniLM's tokenizer beside it."""
     from transformers import BertConfig, BertModel
 
     from adaptinf.hf import resolve_model_path
 
-    d = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(d)
+    BertModel(BertConfig(vocab_size=30522, max_position_embeddings=64, **config)).save_pretrained(directory)
     src = resolve_model_path("minilm-l6")
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / f).exists():
-            shutil.copy(src / f, d / f)
-    return d
+            shutil.copy(src / f, directory / f)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A randomly initialised 2-layer BERT saved as a Hugging Face checkpoint, with MiniLM's tokenizer."""
+    return save_random_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def random_bert_dir(tmp_path_factory):
+    """A factory: `random_bert_dir(**config)` saves a random BERT of that shape (see `save_random_bert`)."""
+    return lambda **config: save_random_bert(tmp_path_factory.mktemp("bert"), **config)
 
 
 @pytest.fixture(scope="session")

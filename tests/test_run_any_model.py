@@ -8,10 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
 
 import pytest
-import torch
 import yaml
 
 from adaptinf.cli import main
@@ -19,20 +17,8 @@ from adaptinf.preset import read_preset
 
 
 @pytest.fixture(scope="module")
-def four_layer_hf_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    from adaptinf.hf import resolve_model_path
-
-    d = tmp_path_factory.mktemp("bert-4x48")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=96, max_position_embeddings=64)).save_pretrained(d)
-    src = resolve_model_path("minilm-l6")
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / f).exists():
-            shutil.copy(src / f, d / f)
-    return d
+def four_layer_hf_dir(random_bert_dir):
+    return random_bert_dir(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96)
 
 
 @pytest.fixture(scope="module")
