@@ -42,7 +42,8 @@ def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, re
     notes = [f"Preset **{cfg.preset}**: {cfg.description}" if cfg.description else f"Preset **{cfg.preset}**."]
     if cfg.note:
         notes.append(f"> {cfg.note}")
-    sub = f"a seeded {cfg.max_train_samples:,}-sample subset of the training split" if cfg.max_train_samples else "the whole training split"
+    sub = (f"at most {cfg.max_train_samples:,} samples of the training split (a seeded subset when it is larger)"
+           if cfg.max_train_samples else "the whole training split")
     notes.append(f"Model `{cfg.model}`, data `{cfg.task.data}` (seed {cfg.task.seed}), trained on {sub}; "
                  "every setting in `resolved.yaml`. Rerunning the same `adaptinf run` command reuses finished "
                  "stages and resumes an interrupted one.")
