@@ -83,7 +83,9 @@ def test_shipped_presets():
     quick, full = resolve("quick"), resolve("full")
     assert quick.max_train_samples and "subset" in quick.note  # the report says it is a subset
     assert full.max_train_samples is None and full.estimated_minutes > quick.estimated_minutes
-    assert quick.estimated_minutes <= 20
+    # bounded: the measured make demo (README). It was 20 before the dense baseline got the budget of the
+    # most-trained method and every stage a minimum step count (issue 15); measured 30 min 38 s since
+    assert quick.estimated_minutes <= 35
     for name in set(PENDING_METHODS) - set(list_methods()):
         assert name in quick.skipped and name in full.skipped
 
