@@ -20,6 +20,14 @@ Weight layout, chosen so methods can slice and split it:
 
 Step-wise execution: `embed` -> `run_blocks(h, mask, start, end)` -> `pool`, so early exit and
 routing can stop, compact or branch between any two blocks.
+
+Padding-free execution: pass a `Layout` (`token_layout(attention_mask)`) where a bias tensor is
+expected and the blocks compute on the real tokens only. `run_blocks` packs h [b, s, d] into the
+real rows [T, d] once, runs every token-wise layer (projections, FFN, LayerNorms) on them, and
+attention scatters q/k/v back into the padded [b, s] frame for one batched SDPA call per block
+(`attend`); the result is unpacked once at the end (pad rows 0). Real-token outputs equal the padded
+path's (tests/test_packed.py). Attention is a small share of a block at these lengths (4*s*d of
+~24*d^2 FLOPs per token), so its padding is left to length-bucketed batching.
 """
 
 from __future__ import annotations
@@ -125,6 +133,96 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype = torch.floa
     return torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
+class Layout:
+    """Where the real tokens of a right- or arbitrarily padded batch [b, s] are.
+
+    Stands in for the additive attention bias: `layout.bias` is that tensor [b, 1, 1, s], indexing a
+    layout indexes its bias (`layout[rows, :, :, :n]`, as code written for bias tensors does) and
+    gives a layout again. `index` [T] are the flat positions (row * s + column) of the real tokens,
+    found with one host sync on first use; `pack`/`unpack` move between [b, s, d] and [T, d].
+    """
+
+    __slots__ = ("bias", "_index")
+
+    def __init__(self, bias: torch.Tensor):
+        if bias.dim() != 4:
+            raise ValueError(f"a Layout holds an additive attention bias [b, 1, 1, s], got shape {tuple(bias.shape)}")
+        self.bias = bias
+        self._index: torch.Tensor | None = None
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Layout:
+        return cls(attention_bias(attention_mask, dtype))
+
+    def __getitem__(self, key) -> Layout:
+        return Layout(self.bias[key])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.bias.shape
+
+    @property
+    def batch(self) -> tuple[int, int]:
+        """(b, s) of the padded frame."""
+        return self.bias.shape[0], self.bias.shape[-1]
+
+    @property
+    def index(self) -> torch.Tensor:
+        if self._index is None:
+            self._index = (self.bias[:, 0, 0, :] == 0).reshape(-1).nonzero().squeeze(1)
+        return self._index
+
+    def pack(self, h: torch.Tensor) -> torch.Tensor:
+        """h [b, s, w] -> the real tokens' rows [T, w]."""
+        return h.reshape(-1, h.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, w] -> [b, s, w] with pad rows 0."""
+        b, s = self.batch
+        return x.new_zeros(b * s, x.shape[-1]).index_copy_(0, self.index, x).view(b, s, x.shape[-1])
+
+
+def token_layout(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Layout:
+    """The `Layout` of a batch (1 = token, 0 = pad): pass it where a bias is expected to run padding-free."""
+    return Layout.from_mask(attention_mask, dtype)
+
+
+def bias_of(mask: torch.Tensor | Layout) -> torch.Tensor:
+    """The additive bias tensor [b, 1, 1, s] of a bias or a `Layout`."""
+    return mask.bias if isinstance(mask, Layout) else mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | Layout, n_heads: int,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """Multi-head SDPA on projections q, k, v of width n_heads * head_dim.
+
+    Padded inputs [b, s, w] take the bias tensor (or a Layout) and give [b, s, w]; packed inputs
+    [T, w] (real tokens only) take a `Layout`, are scattered into its padded frame for one batched
+    SDPA call and come back packed [T, w].
+    """
+    packed = q.dim() == 2
+    if packed:
+        if not isinstance(mask, Layout):
+            raise ValueError("packed q/k/v [T, w] need a Layout (token_layout(attention_mask)), not a bias tensor")
+        q, k, v = mask.unpack(q), mask.unpack(k), mask.unpack(v)
+    b, s, w = q.shape
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, s, n_heads, w // n_heads).transpose(1, 2)  # [b, nh, s, hd]
+
+    a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias_of(mask), dropout_p=dropout_p)
+    a = a.transpose(1, 2).reshape(b, s, w)  # [b, s, w]
+    return mask.pack(a) if packed else a
+
+
+def packed_run(fn, h: torch.Tensor, mask: torch.Tensor | Layout) -> torch.Tensor:
+    """Run `fn(x, mask)` on the real tokens of padded h [b, s, d] when `mask` is a Layout (pack once,
+    unpack once); on h itself otherwise. `fn` must be token-wise apart from `attend`."""
+    if isinstance(mask, Layout) and h.dim() == 3:
+        return mask.unpack(fn(mask.pack(h), mask))
+    return fn(h, mask)
+
+
 class Embeddings(nn.Module):
     """Token + position (+ token type) embeddings, LayerNorm, dropout, and (ELECTRA) a projection to d.
 
@@ -178,15 +276,14 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.attn_dropout = cfg.attention_probs_dropout_prob
 
-    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        b, s, _ = h.shape
+    def forward(self, h: torch.Tensor, bias: torch.Tensor | Layout) -> torch.Tensor:
+        """h [b, s, d] with a bias [b, 1, 1, s] or a Layout (then computed on real tokens only), or
+        packed h [T, d] with a Layout."""
+        return packed_run(self._forward, h, bias)
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [b, nh, s, hd]
-
+    def _forward(self, h: torch.Tensor, bias: torch.Tensor | Layout) -> torch.Tensor:
         p = self.attn_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)), attn_mask=bias, dropout_p=p)
-        a = a.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)  # [b, s, d]
+        a = attend(self.q(h), self.k(h), self.v(h), bias, self.n_heads, p)
         return self.norm(h + self.dropout(self.out(a)))
 
 
@@ -210,7 +307,10 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, bias: torch.Tensor | Layout) -> torch.Tensor:
+        return packed_run(self._forward, h, bias)
+
+    def _forward(self, h: torch.Tensor, bias: torch.Tensor | Layout) -> torch.Tensor:
         return self.ffn(self.attention(h, bias))
 
 
@@ -256,14 +356,21 @@ class Encoder(nn.Module):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.embeddings(input_ids, token_type_ids)
 
-    def run_blocks(self, h: torch.Tensor, bias: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Run blocks `start..end-1` on hidden states h [b, s, d] with SDPA mask `bias` [b, 1, 1, s]."""
+    def run_blocks(self, h: torch.Tensor, bias: torch.Tensor | Layout, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run blocks `start..end-1` on hidden states h [b, s, d] with SDPA mask `bias` [b, 1, 1, s],
+        or padding-free with a `Layout` (h packed once on entry, unpacked once on return; pad rows 0)."""
         end = self.num_layers if end is None else end
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"block range {start}..{end} outside 0..{self.num_layers}")
-        for block in self.blocks[start:end]:
-            h = block(h, bias)
-        return h
+        if start == end:
+            return h
+
+        def blocks(x: torch.Tensor, mask: torch.Tensor | Layout) -> torch.Tensor:
+            for block in self.blocks[start:end]:
+                x = block(x, mask)  # packed x [T, d] runs as it is
+            return x
+
+        return packed_run(blocks, h, bias)
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         return self.pooler(h)
@@ -274,10 +381,14 @@ class Encoder(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        packed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Returns (last hidden state [b, s, d], pooled [b, d], hidden states per layer incl. embeddings)."""
+        """Returns (last hidden state [b, s, d], pooled [b, d], hidden states per layer incl. embeddings).
+
+        `packed` computes on real tokens only (pad rows of the returned states are then 0, not the
+        padded path's values, which nothing reads)."""
         h = self.embed(input_ids, token_type_ids)
-        bias = attention_bias(attention_mask, h.dtype)
+        bias = (token_layout if packed else attention_bias)(attention_mask, h.dtype)
         states = [h] if output_hidden_states else []
         for block in self.blocks:
             h = block(h, bias)

@@ -19,6 +19,14 @@ Protocol (`run_bench`):
   vs the reference and the realisation ratio (measured speed-up / FLOPs reduction).
 
 Measured latency and analytic FLOPs are reported side by side; FLOPs are never presented as speed.
+The physical limit is on every row too: the machine's measured matmul rate (`matmul_rate`, fp32 or
+int8 by the case's precision, same threads) and the case's achieved GFLOP/s as a fraction of it.
+
+Batches are length-bucketed by default (`make_batches(sort_by_length=True)`: the drawn samples
+sorted by length before they are cut into batches), as `predict` and `evaluate` do; a case may run on
+batches of its own (`case_batches`, e.g. the padded dense reference on unsorted batches of the same
+samples), and a case whose outputs carry no FLOPs (a `transformers` or ONNX Runtime model) may take
+another case's (`flops_from`).
 
 The protocol's pieces are public so every other timing in the project takes its numbers the same
 way (PLANER's latency table, `adaptinf.recipes.latency_table`, times its block stacks with them):
@@ -82,6 +90,10 @@ class BenchRow:
     gflops_per_sample: float | None  # analytic, from the case's outputs on these batches (None: not reported)
     flops_reduction_vs_reference: float | None  # reference GFLOPs / this case's
     realisation: float | None  # speedup_vs_reference / flops_reduction_vs_reference
+    precision: str  # "fp32", "int8" or "bf16": which matmul rate the case is held to
+    achieved_gflops_per_s: float | None  # gflops_per_sample * samples_per_s
+    peak_gflops_per_s: float | None  # this machine's measured matmul rate at the case's precision
+    peak_fraction: float | None  # achieved / peak
     machine: str
     device: str
     torch_threads: int
@@ -101,13 +113,16 @@ def _move(batch: Batch, device: torch.device) -> Batch:
 
 
 def make_batches(
-    enc: Encoded, batch_size: int, n_batches: int, seed: int, pad_id: int = 0, device: str | torch.device = "cpu"
+    enc: Encoded, batch_size: int, n_batches: int, seed: int, pad_id: int = 0, device: str | torch.device = "cpu",
+    sort_by_length: bool = True,
 ) -> list[Batch]:
     """`n_batches` batches of `batch_size` samples drawn at random (seeded) from `enc`.
 
     Each batch is padded to its own longest sample, as in real serving. When `enc` holds fewer
     than `batch_size * n_batches` samples, seeded permutations of it are concatenated, so every
-    sample is used about equally often.
+    sample is used about equally often. With `sort_by_length` (the default, as `predict` does) the
+    drawn samples are sorted by length before they are cut into batches (length-bucketed): the same
+    samples either way, less padding.
 
     Args:
         enc: tokenised samples (usually the test split).
@@ -116,6 +131,7 @@ def make_batches(
         seed: the same seed gives the same batches.
         pad_id: the tokenizer's padding id.
         device: where to put the batches (moved before timing, so copies are not timed).
+        sort_by_length: bucket by length (see above); False gives batches in the drawn order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size}")
@@ -134,6 +150,8 @@ def make_batches(
             rng.shuffle(perm)
             order.extend(perm)
         order = order[:need]
+    if sort_by_length:
+        order = sorted(order, key=lambda i: len(enc.ids[i]))
     dev = torch.device(device)
     return [_move(collate(enc, order[i * batch_size : (i + 1) * batch_size], pad_id), dev) for i in range(n_batches)]
 
@@ -201,6 +219,49 @@ def _device_name(batches: list[Batch]) -> str:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# --- the physical limit ----------------------------------------------------------------------------
+
+
+PRECISIONS = ("fp32", "int8", "bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_rate(precision: str = "fp32", threads: int | None = None, n: int = 1024, repeats: int = 5) -> float:
+    """This machine's measured matmul rate in GFLOP/s (2*n^3 FLOPs per n x n x n product) at
+    `threads` (default: torch's current count), median of `repeats` after a warm-up.
+
+    fp32: `torch.mm`; bf16: `torch.mm` in bfloat16; int8: a dynamic int8 Linear
+    (`torch.ao.nn.quantized.dynamic.Linear`, the kernel `--quantize int8` runs), its per-call
+    activation quantisation included. Cached per process and arguments.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g)
+        b = torch.randn(n, n, generator=g)
+        if precision == "int8":
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+            lin = DynamicLinear(n, n, dtype=torch.qint8)
+            wq = torch.quantize_per_tensor(b, scale=float(b.abs().max()) / 127, zero_point=0, dtype=torch.qint8)
+            lin.set_weight_bias(wq, None)
+            fn = functools.partial(lin, a)
+        else:
+            if precision == "bf16":
+                a, b = a.bfloat16(), b.bfloat16()
+            fn = functools.partial(torch.mm, a, b)
+        with torch.inference_mode():
+            fn()
+            ms = time_call(fn, repeats=repeats, min_sample_ms=50.0)
+        return 2 * n**3 / (ms * 1e-3) / 1e9
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- protocol -------------------------------------------------------------------------------------
@@ -298,6 +359,10 @@ def run_bench(
     warmup: int = 2,
     reference: str | None = "dense",
     progress: bool = True,
+    case_batches: dict[str, dict[int, list[Batch]]] | None = None,
+    flops_from: dict[str, str] | None = None,
+    precision: dict[str, str] | None = None,
+    peak: bool = True,
 ) -> list[BenchRow]:
     """Time every case on every batch size with the interleaved protocol in the module docstring.
 
@@ -308,12 +373,34 @@ def run_bench(
         warmup: discarded passes over the batches per case before timing.
         reference: the case speed-ups are measured against, or None.
         progress: show a tqdm bar over rounds.
+        case_batches: name -> batch size -> batches that case runs on instead of `batches` (the same
+            samples in another grouping, e.g. unsorted for a padded reference; same counts).
+        flops_from: name -> the case whose analytic FLOPs it is credited with (a `transformers`
+            or ONNX Runtime model of the dense one reports none itself).
+        precision: name -> "fp32" (default), "int8" or "bf16": the matmul rate its row is held to.
+        peak: measure the machine's matmul rates (`matmul_rate`) for the rows' peak fields.
 
     Returns:
         One `BenchRow` per (case, batch size), batch sizes in the order given, cases in the order given.
     """
     _check_inputs(cases, batches, repeats, warmup, reference)
+    case_batches, flops_from, precision = case_batches or {}, flops_from or {}, precision or {}
+    for label, d in (("case_batches", case_batches), ("flops_from", flops_from), ("precision", precision)):
+        if set(d) - set(cases):
+            raise ValueError(f"{label} names cases that are not among the cases: {sorted(set(d) - set(cases))}")
+    for name, src in flops_from.items():
+        if src not in cases:
+            raise ValueError(f"flops_from[{name!r}] = {src!r} is not a case")
+    for name, p in precision.items():
+        if p not in PRECISIONS:
+            raise ValueError(f"precision[{name!r}] = {p!r}; one of {', '.join(PRECISIONS)}")
+    for name, per_size in case_batches.items():
+        for size, bs in batches.items():
+            own = per_size.get(size)
+            if own is None or sum(b.input_ids.shape[0] for b in own) != sum(b.input_ids.shape[0] for b in bs):
+                raise ValueError(f"case_batches[{name!r}] must hold, for batch size {size}, as many samples as the shared batches")
     names = list(cases)
+    rates = {p: matmul_rate(p) for p in sorted({precision.get(n, "fp32") for n in names})} if peak else {}
     stamp = dict(
         machine=machine_name(),
         torch_threads=torch.get_num_threads(),
@@ -327,11 +414,15 @@ def run_bench(
         for size, bs in batches.items():
             device = bs[0].input_ids.device
             bar.set_postfix(batch_size=size)
-            gflops = {name: _gflops_per_sample(cases[name], bs) for name in names}  # untimed
-            warm_up({name: functools.partial(_pass, cases[name], bs) for name in names}, warmup)
-            timers = {name: functools.partial(_time_once, cases[name], bs, device) for name in names}
+            own = {name: case_batches.get(name, {}).get(size, bs) for name in names}
+            gflops = {name: _gflops_per_sample(cases[name], own[name]) for name in names}  # untimed
+            for name, src in flops_from.items():
+                gflops[name] = gflops[name] if gflops[name] is not None else gflops[src]
+            warm_up({name: functools.partial(_pass, cases[name], own[name]) for name in names}, warmup)
+            timers = {name: functools.partial(_time_once, cases[name], own[name], device) for name in names}
             times = interleaved_rounds(timers, repeats, after_round=lambda: bar.update(1))
-            rows.extend(_rows_for_size(size, bs, times, gflops, reference, warmup, _device_name(bs), stamp))
+            rows.extend(_rows_for_size(size, own, times, gflops, reference, warmup, _device_name(bs), stamp,
+                                       {n: precision.get(n, "fp32") for n in names}, rates))
     bar.close()
     return rows
 
@@ -350,20 +441,23 @@ def _gflops_per_sample(case: Case, bs: list[Batch]) -> float | None:
 
 def _rows_for_size(
     size: int,
-    bs: list[Batch],
+    own: dict[str, list[Batch]],
     times: dict[str, list[float]],
     gflops: dict[str, float | None],
     reference: str | None,
     warmup: int,
     device: str,
     stamp: dict,
+    precision: dict[str, str],
+    rates: dict[str, float],
 ) -> list[BenchRow]:
-    lengths = torch.cat([b.attention_mask.sum(dim=1) for b in bs]).double()  # [n_samples]
-    samples_per_batch = lengths.numel() / len(bs)
-    padded = float(np.mean([b.input_ids.shape[1] for b in bs]))
     ref_median = float(np.median(times[reference])) if reference is not None else None
     rows = []
     for name, ts in times.items():
+        bs = own[name]
+        lengths = torch.cat([b.attention_mask.sum(dim=1) for b in bs]).double()  # [n_samples]
+        samples_per_batch = lengths.numel() / len(bs)
+        padded = float(np.mean([b.input_ids.shape[1] for b in bs]))
         t = np.asarray(ts)
         median = float(np.median(t))
         speedup = paired = None
@@ -376,6 +470,8 @@ def _rows_for_size(
         if ref_gflops is not None and gflops[name]:
             reduction = ref_gflops / gflops[name]
             realisation = speedup / reduction
+        achieved = None if gflops[name] is None else gflops[name] * 1e3 / ms_per_sample
+        rate = rates.get(precision[name])
         rows.append(
             BenchRow(
                 case=name,
@@ -398,6 +494,10 @@ def _rows_for_size(
                 gflops_per_sample=gflops[name],
                 flops_reduction_vs_reference=reduction,
                 realisation=realisation,
+                precision=precision[name],
+                achieved_gflops_per_s=achieved,
+                peak_gflops_per_s=rate,
+                peak_fraction=None if achieved is None or not rate else achieved / rate,
                 device=device,
                 **stamp,
             )
@@ -429,8 +529,8 @@ def format_table(rows: list[BenchRow]) -> str:
     ref = rows[0].reference
     lines = [
         f"| case | batch | median ms | IQR ms (p25–p75) | ms/sample | speed-up vs {ref or '-'} (paired) "
-        "| GFLOPs/sample | FLOPs reduction | realisation |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GFLOPs/sample | FLOPs reduction | realisation | GFLOP/s (of peak) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.speedup_vs_reference is None:
@@ -440,14 +540,19 @@ def format_table(rows: list[BenchRow]) -> str:
         gf = "-" if r.gflops_per_sample is None else f"{r.gflops_per_sample:.4f}"
         red = "-" if r.flops_reduction_vs_reference is None else f"{r.flops_reduction_vs_reference:.2f}x"
         real = "-" if r.realisation is None else f"{r.realisation:.2f}"
+        rate = "-" if r.achieved_gflops_per_s is None else f"{r.achieved_gflops_per_s:.1f}"
+        if r.peak_fraction is not None:
+            rate += f" ({100 * r.peak_fraction:.0f}% of {r.precision})"
         lines.append(
             f"| {r.case} | {r.batch_size} | {r.median_ms:.2f} | {r.p25_ms:.2f}–{r.p75_ms:.2f} "
-            f"| {r.ms_per_sample:.3f} | {speed} | {gf} | {red} | {real} |"
+            f"| {r.ms_per_sample:.3f} | {speed} | {gf} | {red} | {real} | {rate} |"
         )
     r = rows[0]
+    peaks = {x.precision: x.peak_gflops_per_s for x in rows if x.peak_gflops_per_s}
     lines.append("")
     lines.append(
         f"{r.machine}, {r.device}, {r.torch_threads} threads, torch {r.torch_version}, "
         f"Python {r.python_version}; median of {r.repeats} rounds after {r.warmup} warm-up, {r.timestamp}"
+        + ("; measured matmul peak " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()) if peaks else "")
     )
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptinf.backbone import EncoderConfig
+from adaptinf.backbone import EncoderConfig, Layout, attention_bias, token_layout
 
 from adaptinf.data import eval_batches
 
@@ -192,6 +192,21 @@ class AdaptiveClassifier(nn.Module):
         self.config = config
         self.knob: float | None = None
         self.tokenizer = None  # attached by adaptinf.load / the CLI
+        self.packed = True  # padding-free execution at inference (`token_mask`); a runtime choice, not saved
+
+    def token_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | Layout:
+        """What the blocks take as their mask: in eval mode with `packed` a `Layout` (computation on
+        real tokens only, outputs equal), else the additive bias [b, 1, 1, s] (training: unchanged)."""
+        if self.packed and not self.training:
+            return token_layout(attention_mask, dtype)
+        return attention_bias(attention_mask, dtype)
+
+    def set_packed(self, packed: bool) -> AdaptiveClassifier:
+        """Padding-free (True, the default) or padded (False) execution at inference; returns self."""
+        for m in self.modules():  # sub-models too (Multi-Model's cascade)
+            if isinstance(m, AdaptiveClassifier):
+                m.packed = bool(packed)
+        return self
 
     # --- to implement -------------------------------------------------------------------------
     def forward(

@@ -51,7 +51,12 @@ def main() -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (the quick preset uses 8e-5)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--models", default="adaptinf,transformers",
+                   help="comma-separated subset of adaptinf,transformers (one per process: two cores, two jobs)")
     args = p.parse_args()
+    wanted = args.models.split(",")
+    if not wanted or set(wanted) - {"adaptinf", "transformers"}:
+        p.error(f"--models: a comma-separated subset of adaptinf,transformers, not {args.models!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import BertForSequenceClassification
@@ -79,6 +84,7 @@ def main() -> None:
         "adaptinf": (ours, lambda b: ours(b.input_ids, b.attention_mask).logits),
         "transformers": (theirs, lambda b: theirs(input_ids=b.input_ids, attention_mask=b.attention_mask).logits),
     }
+    models = {name: v for name, v in models.items() if name in wanted}
     opts = {name: make_optimizer(m, cfg) for name, (m, _) in models.items()}
     total = steps_per_epoch(len(train), cfg.batch_size) * cfg.epochs
     seconds = {name: 0.0 for name in models}

@@ -222,22 +222,27 @@ def test_batched_equals_per_sample(name, policy):
 @pytest.mark.parametrize("name", ["ee", "multi-model"])
 def test_only_continuing_rows_run_on_and_padding_is_cut(name):
     """Compaction: after exit 0, the next segment sees only the rows that did not exit, padded to
-    the longest of them."""
+    the longest of them (padded execution), or only their real tokens (packed, the default)."""
     model = sharpen(convert(name, tiny_dense(), exits=(1, 3)))
     batch = batch_of(32, seed=5)
     model.set_knob(mixed_knobs(model, batch)[1])
-    seen = []
-    target = model.encoder.blocks[1] if name == "ee" else model.models[1].encoder.embeddings
-    handle = target.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[:2])))
-    try:
-        with torch.no_grad():
-            out = model(**batch)
-    finally:
-        handle.remove()
-    on = out.extras["exit"] == 1
-    assert 0 < int(on.sum()) < 32
     lengths = batch["attention_mask"].sum(1)
-    assert seen == [(int(on.sum()), int(lengths[on].max()))]
+    for packed in (False, True):
+        model.set_packed(packed)
+        seen = []
+        target = model.encoder.blocks[1] if name == "ee" else model.models[1].encoder.embeddings
+        handle = target.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+        try:
+            with torch.no_grad():
+                out = model(**batch)
+        finally:
+            handle.remove()
+        on = out.extras["exit"] == 1
+        assert 0 < int(on.sum()) < 32
+        if packed and name == "ee":  # the block ran on the continuing rows' real tokens [T, d]
+            assert seen == [(int(lengths[on].sum()), D)]
+        else:  # the padded batch of continuing rows (Multi-Model's embeddings always see ids [m, s])
+            assert [x[:2] for x in seen] == [(int(on.sum()), int(lengths[on].max()))]
 
 
 # --- cost -------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.backbone import Encoder, EncoderConfig, attention_bias
+from adaptinf.backbone import Encoder, EncoderConfig, bias_of, packed_run
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, option
 
@@ -386,7 +386,7 @@ class AcmClassifier(AdaptiveClassifier):
         knob, learners = self.run_knob(knob), self.check_learners(learners)
         b, s = input_ids.shape
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
-        bias = attention_bias(attention_mask, h.dtype)
+        bias = self.token_mask(attention_mask, h.dtype)  # a Layout at inference: unconverted layers padding-free
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
         mode = "train" if self.training else ("fixed" if learners is not None else "gate")
         ctx = _Routing(real, torch.div(real, s, rounding_mode="floor"), b, s, mode, knob, learners)
@@ -398,7 +398,7 @@ class AcmClassifier(AdaptiveClassifier):
             if "ffn" in mods:
                 h = block.ffn.norm(h + block.ffn.dropout(self._run(mods["ffn"], h, ctx)))
             else:
-                h = block.ffn(h)
+                h = packed_run(lambda x, _: block.ffn(x), h, bias)
         logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
         lengths = flops.lengths_of(attention_mask)
         executed = torch.stack([self._per_sample(k, ctx) for k in ctx.k]) if ctx.k else lengths.new_zeros(0, b)
@@ -421,7 +421,7 @@ class AcmClassifier(AdaptiveClassifier):
 
         q, k, v = (self._run(mods[name], h, ctx) for name in ("q", "k", "v"))
         p = attn.attn_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias, dropout_p=p)
+        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias_of(bias), dropout_p=p)
         a = a.transpose(1, 2).reshape(b, s, attn.n_heads * attn.head_dim)  # [b, s, d]
         return attn.norm(h + attn.dropout(self._run(mods["out"], a, ctx)))
 

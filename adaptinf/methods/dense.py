@@ -9,7 +9,7 @@ from torch import nn
 
 from adaptinf import flops
 from adaptinf.hf import BERT_FIELDS, hf_weight_names
-from adaptinf.backbone import Encoder, attention_bias
+from adaptinf.backbone import Encoder
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
 
@@ -48,7 +48,7 @@ class DenseClassifier(AdaptiveClassifier):
     def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
         self.run_knob(knob)  # dense has no knob: anything but None is refused
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
-        h = self.encoder.run_blocks(h, attention_bias(attention_mask, h.dtype))
+        h = self.encoder.run_blocks(h, self.token_mask(attention_mask, h.dtype))  # padding-free at inference
         logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
         cost = flops.dense_model(flops.lengths_of(attention_mask), self.spec.encoder, self.spec.num_labels)
         return ClassifierOutput(logits=logits, flops=cost.to(torch.float64))

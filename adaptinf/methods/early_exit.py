@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptinf import flops
-from adaptinf.backbone import Encoder, attention_bias
+from adaptinf.backbone import Encoder, bias_of
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier, DenseConfig
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
@@ -138,7 +138,7 @@ def summarise(h: torch.Tensor, bias: torch.Tensor, pooling: str) -> torch.Tensor
     each row's real tokens ("mean"; padding found from the additive attention bias [m, 1, 1, s'])."""
     if pooling == "cls":
         return h[:, 0]
-    keep = (bias[:, 0, 0, : h.shape[1]] == 0).to(h.dtype)  # [m, s] 1 = real token
+    keep = (bias_of(bias)[:, 0, 0, : h.shape[1]] == 0).to(h.dtype)  # [m, s] 1 = real token
     return (h * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True)
 
 
@@ -526,7 +526,7 @@ class EarlyExitClassifier(MultiExitClassifier):
 
     def _start(self, input_ids, attention_mask, token_type_ids):
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
-        return h, attention_bias(attention_mask, h.dtype), 0
+        return h, self.token_mask(attention_mask, h.dtype), 0  # a Layout at inference: padding-free segments
 
     def _stage(self, i, state, detach=False):
         h, bias, layer = state
@@ -596,7 +596,7 @@ class MultiModelClassifier(MultiExitClassifier):
         input_ids, attention_mask, token_type_ids = state
         sub = self.models[i]
         h = sub.encoder.embed(input_ids, token_type_ids)  # [m, s, d]
-        bias = attention_bias(attention_mask, h.dtype)
+        bias = sub.token_mask(attention_mask, h.dtype)
         h = sub.encoder.run_blocks(h, bias)
         pooled = torch.tanh(sub.encoder.pooler.dense(summarise(h, bias, self.config.pooling)))  # the dense pooler with "cls"
         return sub.classifier(sub.dropout(pooled)), state

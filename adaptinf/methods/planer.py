@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, attention_bias
+from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, attend, packed_run
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
@@ -358,16 +358,15 @@ def grouped_experts(x: torch.Tensor, sel: torch.Tensor, w_up: torch.Tensor, b_up
     return out
 
 
-def attention_heads(attn: Attention, h: torch.Tensor, bias: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
-    """The backbone's attention block with only its first `heads` heads."""
-    b, s, _ = h.shape
+def attention_heads(attn: Attention, h: torch.Tensor, bias, heads: int, dropout_p: float) -> torch.Tensor:
+    """The backbone's attention block with only its first `heads` heads (h padded [b, s, d] with a
+    bias or Layout, or packed [T, d] with a Layout)."""
     w = heads * attn.head_dim
 
     def proj(lin: nn.Linear) -> torch.Tensor:
-        return F.linear(h, lin.weight[:w], lin.bias[:w]).view(b, s, heads, attn.head_dim).transpose(1, 2)  # [b, nh, s, hd]
+        return F.linear(h, lin.weight[:w], lin.bias[:w])  # [b, s, w] or [T, w]
 
-    a = F.scaled_dot_product_attention(proj(attn.q), proj(attn.k), proj(attn.v), attn_mask=bias, dropout_p=dropout_p)
-    a = a.transpose(1, 2).reshape(b, s, w)  # [b, s, w]
+    a = attend(proj(attn.q), proj(attn.k), proj(attn.v), bias, heads, dropout_p)
     return attn.norm(h + attn.dropout(F.linear(a, attn.out.weight[:, :w], attn.out.bias)))
 
 
@@ -490,7 +489,7 @@ class PlanerClassifier(AdaptiveClassifier):
         b, s = input_ids.shape
         h = self.encoder.embed(input_ids, token_type_ids)
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
-        return h, attention_bias(attention_mask, h.dtype), _Tokens(real, torch.div(real, s, rounding_mode="floor"), b,
+        return h, self.token_mask(attention_mask, h.dtype), _Tokens(real, torch.div(real, s, rounding_mode="floor"), b,
                                                                   knob=self.run_knob(knob))
 
     def run_layer(self, layer: int, h: torch.Tensor, bias: torch.Tensor, ctx: _Tokens,
@@ -499,16 +498,18 @@ class PlanerClassifier(AdaptiveClassifier):
         a, f, k = slot or self._arch[layer]
         block = self.encoder.blocks[layer]
         cfg = self.spec.encoder
+        # with a Layout `bias` (inference) every block runs on the real tokens only (`packed_run`)
         if a == "full":
             h = block.attention(h, bias)
         elif a == "half":
-            h = attention_heads(block.attention, h, bias, half_heads(cfg), block.attention.attn_dropout if self.training else 0.0)
+            p = block.attention.attn_dropout if self.training else 0.0
+            h = packed_run(lambda x, m: attention_heads(block.attention, x, m, half_heads(cfg), p), h, bias)
         if f == "dense" and ctx.knob is not None and ctx.knob < 1:
             h = self._moe(layer, block.ffn, h, ctx, self.config.num_experts)  # the knob thins dense FFNs too
         elif f == "dense":
-            h = block.ffn(h)
+            h = packed_run(lambda x, _: block.ffn(x), h, bias)
         elif f == "half":
-            h = ffn_width(block.ffn, h, cfg.intermediate_size // 2)
+            h = packed_run(lambda x, _: ffn_width(block.ffn, x, cfg.intermediate_size // 2), h, bias)
         elif f == "moe":
             h = self._moe(layer, block.ffn, h, ctx, k)
         return h

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptinf import flops
-from adaptinf.backbone import Attention, Encoder, FeedForward, attention_bias
+from adaptinf.backbone import Attention, Encoder, FeedForward, attend, attention_bias, packed_run
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
@@ -218,21 +218,20 @@ def masked_mean(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sliced_attention(att: Attention, h: torch.Tensor, bias: torch.Tensor, heads: int, norm: nn.LayerNorm) -> torch.Tensor:
-    """`Attention.forward` on the leading `heads` heads and the first h.shape[-1] residual dims.
+    """`Attention.forward` on the leading `heads` heads and the first h.shape[-1] residual dims
+    (h padded [b, s, w] with a bias or a Layout, or packed [T, w] with a Layout).
 
     Weight slices are views (no copy), run as ordinary dense matmuls; with every head and the full
     residual this is the same computation as the module's own forward.
     """
-    b, s, d = h.shape
-    hd = att.head_dim
-    da = heads * hd
+    d = h.shape[-1]
+    da = heads * att.head_dim
 
     def project(lin: nn.Linear) -> torch.Tensor:
-        return F.linear(h, lin.weight[:da, :d], lin.bias[:da]).view(b, s, heads, hd).transpose(1, 2)  # [b, nh, s, hd]
+        return F.linear(h, lin.weight[:da, :d], lin.bias[:da])  # [b, s, da] or packed [T, da]
 
     p = att.attn_dropout if att.training else 0.0
-    a = F.scaled_dot_product_attention(project(att.q), project(att.k), project(att.v), attn_mask=bias, dropout_p=p)
-    a = a.transpose(1, 2).reshape(b, s, da)  # [b, s, da]
+    a = attend(project(att.q), project(att.k), project(att.v), bias, heads, p)
     return norm(h + att.dropout(F.linear(a, att.out.weight[:d, :da], att.out.bias[:d])))
 
 
@@ -397,7 +396,7 @@ class SharcsClassifier(AdaptiveClassifier):
     def _prefix(self, input_ids, attention_mask, token_type_ids):
         """Layers 1..k at full width and the router: (h [b, s, d], bias, router logits [b, n_w])."""
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
-        bias = attention_bias(attention_mask, h.dtype)
+        bias = self.token_mask(attention_mask, h.dtype)  # a Layout at inference: padding-free
         h = self.encoder.run_blocks(h, bias, 0, self.router_layer)
         return h, bias, self.router(masked_mean(h, attention_mask))
 
@@ -405,12 +404,17 @@ class SharcsClassifier(AdaptiveClassifier):
         """Layers k+1..L, pooler and classifier at width i: h [m, s, d] -> logits [m, C]."""
         shape = self.shapes[i]
         private = self.width_norms[i] if self.config.shrink_residual and i < self.num_widths - 1 else None
-        if private is not None:
-            h = private.reduce(h[..., : shape.hidden])  # the router step: slice, private norm
-        for j, block in enumerate(self.adaptive_blocks):
-            attn_norm = private.attn[j] if private is not None else block.attention.norm
-            ffn_norm = private.ffn[j] if private is not None else block.ffn.norm
-            h = sliced_block(block, h, bias, shape, attn_norm, ffn_norm)
+
+        def blocks(x: torch.Tensor, mask) -> torch.Tensor:  # padded [m, s, d] or packed [T, d]
+            if private is not None:
+                x = private.reduce(x[..., : shape.hidden])  # the router step: slice, private norm
+            for j, block in enumerate(self.adaptive_blocks):
+                attn_norm = private.attn[j] if private is not None else block.attention.norm
+                ffn_norm = private.ffn[j] if private is not None else block.ffn.norm
+                x = sliced_block(block, x, mask, shape, attn_norm, ffn_norm)
+            return x
+
+        h = packed_run(blocks, h, bias)  # with a Layout: on the real tokens only
         pooler = self.encoder.pooler.dense
         pooled = torch.tanh(F.linear(h[:, 0], pooler.weight[:, : shape.hidden], pooler.bias))  # [m, d]
         return self.classifier(self.dropout(pooled))

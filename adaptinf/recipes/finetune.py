@@ -241,7 +241,8 @@ class TokenCapture:
 
         def hook(module, args, output):
             t = args[0] if where == "input" else output
-            self.values[name] = t.reshape(-1, t.shape[-1]).index_select(0, self._real)  # [T, d] real tokens
+            # [b, s, d] padded -> its real tokens; [T, d] already packed (padding-free inference) as it is
+            self.values[name] = t if t.dim() == 2 else t.reshape(-1, t.shape[-1]).index_select(0, self._real)
         return hook
 
     def select(self, attention_mask: torch.Tensor) -> None:
