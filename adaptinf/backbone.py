@@ -142,13 +142,14 @@ class Layout:
     found with one host sync on first use; `pack`/`unpack` move between [b, s, d] and [T, d].
     """
 
-    __slots__ = ("bias", "_index")
+    __slots__ = ("bias", "_index", "_full")
 
     def __init__(self, bias: torch.Tensor):
         if bias.dim() != 4:
             raise ValueError(f"a Layout holds an additive attention bias [b, 1, 1, s], got shape {tuple(bias.shape)}")
         self.bias = bias
         self._index: torch.Tensor | None = None
+        self._full: bool | None = None
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Layout:
@@ -170,15 +171,31 @@ class Layout:
     def index(self) -> torch.Tensor:
         if self._index is None:
             self._index = (self.bias[:, 0, 0, :] == 0).reshape(-1).nonzero().squeeze(1)
+            self._full = self._index.numel() == self.bias.shape[0] * self.bias.shape[-1]
         return self._index
 
+    @property
+    def full(self) -> bool:
+        """No padding at all (e.g. batch 1): packing is a reshape and attention needs no mask."""
+        if self._full is None:
+            self.index
+        return bool(self._full)
+
+    @property
+    def sdpa_mask(self) -> torch.Tensor | None:
+        """The mask SDPA takes: None without padding (its faster unmasked kernels), else the bias."""
+        return None if self.full else self.bias
+
     def pack(self, h: torch.Tensor) -> torch.Tensor:
-        """h [b, s, w] -> the real tokens' rows [T, w]."""
-        return h.reshape(-1, h.shape[-1]).index_select(0, self.index)
+        """h [b, s, w] -> the real tokens' rows [T, w] (a view when there is no padding)."""
+        flat = h.reshape(-1, h.shape[-1])
+        return flat if self.full else flat.index_select(0, self.index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, w] -> [b, s, w] with pad rows 0."""
+        """x [T, w] -> [b, s, w] with pad rows 0 (a view when there is no padding)."""
         b, s = self.batch
+        if self.full:
+            return x.view(b, s, x.shape[-1])
         return x.new_zeros(b * s, x.shape[-1]).index_copy_(0, self.index, x).view(b, s, x.shape[-1])
 
 
@@ -210,7 +227,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     def heads(x: torch.Tensor) -> torch.Tensor:
         return x.view(b, s, n_heads, w // n_heads).transpose(1, 2)  # [b, nh, s, hd]
 
-    a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias_of(mask), dropout_p=dropout_p)
+    attn_mask = mask.sdpa_mask if isinstance(mask, Layout) else mask
+    a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask, dropout_p=dropout_p)
     a = a.transpose(1, 2).reshape(b, s, w)  # [b, s, w]
     return mask.pack(a) if packed else a
 

@@ -100,6 +100,10 @@ class BenchRow:
     torch_version: str
     python_version: str
     timestamp: str  # UTC, ISO 8601, start of the run
+    # filled by `adaptinf.references.against_best`: the fastest dense reference of the row's
+    # precision class (fp32, or int8 for an int8 case) at this batch size, and the ratio of medians
+    best_reference: str | None = None
+    speedup_vs_best: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,9 +252,13 @@ def matmul_rate(precision: str = "fp32", threads: int | None = None, n: int = 10
         if precision == "int8":
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-            lin = DynamicLinear(n, n, dtype=torch.qint8)
-            wq = torch.quantize_per_tensor(b, scale=float(b.abs().max()) / 127, zero_point=0, dtype=torch.qint8)
-            lin.set_weight_bias(wq, None)
+            import warnings
+
+            with warnings.catch_warnings():  # torch 2.13 marks quantised-tensor creation deprecated
+                warnings.simplefilter("ignore")
+                lin = DynamicLinear(n, n, dtype=torch.qint8)
+                wq = torch.quantize_per_tensor(b, scale=float(b.abs().max()) / 127, zero_point=0, dtype=torch.qint8)
+                lin.set_weight_bias(wq, None)
             fn = functools.partial(lin, a)
         else:
             if precision == "bf16":
@@ -529,8 +537,8 @@ def format_table(rows: list[BenchRow]) -> str:
     ref = rows[0].reference
     lines = [
         f"| case | batch | median ms | IQR ms (p25–p75) | ms/sample | speed-up vs {ref or '-'} (paired) "
-        "| GFLOPs/sample | FLOPs reduction | realisation | GFLOP/s (of peak) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GFLOPs/sample | FLOPs reduction | realisation | GFLOP/s (of peak) | vs best dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.speedup_vs_reference is None:
@@ -545,7 +553,8 @@ def format_table(rows: list[BenchRow]) -> str:
             rate += f" ({100 * r.peak_fraction:.0f}% of {r.precision})"
         lines.append(
             f"| {r.case} | {r.batch_size} | {r.median_ms:.2f} | {r.p25_ms:.2f}–{r.p75_ms:.2f} "
-            f"| {r.ms_per_sample:.3f} | {speed} | {gf} | {red} | {real} | {rate} |"
+            f"| {r.ms_per_sample:.3f} | {speed} | {gf} | {red} | {real} | {rate} "
+            f"| {'-' if r.speedup_vs_best is None else f'{r.speedup_vs_best:.2f}x ({r.best_reference})'} |"
         )
     r = rows[0]
     peaks = {x.precision: x.peak_gflops_per_s for x in rows if x.peak_gflops_per_s}

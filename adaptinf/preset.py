@@ -251,6 +251,8 @@ class LatencySettings:
     warmup: int = field(default=2, metadata={"minimum": 0})
     max_drop: float = 1.0  # accuracy points
     compare_hf: bool = False  # also time transformers' BertForSequenceClassification with the dense weights
+    int8: bool = True  # also time dense int8 and each chosen point's int8 form (and measure its test accuracy)
+    onnx: bool = True  # also time the dense model in ONNX Runtime, fp32 and dynamic int8
 
 
 @dataclass

@@ -437,15 +437,51 @@ def measure_latency(chosen, task, seed: int, cfg: RunConfig, out: Path, progress
     pts = [p for p, _ in chosen]
     lat = cfg.latency
     rows = time_points(pts, models, dense, enc, seed, samples=lat.samples, repeats=lat.repeats, warmup=lat.warmup,
-                       compare_hf=lat.compare_hf, progress=progress)
+                       compare_hf=lat.compare_hf, progress=progress, int8=lat.int8, onnx=lat.onnx,
+                       workdir=out / "onnx")
     write_bench(rows, out)
     (out / "bench.md").write_text(format_table(rows) + "\n")
+    by = {(r.case, r.batch_size): r for r in rows}
     timed = []
     for p, why in chosen:
         timed.append({"method": p.method, "model": p.model, "knob": p.knob, "why": why,
                       **{k: getattr(p, k) for k in TIMED_FIELDS}})
-    dense_rows = {r.batch_size: r for r in rows if r.case == "dense"}
     timed.append({"method": "dense", "model": "dense", "knob": None, "why": "reference",
-                  "latency_ms_b1": dense_rows[1].median_ms, "latency_ms_b32": dense_rows[32].median_ms,
-                  "speedup_b1": 1.0, "speedup_b32": 1.0, "realisation_b32": 1.0})
+                  "latency_ms_b1": by[("dense", 1)].median_ms, "latency_ms_b32": by[("dense", 32)].median_ms,
+                  "speedup_b1": by[("dense", 1)].speedup_vs_best, "speedup_b32": by[("dense", 32)].speedup_vs_best,
+                  "realisation_b32": 1.0})
+    if lat.int8:
+        (out / "int8.json").write_text(json.dumps(_int8_forms(chosen, models, dense, enc, by), indent=2) + "\n")
     return timed
+
+
+def _int8_forms(chosen, models, dense, enc, by) -> list[dict]:
+    """Test accuracy and latency of the int8 forms: dense int8, ONNX Runtime's, each chosen point's."""
+    import copy
+
+    from adaptinf.model import accuracy
+    from adaptinf.quantize import quantize
+
+    def row(name, method, knob, acc, case):
+        b1, b32 = by.get((case, 1)), by.get((case, 32))
+        hf1, hf32 = by.get(("transformers", 1)), by.get(("transformers", 32))
+        return {"name": name, "method": method, "knob": knob, "test_accuracy": acc,
+                "latency_ms_b1": b1.median_ms, "latency_ms_b32": b32.median_ms,
+                "speedup_vs_best_int8_b1": b1.speedup_vs_best, "speedup_vs_best_int8_b32": b32.speedup_vs_best,
+                "best_int8_b1": b1.best_reference, "best_int8_b32": b32.best_reference,
+                "speedup_vs_transformers_b1": hf1.median_ms / b1.median_ms if hf1 else None,
+                "speedup_vs_transformers_b32": hf32.median_ms / b32.median_ms if hf32 else None}
+
+    pad = dense.spec.encoder.pad_token_id
+    q = copy.deepcopy(dense).eval()
+    quantize(q, "int8")
+    out = [row("dense int8", "dense", None, accuracy(q, enc, 64, pad)[0], "dense int8")]
+    if ("onnxruntime int8", 32) in by:
+        out.append(row("onnxruntime int8", "dense", None, None, "onnxruntime int8"))
+    for p, _ in chosen:
+        key = p.model if p.knob is None else f"{p.model}@{p.knob:g}"
+        case = next((c for (c, b) in by if b == 32 and c.split("#")[0] == key and not c.endswith(" int8")), key)
+        q = copy.deepcopy(models[p.model_dir]).eval()
+        quantize(q, "int8")
+        out.append(row(f"{p.model} int8", p.method, p.knob, accuracy(q, enc, 64, pad, knob=p.knob)[0], f"{case} int8"))
+    return out

@@ -65,6 +65,7 @@ def write_run_report(points: list[OperatingPoint], cfg: RunConfig, out: Path, re
                       axes=("latency_ms_b1", "latency_ms_b32"))
         sane = not dense_problems(points, baselines, margin)
         lines += _latency_section(points, timed_pts, timed, cfg.latency.max_drop, sane, baselines, margin)
+        lines += _int8_section(Path(out) / "latency" / "int8.json", points)
         bench_md = Path(out) / "latency" / "bench.md"
         if bench_md.is_file():
             lines += ["", "Benchmark rows:", "", bench_md.read_text().strip()]
@@ -88,7 +89,9 @@ def _latency_section(points: list[OperatingPoint], timed_pts: list[OperatingPoin
            f"its most accurate on validation (dense is within {100 * margin:g} points of the majority class, so "
            "no point is chosen as close to dense)")
     lines = [f"Each method timed at one point: {how}; dense and every chosen point interleaved in one run "
-             "(`latency/bench.csv`).", "", "![accuracy vs latency](accuracy_vs_latency.png)", "",
+             "(`latency/bench.csv`) on length-bucketed batches. Speed-ups are against the fastest fp32 dense "
+             "reference at each batch size (adaptinf dense padding-free or padded, `transformers`, ONNX Runtime "
+             "fp32; named in the benchmark rows' last column), so a method does not win by padding removal alone.", "", "![accuracy vs latency](accuracy_vs_latency.png)", "",
              reference_line(points, "test", baselines), ""]
     dense = next((p for p in timed_pts if p.method == "dense"), None)
     rows, pairs = [], []
@@ -109,3 +112,34 @@ def _latency_section(points: list[OperatingPoint], timed_pts: list[OperatingPoin
               + ", ".join(f"{p.method} {knob_label(p)}" for p in front) + "."]
     return lines
 
+
+
+def _int8_section(path: Path, points: list[OperatingPoint]) -> list[str]:
+    """The int8 forms (dense int8, ONNX Runtime int8, each chosen point's): test accuracy against the
+    fp32 dense model's and speed-ups against the fastest int8 dense and against `transformers`."""
+    import json
+
+    if not path.is_file():
+        return []
+    dense = next((p for p in points if p.split == "test" and p.method == "dense" and p.knob is None), None)
+    rows = []
+    for r in json.loads(path.read_text()):
+        acc = r["test_accuracy"]
+        drop = _DASH if acc is None or dense is None else f"{100 * (acc - dense.accuracy):+.2f}"
+        cells = [r["name"], _DASH if r["knob"] is None else f"{r['knob']:g}",
+                 _DASH if acc is None else f"{100 * acc:.2f}", drop,
+                 f"{r['latency_ms_b1']:.2f}", f"{r['latency_ms_b32']:.2f}"]
+        for b in ("b1", "b32"):
+            v = r[f"speedup_vs_best_int8_{b}"]
+            cells.append(_DASH if v is None else f"{v:.2f}× ({r[f'best_int8_{b}']})")
+        for b in ("b1", "b32"):
+            v = r[f"speedup_vs_transformers_{b}"]
+            cells.append(_DASH if v is None else f"{v:.2f}×")
+        rows.append(cells)
+    return ["", "### int8 forms", "",
+            "Each timed model with dynamic int8 Linear layers (`--quantize int8`; code that slices weights "
+            "stays fp32), in the same interleaved run; speed-ups against the fastest int8 dense reference "
+            "(adaptinf dense int8 or ONNX Runtime int8) and against `transformers` (fp32, as loaded).", "",
+            *markdown_table(["model", "knob", "test acc (%)", "vs fp32 dense (pt)", "b1 (ms)", "b32 (ms)",
+                             "vs best int8 b1", "vs best int8 b32", "vs transformers b1", "vs transformers b32"],
+                            rows, align="llrrrrrrrr")]

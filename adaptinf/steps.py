@@ -276,34 +276,49 @@ def time_points(
     warmup: int = 2,
     compare_hf: bool = False,
     progress: bool = True,
+    int8: bool = False,
+    onnx: bool = False,
+    workdir: str | Path | None = None,
 ):
-    """Time each point (its model, from `models` by model_dir, at its knob) at batch 1 and 32 against
-    the dense model, interleaved in one run, and fill the points' latency and speed-up fields in place.
-    Returns the bench rows (one per case and batch size)."""
-    from adaptinf.bench import hf_case, make_batches, model_case, run_bench
+    """Time each point (its model, from `models` by model_dir, at its knob) at batch 1 and 32 beside
+    the dense references (`adaptinf.references`: dense at its best, padded, and with `compare_hf`
+    `transformers`, with `int8` dense int8, with `onnx` ONNX Runtime fp32/int8 in `workdir`),
+    interleaved in one run on length-bucketed batches, and fill the points' latency fields in place:
+    speed-ups against the fastest fp32 dense reference at each batch size. With `int8` each point's
+    int8 form (`adaptinf.quantize`) is timed too, case "<point> int8", its speed-up against the
+    fastest int8 dense reference in the row. Returns the bench rows."""
+    import copy
 
-    batches = {b: make_batches(enc, b, max(1, samples // b), seed) for b in (1, 32)}
-    cases = {"dense": model_case(dense)}
+    from adaptinf.bench import model_case, run_bench
+    from adaptinf.quantize import quantize
+    from adaptinf.references import against_best, bench_batches, dense_references
+
+    pad = dense.spec.encoder.pad_token_id
+    batches, drawn = bench_batches(enc, (1, 32), samples, seed, pad)
+    refs = dense_references(dense, drawn, hf=compare_hf, int8=int8, onnx=onnx, workdir=workdir)
     keys = {}
     for i, p in enumerate(points):
         if p.method == "dense" and p.knob is None:
             keys[id(p)] = "dense"
             continue
         key = p.model if p.knob is None else f"{p.model}@{p.knob:g}"
-        if key in cases:
+        if key in refs.cases:
             key = f"{key}#{i}"
-        cases[key] = model_case(models[str(p.model_dir)], p.knob)
+        model = models[str(p.model_dir)]
+        refs.add(key, model_case(model, p.knob))
+        if int8:
+            q = copy.deepcopy(model).eval()
+            quantize(q, "int8")
+            refs.add(f"{key} int8", model_case(q, p.knob), precision="int8")
         keys[id(p)] = key
-    if compare_hf:
-        from adaptinf.methods.dense import to_hf_sequence_classifier
-
-        cases["transformers"] = hf_case(to_hf_sequence_classifier(dense))
-    rows = run_bench(cases, batches, repeats=repeats, warmup=warmup, reference="dense", progress=progress)
+    rows = run_bench(refs.cases, batches, repeats=repeats, warmup=warmup, reference="dense", progress=progress,
+                     **refs.bench_kwargs())
+    rows = against_best(rows)
     by = {(r.case, r.batch_size): r for r in rows}
     for p in points:
         k = keys[id(p)]
         p.latency_ms_b1, p.latency_ms_b32 = by[(k, 1)].median_ms, by[(k, 32)].median_ms
-        p.speedup_b1, p.speedup_b32 = by[(k, 1)].speedup_vs_reference, by[(k, 32)].speedup_vs_reference
+        p.speedup_b1, p.speedup_b32 = by[(k, 1)].speedup_vs_best, by[(k, 32)].speedup_vs_best
         if p.flops_reduction:
             p.realisation_b32 = p.speedup_b32 / p.flops_reduction
     return rows

@@ -141,8 +141,15 @@ def test_run_on_a_user_file_end_to_end(tiny_run):
     for f in ("report.md", "points.csv", "tradeoff.png", "accuracy_vs_gflops.png", "accuracy_vs_latency.png"):
         assert (out / "report" / f).stat().st_size > 0, f
     md = (out / "report" / "report.md").read_text()
-    for text in ("## Pareto front", "## Latency at the chosen points", "tiny model on a few samples", "## Stages"):
-        assert text in md
+    for text in ("## Pareto front", "## Latency at the chosen points", "tiny model on a few samples", "## Stages",
+                 "### int8 forms", "| ee int8 |", "| dense int8 |", "fastest fp32 dense"):
+        assert text in md, text
+    bench = {(r["case"], r["batch_size"]) for r in json.loads((out / "latency" / "bench.json").read_text())}
+    for ref in ("dense", "dense padded", "dense int8", "onnxruntime fp32", "onnxruntime int8"):
+        assert (ref, 1) in bench and (ref, 32) in bench, ref
+    int8 = {r["name"]: r for r in json.loads((out / "latency" / "int8.json").read_text())}
+    assert {"dense int8", "ee int8", "acm int8", "planer int8"} <= set(int8)
+    assert 0 <= int8["ee int8"]["test_accuracy"] <= 1 and int8["ee int8"]["speedup_vs_best_int8_b32"] > 0
     assert adaptinf.load(out / "methods" / "ee" / "model").spec.labels == ("bad", "good", "meh")
     stages = json.loads((out / "run.json").read_text())["stages"]
     assert len(stages) == 9 and all(s["status"] == "ran" for s in stages)
