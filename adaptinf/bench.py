@@ -181,6 +181,7 @@ def model_case(model: torch.nn.Module, knob: float | None = None) -> Case:
             return model(batch.input_ids, batch.attention_mask, knob=knob)
         return model(batch.input_ids, batch.attention_mask)
 
+    run.model, run.knob = model, knob  # what the case runs (e.g. to build its quantised twin)
     return run
 
 

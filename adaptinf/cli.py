@@ -258,6 +258,14 @@ def cmd_evaluate(args) -> int:
     _set_threads(args.threads)
     knobs = _parse_floats(args.knobs, "--knobs")
     models = [(d, load_model(d)) for d in args.models]
+    if args.quantize != "none":
+        if args.latency:
+            raise ValueError("--quantize with --latency: time quantised forms with `adaptinf bench --quantize` "
+                             "(against the int8 dense references, --references)")
+        from adaptinf.quantize import quantize
+
+        for _, m in models:
+            quantize(m.eval(), args.quantize)
     dense_dir = args.dense or next((d for d, m in models if m.method == "dense"), None)
     splits = ["validation", "test"] if args.split == "both" else [args.split]
     first = models[0][1]
@@ -267,7 +275,7 @@ def cmd_evaluate(args) -> int:
     for d, model in models:
         if model.spec.labels != first.spec.labels:
             raise ValueError(f"{d} has labels {list(model.spec.labels)}, {models[0][0]} has {list(first.spec.labels)}")
-        name = args.name or f"{model.method} ({Path(d).name})"
+        name = (args.name or f"{model.method} ({Path(d).name})") + ("" if args.quantize == "none" else f" {args.quantize}")
         # --knobs and --refine apply to the models that have a knob; one without (dense) is evaluated once
         has_knob = model.knob_name is not None
         points += evaluate_splits(model, task, splits, name, str(d), settings.seed, batch_size=args.batch_size,
@@ -342,12 +350,37 @@ def cmd_bench(args) -> int:
         for k in ([fixed] if fixed is not None else knobs if knobs and m.knob_name else [None]):
             cases[name if k is None else f"{name}@{k:g}"] = model_case(m, k)
     reference = next(iter(cases))
-    if args.compare_hf:
-        if ref.method != "dense":
-            raise ValueError("--compare-hf needs a dense model as the first model")
+    if (args.compare_hf or args.references) and ref.method != "dense":
+        raise ValueError("--compare-hf and --references need a dense model as the first model")
+    from adaptinf.references import Cases, against_best, dense_references
+
+    extra = Cases()
+    if args.references:
+        drawn = {b: make_batches(enc, b, max(1, args.samples // b), settings.seed, sort_by_length=False) for b in sizes}
+        extra = dense_references(ref, drawn, hf=True, workdir=Path(args.out) / "onnx",
+                                 threads=None, compile=not args.no_compile)
+        extra.cases.pop("dense")  # the first model is the reference already
+    elif args.compare_hf:
         cases["transformers"] = hf_case(to_hf_sequence_classifier(ref))
+    if args.quantize != "none":
+        import copy
+
+        from adaptinf.quantize import quantize
+
+        for name, m, knob in [(n, c.model, c.knob) for n, c in list(cases.items()) if hasattr(c, "model")]:
+            if args.references and m is ref:
+                continue  # dense int8 is among the references
+            q = copy.deepcopy(m).eval()
+            quantize(q, args.quantize)
+            extra.add(f"{name} {args.quantize}", model_case(q, knob), precision=args.quantize)
+    for name, case in extra.cases.items():
+        if name in cases:
+            raise ValueError(f"two cases named {name!r}")
+        cases[name] = case
     rows = run_bench(cases, batches, repeats=args.repeats, warmup=args.warmup, reference=reference,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, **extra.bench_kwargs())
+    if args.references:
+        rows = against_best(rows)
     csv_path, json_path = write_bench(rows, Path(args.out))
     print(format_table(rows))
     print(f"results written to {csv_path} and {json_path}")
@@ -444,6 +477,10 @@ def cmd_predict(args) -> int:
     model = load_model(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json); re-save it with adaptinf")
+    if args.quantize != "none":
+        from adaptinf.quantize import quantize
+
+        quantize(model.eval(), args.quantize)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         counts = predict_file(model, args.input, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
@@ -541,6 +578,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-samples", type=int, default=128, help="test samples per timing repeat")
     p.add_argument("--repeats", type=int, default=5, help="timing repeats (median reported)")
     p.add_argument("--name", default=None, help="display name of the model(s) in reports")
+    _quantize_arg(p, "evaluate the models quantised (int8: dynamic int8 Linear; bf16); names get the suffix")
     _add_common_args(p, out="output directory for points.csv / points.json")
 
 
@@ -556,7 +594,17 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="discarded warm-up passes per case")
     p.add_argument("--compare-hf", action="store_true",
                    help="also time transformers' BertForSequenceClassification with the same weights")
+    p.add_argument("--references", action="store_true",
+                   help="time every dense reference beside the models (dense padded, transformers, dense int8, "
+                        "ONNX Runtime fp32/int8, dense compiled) and give each row its speed-up against the fastest "
+                        "dense of its precision; the first model must be dense")
+    p.add_argument("--no-compile", action="store_true", help="with --references: leave out dense compiled")
+    _quantize_arg(p, "also time each model's quantised form (int8: dynamic int8 Linear; bf16)")
     _add_common_args(p, out="output directory for bench.csv / bench.json")
+
+
+def _quantize_arg(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "bf16"], help=text)
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -607,6 +655,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows read, predicted and written at a time")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    _quantize_arg(p, "serve the model quantised: int8 (dynamic int8 Linear) or bf16 (where the CPU has it)")
     _add_common_args(p, out=None)
 
 

@@ -294,6 +294,9 @@ def _scan_input(p: Path) -> tuple[int, dict]:
 def model_fingerprint(model) -> str:
     """sha256 of what decides a model's predictions: method, config, spec, knob and every weight."""
     desc = {"method": model.method, "config": model.config.to_dict(), "spec": model.spec.to_dict(), "knob": model.knob}
+    q = getattr(model, "quantization", None)  # an int8 / bf16 form predicts (slightly) differently
+    if q is not None and q.mode != "none":
+        desc["quantization"] = q.mode
     h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode())
     for name, t in model.state_dict().items():
         flat = t.detach().cpu().contiguous().reshape(-1)

@@ -253,6 +253,7 @@ class LatencySettings:
     compare_hf: bool = False  # also time transformers' BertForSequenceClassification with the dense weights
     int8: bool = True  # also time dense int8 and each chosen point's int8 form (and measure its test accuracy)
     onnx: bool = True  # also time the dense model in ONNX Runtime, fp32 and dynamic int8
+    compile: bool = False  # also time dense compiled by torch.compile (about a minute of compiling per shape class)
 
 
 @dataclass

@@ -9,6 +9,9 @@ methods (all on the same samples, in one interleaved run):
 - "dense padded": adaptinf's dense model with padded execution, same unsorted batches;
 - "dense": adaptinf's dense model at its best, padding-free (`model.packed`) on length-bucketed
   batches: the fp32 reference every method is held to;
+- "dense compiled" (with `compile`): the padded path compiled by `torch.compile` (inductor, dynamic
+  shapes, weights frozen), on the length-bucketed batches: what fused kernels win at batch 1, where
+  eager execution is mostly per-op overhead; compiled before timing (about a minute per shape class);
 - "dense int8": the same, dynamic int8 Linear layers (`adaptinf.quantize`);
 - "onnxruntime fp32" / "onnxruntime int8": the dense model exported to ONNX and run by ONNX Runtime
   (fp32 and its dynamic-int8 twin) on the length-bucketed batches (`adaptinf.onnx_dense`).
@@ -22,13 +25,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptinf.bench import BenchRow, Case, hf_case, make_batches, model_case
 from adaptinf.data import Batch, Encoded
 
-FP32_REFERENCES = ("dense", "dense padded", "transformers", "onnxruntime fp32")
+FP32_REFERENCES = ("dense", "dense padded", "dense compiled", "transformers", "onnxruntime fp32")
 INT8_REFERENCES = ("dense int8", "onnxruntime int8")
 
 
@@ -69,8 +73,26 @@ def bench_batches(enc: Encoded, sizes, samples: int, seed: int, pad_id: int = 0)
     return bucketed, drawn
 
 
+def compiled_case(model) -> Case:
+    """`model`'s logits through `torch.compile` (inductor, dynamic shapes, frozen weights: its weight
+    prepacking and fusions), padded execution (the packed path's data-dependent token count would
+    break the graph). Compiles on the first call of each shape class (batch 1 is its own)."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    model = copy.deepcopy(model).eval().set_packed(False)
+    compiled = torch.compile(lambda ids, mask: model(ids, mask).logits, dynamic=True)
+
+    def run(batch: Batch):
+        with inductor_config.patch(freezing=True):
+            return compiled(batch.input_ids, batch.attention_mask)
+
+    return run
+
+
 def dense_references(dense, drawn: dict[int, list[Batch]], *, hf: bool = True, int8: bool = True,
-                     onnx: bool = True, workdir: str | Path | None = None, threads: int | None = None) -> Cases:
+                     onnx: bool = True, workdir: str | Path | None = None, threads: int | None = None,
+                     compile: bool = False) -> Cases:
     """The reference cases of the module docstring for a `DenseClassifier` (not modified: the
     padded and int8 forms are copies). `drawn`: the batches in drawn order for the padded cases
     ("transformers", "dense padded"); the others run on the shared (length-bucketed) batches.
@@ -84,6 +106,15 @@ def dense_references(dense, drawn: dict[int, list[Batch]], *, hf: bool = True, i
         from adaptinf.methods.dense import to_hf_sequence_classifier
 
         out.add("transformers", hf_case(to_hf_sequence_classifier(dense)), batches=drawn, flops_from="dense")
+    if compile:
+        case = compiled_case(dense)
+        try:  # compiles now, untimed; a machine without inductor's C++ toolchain leaves the case out
+            for per_size in drawn.values():
+                case(per_size[0])
+            out.add("dense compiled", case, flops_from="dense")
+        except Exception as e:  # noqa: BLE001  (any compiler failure: the other references still stand)
+            warnings.warn(f"dense compiled left out of the references: torch.compile failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})")
     if int8:
         from adaptinf.quantize import quantize
 

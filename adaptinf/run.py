@@ -438,7 +438,7 @@ def measure_latency(chosen, task, seed: int, cfg: RunConfig, out: Path, progress
     lat = cfg.latency
     rows = time_points(pts, models, dense, enc, seed, samples=lat.samples, repeats=lat.repeats, warmup=lat.warmup,
                        compare_hf=lat.compare_hf, progress=progress, int8=lat.int8, onnx=lat.onnx,
-                       workdir=out / "onnx")
+                       workdir=out / "onnx", compile=lat.compile)
     write_bench(rows, out)
     (out / "bench.md").write_text(format_table(rows) + "\n")
     by = {(r.case, r.batch_size): r for r in rows}

@@ -279,10 +279,12 @@ def time_points(
     int8: bool = False,
     onnx: bool = False,
     workdir: str | Path | None = None,
+    compile: bool = False,
 ):
     """Time each point (its model, from `models` by model_dir, at its knob) at batch 1 and 32 beside
     the dense references (`adaptinf.references`: dense at its best, padded, and with `compare_hf`
-    `transformers`, with `int8` dense int8, with `onnx` ONNX Runtime fp32/int8 in `workdir`),
+    `transformers`, with `int8` dense int8, with `onnx` ONNX Runtime fp32/int8 in `workdir`, with
+    `compile` dense compiled),
     interleaved in one run on length-bucketed batches, and fill the points' latency fields in place:
     speed-ups against the fastest fp32 dense reference at each batch size. With `int8` each point's
     int8 form (`adaptinf.quantize`) is timed too, case "<point> int8", its speed-up against the
@@ -295,7 +297,7 @@ def time_points(
 
     pad = dense.spec.encoder.pad_token_id
     batches, drawn = bench_batches(enc, (1, 32), samples, seed, pad)
-    refs = dense_references(dense, drawn, hf=compare_hf, int8=int8, onnx=onnx, workdir=workdir)
+    refs = dense_references(dense, drawn, hf=compare_hf, int8=int8, onnx=onnx, workdir=workdir, compile=compile)
     keys = {}
     for i, p in enumerate(points):
         if p.method == "dense" and p.knob is None:

@@ -3,7 +3,8 @@
 Times, on 128 review test texts at batch 1 and 32 (the same samples for every case):
 `transformers` as loaded (batches in drawn order), adaptinf dense padded (same batches), adaptinf
 dense at its best (padding-free, length-bucketed batches), and what a user deploying on CPU would
-pick: adaptinf dense int8 and ONNX Runtime fp32 / int8 (length-bucketed). Each row carries the
+pick: adaptinf dense int8 and ONNX Runtime fp32 / int8 (length-bucketed), and adaptinf dense
+compiled (`torch.compile`, inductor with frozen weights; compiled before timing). Each row carries the
 machine's measured matmul rate and the case's achieved share of it.
 
     .venv/bin/python benchmarks/dense_speed.py --threads 2 --out results/dense-speed
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's choice)")
     p.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime references")
+    p.add_argument("--no-compile", action="store_true", help="leave out dense compiled (torch.compile, ~1 min per shape)")
     p.add_argument("--out", default="results/dense-speed")
     args = p.parse_args()
     if args.threads:
@@ -52,7 +54,8 @@ def main() -> None:
     enc = encode(*task.test, dense.tokenizer, dense.spec.max_length, warn=False)
     bucketed, drawn = bench_batches(enc, (1, 32), args.samples, seed=0, pad_id=dense.spec.encoder.pad_token_id)
     with tempfile.TemporaryDirectory() as tmp:
-        refs = dense_references(dense, drawn, onnx=not args.no_onnx, workdir=tmp, threads=torch.get_num_threads())
+        refs = dense_references(dense, drawn, onnx=not args.no_onnx, workdir=tmp, threads=torch.get_num_threads(),
+                                compile=not args.no_compile)
         rows = run_bench(refs.cases, bucketed, repeats=args.repeats, warmup=args.warmup, reference="transformers",
                          **refs.bench_kwargs())
     rows = against_best(rows)
@@ -62,7 +65,10 @@ def main() -> None:
     (out / "bench.md").write_text(table + "\n")
     print(table)
     by = {(r.case, r.batch_size): r for r in rows}
-    ours = {b: min((by[(c, b)] for c in ("dense", "dense padded")), key=lambda r: r.median_ms) for b in (1, 32)}
+    mine = [c for c in ("dense", "dense padded", "dense compiled") if (c, 1) in by]
+    ours = {b: min((by[(c, b)] for c in mine), key=lambda r: r.median_ms) for b in (1, 32)}
+    for b in (1, 32):
+        print(f"batch {b}: adaptinf's best fp32 dense is {ours[b].case!r}")
     ratio = {b: by[("transformers", b)].median_ms / ours[b].median_ms for b in (1, 32)}
     print(f"best_dense_vs_transformers b1={ratio[1]:.2f} b32={ratio[32]:.2f}")
 
