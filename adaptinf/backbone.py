@@ -233,6 +233,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return mask.pack(a) if packed else a
 
 
+def linear_slice(lin: nn.Linear, x: torch.Tensor, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+    """`lin` restricted to its first `rows` outputs and first `cols` inputs (None: all), on x [..., cols].
+
+    The weight slice is a view run as an ordinary matmul; a Linear that provides `forward_slice`
+    (an int8 Linear of `adaptinf.quantize`) runs its own kernel on the slice instead."""
+    fast = getattr(lin, "forward_slice", None)
+    if fast is not None:
+        return fast(x, rows, cols)
+    bias = None if lin.bias is None else lin.bias[:rows]
+    return F.linear(x, lin.weight[:rows, :cols], bias)
+
+
 def packed_run(fn, h: torch.Tensor, mask: torch.Tensor | Layout) -> torch.Tensor:
     """Run `fn(x, mask)` on the real tokens of padded h [b, s, d] when `mask` is a Layout (pack once,
     unpack once); on h itself otherwise. `fn` must be token-wise apart from `attend`."""

@@ -7,10 +7,12 @@ int8: every `nn.Linear` becomes an `Int8Linear` (its class is swapped in place: 
 hooks and its fp32 `weight` / `bias` Parameters stay). Calling the module runs torch's dynamic int8
 kernel `quantized::linear_dynamic` on a prepacked copy of the weight (int8, one scale per output
 channel), the activations quantised to uint8 on each call (one scale over the whole input, so a
-sample's result depends slightly on its batch-mates). Code that reads a Linear's weight instead of
-calling it (SHARCS's and PLANER's sliced `F.linear`, PLANER's experts, ACM's learners, which are not
-Linear modules at all) keeps working, in fp32: `calibration=batch` measures how much of the work
-actually ran int8 (`QuantizeReport.int8_linear_share`, see `weight_matmul_flops`).
+sample's result depends slightly on its batch-mates). A leading slice of a Linear taken through
+`adaptinf.backbone.linear_slice` (SHARCS's narrow widths, PLANER's half attention / FFN) runs int8
+too (`Int8Linear.forward_slice`, each slice packed once). Code that reads raw weights into its own
+matmuls (PLANER's grouped experts, ACM's learners, which are not Linear modules at all) keeps
+working, in fp32: `calibration=batch` measures how much of the work actually ran int8
+(`QuantizeReport.int8_linear_share`, see `weight_matmul_flops`).
 
 bf16: the model's floating parameters and buffers become bfloat16 (ids, masks and FLOPs are
 integers / float64 as before); logits and floating extras come back as float32. Native only on CPUs
@@ -96,28 +98,43 @@ class Int8Linear(nn.Linear):
     Parameters (for code that slices them). The packed int8 copy is rebuilt when either changes
     (in place, e.g. `load_state_dict`, or replaced). Inference only; CPU only."""
 
-    _packed: Any = None
+    _packed: dict | None = None  # (rows, cols) -> prepacked int8 weight of that leading slice
+    _slice_counter: Any = None
     _packed_key: tuple = ()
 
-    def _pack(self) -> Any:
+    def _pack(self, rows: int | None = None, cols: int | None = None) -> Any:
         w, b = self.weight, self.bias
         key = (w.data_ptr(), w._version) + (() if b is None else (b.data_ptr(), b._version))
-        if key != self._packed_key:
+        if key != self._packed_key or self._packed is None:
+            self._packed, self._packed_key = {}, key
+        shape = (rows or w.shape[0], cols or w.shape[1])
+        if shape not in self._packed:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch 2.13 marks quantised-tensor creation deprecated
-                wd = w.detach().float()
+                wd = w.detach()[: shape[0], : shape[1]].float().contiguous()
                 scale = (wd.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
                 qw = torch.quantize_per_channel(wd, scale, torch.zeros_like(scale, dtype=torch.int64), 0, torch.qint8)
-                self._packed = torch.ops.quantized.linear_prepack(qw, None if b is None else b.detach().float())
-            self._packed_key = key
-        return self._packed
+                self._packed[shape] = torch.ops.quantized.linear_prepack(qw, None if b is None else b.detach()[: shape[0]].float())
+        return self._packed[shape]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if self.training:
             raise ValueError("an int8-quantised model is for inference only: call .eval(), or train the fp32 model")
         if x.device.type != "cpu" or x.dtype != torch.float32:
             raise ValueError(f"int8 Linear layers take float32 inputs on CPU, got {x.dtype} on {x.device.type}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
         return torch.ops.quantized.linear_dynamic(x, self._pack(), _reduce_range())
+
+    def forward_slice(self, x: torch.Tensor, rows: int | None, cols: int | None) -> torch.Tensor:
+        """The first `rows` outputs from the first `cols` inputs (`adaptinf.backbone.linear_slice`,
+        SHARCS's widths, PLANER's half blocks), int8 too: each slice is packed once and cached."""
+        self._check(x)
+        packed = self._pack(rows, cols)
+        if self._slice_counter is not None:  # weight_matmul_flops is counting
+            self._slice_counter(2 * (x.numel() // x.shape[-1]) * x.shape[-1] * (rows or self.out_features))
+        return torch.ops.quantized.linear_dynamic(x, packed, _reduce_range())
 
 
 # aten matmuls and the positions of their two matrix operands
@@ -169,7 +186,10 @@ def weight_matmul_flops(model: nn.Module, batch: Batch) -> tuple[dict[str, int],
             int8[name] += 2 * tokens * module.in_features * module.out_features
         return hook
 
-    hooks = [m.register_forward_hook(count(n)) for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+    int8_modules = [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+    hooks = [m.register_forward_hook(count(n)) for n, m in int8_modules]
+    for n, m in int8_modules:  # sliced calls (`forward_slice`) bypass the hooks
+        m._slice_counter = lambda f, n=n: int8.__setitem__(n, int8[n] + f)
     mode = _WeightMatmuls(owners)
     try:
         with torch.no_grad(), mode:
@@ -177,6 +197,8 @@ def weight_matmul_flops(model: nn.Module, batch: Batch) -> tuple[dict[str, int],
     finally:
         for h in hooks:
             h.remove()
+        for _, m in int8_modules:
+            m._slice_counter = None
     return dict(int8), dict(mode.flops)
 
 

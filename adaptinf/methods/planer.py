@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, attend, packed_run
+from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, attend, linear_slice, packed_run
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
@@ -364,16 +364,16 @@ def attention_heads(attn: Attention, h: torch.Tensor, bias, heads: int, dropout_
     w = heads * attn.head_dim
 
     def proj(lin: nn.Linear) -> torch.Tensor:
-        return F.linear(h, lin.weight[:w], lin.bias[:w])  # [b, s, w] or [T, w]
+        return linear_slice(lin, h, w)  # [b, s, w] or [T, w]
 
     a = attend(proj(attn.q), proj(attn.k), proj(attn.v), bias, heads, dropout_p)
-    return attn.norm(h + attn.dropout(F.linear(a, attn.out.weight[:, :w], attn.out.bias)))
+    return attn.norm(h + attn.dropout(linear_slice(attn.out, a, None, w)))
 
 
 def ffn_width(ffn: FeedForward, h: torch.Tensor, width: int) -> torch.Tensor:
     """The backbone's FFN block with only its first `width` intermediate neurons."""
-    a = F.gelu(F.linear(h, ffn.up.weight[:width], ffn.up.bias[:width]))
-    return ffn.norm(h + ffn.dropout(F.linear(a, ffn.down.weight[:, :width], ffn.down.bias)))
+    a = F.gelu(linear_slice(ffn.up, h, width))
+    return ffn.norm(h + ffn.dropout(linear_slice(ffn.down, a, None, width)))
 
 
 @dataclass

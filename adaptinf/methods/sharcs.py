@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptinf import flops
-from adaptinf.backbone import Attention, Encoder, FeedForward, attend, attention_bias, packed_run
+from adaptinf.backbone import Attention, Encoder, FeedForward, attend, attention_bias, linear_slice, packed_run
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
@@ -228,18 +228,18 @@ def sliced_attention(att: Attention, h: torch.Tensor, bias: torch.Tensor, heads:
     da = heads * att.head_dim
 
     def project(lin: nn.Linear) -> torch.Tensor:
-        return F.linear(h, lin.weight[:da, :d], lin.bias[:da])  # [b, s, da] or packed [T, da]
+        return linear_slice(lin, h, da, d)  # [b, s, da] or packed [T, da]
 
     p = att.attn_dropout if att.training else 0.0
     a = attend(project(att.q), project(att.k), project(att.v), bias, heads, p)
-    return norm(h + att.dropout(F.linear(a, att.out.weight[:d, :da], att.out.bias[:d])))
+    return norm(h + att.dropout(linear_slice(att.out, a, d, da)))
 
 
 def sliced_ffn(ffn: FeedForward, h: torch.Tensor, neurons: int, norm: nn.LayerNorm) -> torch.Tensor:
     """`FeedForward.forward` on the first `neurons` intermediate neurons and h.shape[-1] residual dims."""
     d = h.shape[-1]
-    u = F.gelu(F.linear(h, ffn.up.weight[:neurons, :d], ffn.up.bias[:neurons]))  # [b, s, neurons]
-    return norm(h + ffn.dropout(F.linear(u, ffn.down.weight[:d, :neurons], ffn.down.bias[:d])))
+    u = F.gelu(linear_slice(ffn.up, h, neurons, d))  # [b, s, neurons]
+    return norm(h + ffn.dropout(linear_slice(ffn.down, u, d, neurons)))
 
 
 def sliced_block(block, h, bias, shape: WidthShape, attn_norm: nn.LayerNorm, ffn_norm: nn.LayerNorm) -> torch.Tensor:
@@ -416,7 +416,7 @@ class SharcsClassifier(AdaptiveClassifier):
 
         h = packed_run(blocks, h, bias)  # with a Layout: on the real tokens only
         pooler = self.encoder.pooler.dense
-        pooled = torch.tanh(F.linear(h[:, 0], pooler.weight[:, : shape.hidden], pooler.bias))  # [m, d]
+        pooled = torch.tanh(linear_slice(pooler, h[:, 0], None, shape.hidden))  # [m, d]
         return self.classifier(self.dropout(pooled))
 
     def _routed(self, h, bias, lengths, width_index) -> torch.Tensor:
