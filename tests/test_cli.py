@@ -69,7 +69,8 @@ def test_full_flow_on_a_user_file(tiny_hf_dir, user_csv, tmp_path, capsys):
     points = json.loads((pts / "points.json").read_text())
     assert {p["split"] for p in points} == {"validation", "test"}
     test_pt = next(p for p in points if p["split"] == "test")
-    assert test_pt["latency_ms_b1"] > 0 and test_pt["speedup_b32"] == pytest.approx(1.0)
+    # against the fastest dense reference (padding-free or padded): dense itself is at most 1x
+    assert test_pt["latency_ms_b1"] > 0 and 0 < test_pt["speedup_b32"] <= 1.0 + 1e-9
 
     assert main(["bench", str(run / "best"), str(tmp_path / "copy"), "--compare-hf", "--samples", "32",
                  "--repeats", "2", "--warmup", "1", "--out", str(tmp_path / "bench"), "--no-progress"]) == 0
