@@ -174,6 +174,13 @@ class Layout:
             self._full = self._index.numel() == self.bias.shape[0] * self.bias.shape[-1]
         return self._index
 
+    def share_index(self, index: torch.Tensor) -> Layout:
+        """Adopt an already computed real-token index (row * s + column of every real token, in
+        order, e.g. `attention_mask.reshape(-1).nonzero()`), saving the host sync of finding it again."""
+        self._index = index
+        self._full = index.numel() == self.bias.shape[0] * self.bias.shape[-1]
+        return self
+
     @property
     def full(self) -> bool:
         """No padding at all (e.g. batch 1): packing is a reshape and attention needs no mask."""

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.backbone import Encoder, EncoderConfig, bias_of, packed_run
+from adaptinf.backbone import Encoder, EncoderConfig, Layout, bias_of, packed_run
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, option
 
@@ -388,6 +388,8 @@ class AcmClassifier(AdaptiveClassifier):
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
         bias = self.token_mask(attention_mask, h.dtype)  # a Layout at inference: unconverted layers padding-free
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
+        if isinstance(bias, Layout):
+            bias.share_index(real)
         mode = "train" if self.training else ("fixed" if learners is not None else "gate")
         ctx = _Routing(real, torch.div(real, s, rounding_mode="floor"), b, s, mode, knob, learners)
         for block, mods in zip(self.encoder.blocks, self.acm):

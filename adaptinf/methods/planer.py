@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, attend, linear_slice, packed_run
+from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, Layout, attend, linear_slice, packed_run
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
@@ -489,7 +489,10 @@ class PlanerClassifier(AdaptiveClassifier):
         b, s = input_ids.shape
         h = self.encoder.embed(input_ids, token_type_ids)
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
-        return h, self.token_mask(attention_mask, h.dtype), _Tokens(real, torch.div(real, s, rounding_mode="floor"), b,
+        mask = self.token_mask(attention_mask, h.dtype)
+        if isinstance(mask, Layout):
+            mask.share_index(real)  # the same real tokens: no second sync
+        return h, mask, _Tokens(real, torch.div(real, s, rounding_mode="floor"), b,
                                                                   knob=self.run_knob(knob))
 
     def run_layer(self, layer: int, h: torch.Tensor, bias: torch.Tensor, ctx: _Tokens,
