@@ -303,7 +303,8 @@ def _measure_latency(args, points, models, dense_dir, task, settings) -> None:
     dense = next((m for d, m in models if str(d) == str(dense_dir)), None) or load_model(dense_dir, expect_method="dense")
     enc = _encode_split(dense, task, "test", None, settings.seed)
     time_points([p for p in points if p.split == "test"], {str(d): m for d, m in models}, dense, enc,
-                settings.seed, samples=args.latency_samples, repeats=args.repeats, progress=not args.no_progress)
+                settings.seed, samples=args.latency_samples, repeats=args.repeats, progress=not args.no_progress,
+                compare_hf=True, onnx=True, workdir=Path(args.out) / "onnx")
 
 
 # --- bench --------------------------------------------------------------------------------------------
@@ -573,7 +574,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    "5%% of the costliest point's GFLOPs), decided on the first split by cost alone (adaptinf run: 3)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate on a seeded subset")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
-    p.add_argument("--latency", action="store_true", help="also measure latency at batch 1 and 32 vs dense")
+    p.add_argument("--latency", action="store_true",
+                   help="also measure latency at batch 1 and 32 against the fastest dense reference (adaptinf dense "
+                        "padding-free or padded, transformers, ONNX Runtime fp32), in one interleaved run")
     p.add_argument("--dense", default=None, help="dense model directory for latency ratios (default: the dense one among MODELS)")
     p.add_argument("--latency-samples", type=int, default=128, help="test samples per timing repeat")
     p.add_argument("--repeats", type=int, default=5, help="timing repeats (median reported)")
