@@ -151,10 +151,6 @@ class Layout:
         self._index: torch.Tensor | None = None
         self._full: bool | None = None
 
-    @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Layout:
-        return cls(attention_bias(attention_mask, dtype))
-
     def __getitem__(self, key) -> Layout:
         return Layout(self.bias[key])
 
@@ -208,7 +204,7 @@ class Layout:
 
 def token_layout(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Layout:
     """The `Layout` of a batch (1 = token, 0 = pad): pass it where a bias is expected to run padding-free."""
-    return Layout.from_mask(attention_mask, dtype)
+    return Layout(attention_bias(attention_mask, dtype))
 
 
 def bias_of(mask: torch.Tensor | Layout) -> torch.Tensor:
@@ -426,10 +422,12 @@ class Encoder(nn.Module):
         padded path's values, which nothing reads)."""
         h = self.embed(input_ids, token_type_ids)
         bias = (token_layout if packed else attention_bias)(attention_mask, h.dtype)
-        states = [h] if output_hidden_states else []
+        if not output_hidden_states:  # packed: one pack and one unpack for the whole stack
+            h = self.run_blocks(h, bias)
+            return h, self.pool(h), []
+        states = [h]
         for block in self.blocks:
             h = block(h, bias)
-            if output_hidden_states:
-                states.append(h)
+            states.append(h)
         return h, self.pool(h), states
 

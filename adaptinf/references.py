@@ -57,11 +57,6 @@ class Cases:
         if precision != "fp32":
             self.precision[name] = precision
 
-    def update(self, other: Cases) -> None:
-        for name, case in other.cases.items():
-            self.add(name, case, batches=other.case_batches.get(name), flops_from=other.flops_from.get(name),
-                     precision=other.precision.get(name, "fp32"))
-
     def bench_kwargs(self) -> dict:
         return {"case_batches": self.case_batches, "flops_from": self.flops_from, "precision": self.precision}
 
@@ -93,8 +88,8 @@ def compiled_case(model) -> Case:
 def dense_references(dense, drawn: dict[int, list[Batch]], *, hf: bool = True, int8: bool = True,
                      onnx: bool = True, workdir: str | Path | None = None, threads: int | None = None,
                      compile: bool = False) -> Cases:
-    """The reference cases of the module docstring for a `DenseClassifier` (not modified: the
-    padded and int8 forms are copies). `drawn`: the batches in drawn order for the padded cases
+    """The reference cases of the module docstring for a `DenseClassifier` (set to padding-free
+    execution, its default; the padded, compiled and int8 forms are copies). `drawn`: the batches in drawn order for the padded cases
     ("transformers", "dense padded"); the others run on the shared (length-bucketed) batches.
     `workdir` holds the ONNX files (required with `onnx`)."""
     if dense.method != "dense":

@@ -436,7 +436,7 @@ def measure_latency(chosen, task, seed: int, cfg: RunConfig, out: Path, progress
     enc = encode_split(dense, task, "test", None, seed)
     pts = [p for p, _ in chosen]
     lat = cfg.latency
-    rows = time_points(pts, models, dense, enc, seed, samples=lat.samples, repeats=lat.repeats, warmup=lat.warmup,
+    rows, cases, keys = time_points(pts, models, dense, enc, seed, samples=lat.samples, repeats=lat.repeats, warmup=lat.warmup,
                        compare_hf=lat.compare_hf, progress=progress, int8=lat.int8, onnx=lat.onnx,
                        workdir=out / "onnx", compile=lat.compile)
     write_bench(rows, out)
@@ -451,16 +451,15 @@ def measure_latency(chosen, task, seed: int, cfg: RunConfig, out: Path, progress
                   "speedup_b1": by[("dense", 1)].speedup_vs_best, "speedup_b32": by[("dense", 32)].speedup_vs_best,
                   "realisation_b32": 1.0})
     if lat.int8:
-        (out / "int8.json").write_text(json.dumps(_int8_forms(chosen, models, dense, enc, by), indent=2) + "\n")
+        forms = _int8_forms([(p, keys[id(p)]) for p, _ in chosen], cases, dense, enc, by)
+        (out / "int8.json").write_text(json.dumps(forms, indent=2) + "\n")
     return timed
 
 
-def _int8_forms(chosen, models, dense, enc, by) -> list[dict]:
-    """Test accuracy and latency of the int8 forms: dense int8, ONNX Runtime's, each chosen point's."""
-    import copy
-
+def _int8_forms(chosen, cases, dense, enc, by) -> list[dict]:
+    """Test accuracy and latency of the int8 forms timed by `time_points` (dense int8, ONNX Runtime's,
+    each chosen point's: `chosen` holds (point, its case name))."""
     from adaptinf.model import accuracy
-    from adaptinf.quantize import quantize
 
     def row(name, method, knob, acc, case):
         b1, b32 = by.get((case, 1)), by.get((case, 32))
@@ -473,15 +472,10 @@ def _int8_forms(chosen, models, dense, enc, by) -> list[dict]:
                 "speedup_vs_transformers_b32": hf32.median_ms / b32.median_ms if hf32 else None}
 
     pad = dense.spec.encoder.pad_token_id
-    q = copy.deepcopy(dense).eval()
-    quantize(q, "int8")
-    out = [row("dense int8", "dense", None, accuracy(q, enc, 64, pad)[0], "dense int8")]
+    out = [row("dense int8", "dense", None, accuracy(cases["dense int8"].model, enc, 64, pad)[0], "dense int8")]
     if ("onnxruntime int8", 32) in by:
         out.append(row("onnxruntime int8", "dense", None, None, "onnxruntime int8"))
-    for p, _ in chosen:
-        key = p.model if p.knob is None else f"{p.model}@{p.knob:g}"
-        case = next((c for (c, b) in by if b == 32 and c.split("#")[0] == key and not c.endswith(" int8")), key)
-        q = copy.deepcopy(models[p.model_dir]).eval()
-        quantize(q, "int8")
-        out.append(row(f"{p.model} int8", p.method, p.knob, accuracy(q, enc, 64, pad, knob=p.knob)[0], f"{case} int8"))
+    for p, key in chosen:
+        q = cases[f"{key} int8"].model
+        out.append(row(f"{p.model} int8", p.method, p.knob, accuracy(q, enc, 64, pad, knob=p.knob)[0], f"{key} int8"))
     return out

@@ -288,7 +288,9 @@ def time_points(
     interleaved in one run on length-bucketed batches, and fill the points' latency fields in place:
     speed-ups against the fastest fp32 dense reference at each batch size. With `int8` each point's
     int8 form (`adaptinf.quantize`) is timed too, case "<point> int8", its speed-up against the
-    fastest int8 dense reference in the row. Returns the bench rows."""
+    fastest int8 dense reference in the row. Returns (bench rows, the cases by name, each point's case
+    name by `id(point)`): a case of `adaptinf.bench.model_case` carries its model (`case.model`), so
+    the int8 forms timed here can be evaluated without quantising them again."""
     import copy
 
     from adaptinf.bench import model_case, run_bench
@@ -323,4 +325,4 @@ def time_points(
         p.speedup_b1, p.speedup_b32 = by[(k, 1)].speedup_vs_best, by[(k, 32)].speedup_vs_best
         if p.flops_reduction:
             p.realisation_b32 = p.speedup_b32 / p.flops_reduction
-    return rows
+    return rows, refs.cases, keys

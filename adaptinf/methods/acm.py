@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.backbone import Encoder, EncoderConfig, Layout, bias_of, packed_run
+from adaptinf.backbone import Encoder, EncoderConfig, Layout, attend, packed_run
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, option
 
@@ -416,15 +416,9 @@ class AcmClassifier(AdaptiveClassifier):
 
     def _attention(self, attn, mods, h, bias, ctx) -> torch.Tensor:
         """The backbone's attention with the projections run by their ACMs."""
-        b, s, _ = h.shape
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(b, s, attn.n_heads, attn.head_dim).transpose(1, 2)  # [b, nh, s, hd]
-
         q, k, v = (self._run(mods[name], h, ctx) for name in ("q", "k", "v"))
         p = attn.attn_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias_of(bias), dropout_p=p)
-        a = a.transpose(1, 2).reshape(b, s, attn.n_heads * attn.head_dim)  # [b, s, d]
+        a = attend(q, k, v, bias, attn.n_heads, p)  # [b, s, d]
         return attn.norm(h + attn.dropout(self._run(mods["out"], a, ctx)))
 
     def _run(self, mod: AdaptiveModule, x: torch.Tensor, ctx: _Routing) -> torch.Tensor:
