@@ -506,6 +506,76 @@ def _plot_majority(points: list[OperatingPoint]) -> float | None:
     return majority if majority >= min(p.accuracy for p in points) - 0.05 else None
 
 
+# --- summary.json ----------------------------------------------------------------------------------
+
+SUMMARY_VERSION = 1
+
+
+def summary(points: list[OperatingPoint], max_drop: float, baselines: dict[str, SplitBaseline] | None = None,
+            margin: float = SANITY_MARGIN) -> dict[str, Any]:
+    """The machine-readable headline of a report (`summary.json`): per method its cheapest point
+    within `max_drop` (a fraction) of dense, chosen on validation by mean GFLOPs, reported on test;
+    None for a method with no point within it. Accuracies in percent, `test_drop` in points (dense's
+    test accuracy minus the point's: positive is worse), speed-ups as measured at the point (against
+    the fastest dense reference of the run; None where the point was not timed). A method with
+    several models (e.g. one `report` over several runs) gets the cheapest of its models' points.
+    When dense is within `margin` of the majority class, or the points hold no single dense model,
+    every method is None and `refused` says why."""
+    methods = [m for m in method_order({p.method for p in points}) if m != "dense"]
+    out: dict[str, Any] = {"version": SUMMARY_VERSION, "max_drop_points": round(100 * max_drop, 6),
+                           "selection": "cheapest mean GFLOPs within max_drop_points of dense on validation, "
+                                        "reported on test", "dense": None, "refused": None,
+                           "methods": dict.fromkeys(methods)}
+    baselines = split_baselines(points) if baselines is None else baselines
+    problems = dense_problems(points, baselines, margin)
+    try:
+        picked = [] if problems else cheapest_within_drop(points, max_drop, margin=None)
+    except ValueError as e:
+        picked, problems = [], [str(e)]
+    if problems:
+        out["refused"] = "; ".join(problems)
+        return out
+    for m in methods:
+        mine = [(v, t, d) for v, t, d in picked if v.method == m]
+        if not mine:
+            continue
+        v, t, d = min(mine, key=lambda vtd: vtd[0].gflops)
+        out["dense"] = {"val_acc": _pct(_dense_on(points, "validation")), "test_acc": _pct(d.accuracy),
+                        "gflops": round(d.gflops, 6)}
+        out["methods"][m] = {
+            "model": t.model, "knob_name": t.knob_name, "knob": t.knob, "val_acc": _pct(v.accuracy),
+            "test_acc": _pct(t.accuracy), "test_drop": round(100 * (d.accuracy - t.accuracy), 4),
+            "gflops": round(t.gflops, 6), "flops_reduction": round(d.gflops / t.gflops, 4) if t.gflops else None,
+            "speedup_b1": _round(t.speedup_b1), "speedup_b32": _round(t.speedup_b32),
+        }
+    if out["dense"] is None:
+        dv, dt = _dense_on(points, "validation"), _dense_on(points, "test")
+        out["dense"] = {"val_acc": _pct(dv), "test_acc": _pct(dt)} if dv is not None and dt is not None else None
+    return out
+
+
+def _dense_on(points: list[OperatingPoint], split: str) -> float | None:
+    return next((p.accuracy for p in points if p.method == "dense" and p.split == split), None)
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100 * x, 4)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def write_summary(points: list[OperatingPoint], path: str | Path, max_drop: float,
+                  baselines: dict[str, SplitBaseline] | None = None, margin: float = SANITY_MARGIN) -> Path:
+    """`summary(...)` written as JSON to `path`."""
+    import json
+
+    path = Path(path)
+    path.write_text(json.dumps(summary(points, max_drop, baselines, margin), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 # --- everything ------------------------------------------------------------------------------------
 
 
@@ -519,10 +589,10 @@ def write_report(
     baselines: dict[str, SplitBaseline] | None = None,
     margin: float = SANITY_MARGIN,
 ) -> dict[str, Path]:
-    """Write report.md and tradeoff.png for the points of `split`, and points.csv/points.json with all
-    points (every split). `baselines`: the majority-class and chance rates per split (default: what
+    """Write report.md and tradeoff.png for the points of `split`, points.csv/points.json with all
+    points (every split), and summary.json (`summary`: each method's cheapest point within `max_drop`). `baselines`: the majority-class and chance rates per split (default: what
     the points recorded); `margin`: how far dense must beat the majority class (`render_markdown`).
-    Returns {"report": ..., "csv": ..., "json": ..., "plot": ...}."""
+    Returns {"report": ..., "csv": ..., "json": ..., "plot": ..., "summary": ...}."""
     if not points:
         raise ValueError("no operating points to report")
     shown = [p for p in points if p.split == split]
@@ -537,4 +607,5 @@ def write_report(
                          margin=margin)
     md_path = out / "report.md"
     md_path.write_text(md, encoding="utf-8")
-    return {"report": md_path, "csv": csv_path, "json": json_path, "plot": plot_path}
+    summary_path = write_summary(points, out / "summary.json", max_drop, baselines, margin)
+    return {"report": md_path, "csv": csv_path, "json": json_path, "plot": plot_path, "summary": summary_path}

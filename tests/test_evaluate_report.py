@@ -25,7 +25,7 @@ from adaptinf.evaluate import (
 )
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, ClassifierOutput
-from adaptinf.report import write_report
+from adaptinf.report import summary, write_report
 
 SPEC = make_tiny_spec(vocab_size=100, labels=("a", "b"))
 LENGTHS = [5, 17, 2, 32, 9, 9, 1, 24, 13, 3, 30, 7]
@@ -294,6 +294,29 @@ def test_report_tables_for_early_exit(tmp_path):
     assert len(row) == 1 and "| threshold=0.8 |" in row[0] and "| 79.10 | 79.00 | +3.00 |" in row[0] and "| 1.60× |" in row[0]
     exits = md.split("## Accuracy of each exit on its own")[1]
     assert "| ee | ee (tiny) | 3,6 | 60.00 | 79.00 |" in exits
+
+
+def test_summary_json_names_each_methods_cheapest_point_within_the_drop(tmp_path):
+    points = both_splits() + [pt("sharcs", 1.0, 0.60, split="validation", knob=0.1), pt("sharcs", 1.0, 0.62, knob=0.1)]
+    path = write_report(points, tmp_path / "r", max_drop=0.01)["summary"]
+    s = json.loads(path.read_text())
+    assert path.name == "summary.json" and s["refused"] is None and s["max_drop_points"] == 1
+    assert set(s["methods"]) == {"ee", "sharcs"} and s["methods"]["sharcs"] is None  # nothing within 1 point
+    ee = s["methods"]["ee"]  # chosen on validation (knob 0.8 is 0.9 below dense there), reported on test
+    assert ee["knob"] == 0.8 and ee["val_acc"] == 79.1 and ee["test_acc"] == 79.0 and ee["test_drop"] == 3.0
+    assert ee["flops_reduction"] == 2.0 and ee["speedup_b32"] == 1.6 and ee["speedup_b1"] is None
+    assert s["dense"] == {"val_acc": 80.0, "test_acc": 82.0, "gflops": 4.0}
+    # a wider drop admits the cheapest point of every model; a method keeps the cheapest of its models
+    assert summary(points, 0.25)["methods"]["ee"]["knob"] == 0.5
+    assert summary(points, 0.25)["methods"]["sharcs"]["flops_reduction"] == 4.0
+
+
+def test_summary_json_refuses_when_dense_is_near_the_majority_class():
+    points = both_splits()
+    for p in points:
+        p.majority, p.num_labels = 0.79, 2
+    s = summary(points, 0.01)
+    assert s["refused"] and "majority class" in s["refused"] and s["methods"] == {"ee": None}
 
 
 def test_import_is_light():

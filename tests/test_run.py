@@ -140,6 +140,11 @@ def test_run_on_a_user_file_end_to_end(tiny_run):
     assert {p["method"] for p in timed} == {"dense", "ee", "acm", "planer"} and all(p["split"] == "test" for p in timed)
     for f in ("report.md", "points.csv", "tradeoff.png", "accuracy_vs_gflops.png", "accuracy_vs_latency.png"):
         assert (out / "report" / f).stat().st_size > 0, f
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert set(summary["methods"]) == {"ee", "acm", "planer"}
+    for m, row in summary["methods"].items():  # the latency stage timed exactly these points
+        assert row is None or (row["speedup_b1"] > 0 and row["speedup_b32"] > 0 and row["test_acc"] > 0), m
+    assert summary["refused"] is None or all(r is None for r in summary["methods"].values())
     md = (out / "report" / "report.md").read_text()
     for text in ("## Pareto front", "## Latency at the chosen points", "tiny model on a few samples", "## Stages",
                  "### int8 forms", "| ee int8 |", "| dense int8 |", "fastest fp32 dense"):
