@@ -5,14 +5,18 @@ A preset (or `adaptinf convert --set`) may name structure written for one backbo
 mapping) with every shape-dependent field that the given encoder cannot hold replaced by the
 closest one it can, and one note per change. A field that fits is returned as given, so on the
 backbone a preset was written for its settings come back unchanged, with no notes. A field left out
-keeps the method's own default, itself derived from the shape (early-exit exits: every layer;
+keeps the method's own default, itself derived from the shape (early-exit exits: "auto", every
+layer for ee and multi-model, the paper's placement scaled to depth for sweet;
 SHARCS router layer: a third of the layers), unless that default cannot fit (then it is set, noted).
 Only when no valid structure exists for the shape is it refused: ValueError, one line.
 
 Rules (L layers, H heads, d hidden size, d_ff intermediate size):
-- ee, sweet, multi-model, `exits`: the layers above L are dropped and L is added when it is not the
-  last one (every sample needs the last exit); a preset records no depth of its own, so exits are
-  not rescaled: they keep the layers they name, as far as the model has them.
+- ee, sweet, multi-model, `exits`: a placement by depth ("auto", "every", "paper": SWEET's exits
+  1, 4, 6, 12 of 12 as fractions of L, `early_exit.paper_exits`) goes through unchanged: the model
+  derives its layers from L itself (L=6: 1, 2, 3, 6). Named layers: those above L are dropped and L
+  is added when it is not the last one (every sample needs the last exit); a preset records no
+  depth of its own, so named exits are not rescaled: they keep the layers they name, as far as the
+  model has them (name "paper" to scale with depth).
 - sharcs: at least 2 layers and 2 heads. `router_layer` above L - 1 becomes L - 1 (the deepest
   router that leaves an adaptive layer). Widths that keep the same number of heads on this model
   (a width keeps max(1, round(w * H)) heads, `sharcs.width_shapes`) are merged into the largest of
@@ -72,7 +76,7 @@ def _layers(n: int) -> str:
 def _early_exit(method: str, sets: dict, enc: EncoderConfig, out: dict, notes: list[str]) -> None:
     exits = EarlyExitConfig.from_dict(sets).exits
     layers = enc.num_hidden_layers
-    if not exits:  # every layer: what the method derives by itself
+    if not exits or isinstance(exits, str):  # every layer, "paper" or "auto": derived from the depth by the model
         return
     kept = [e for e in exits if e <= layers]
     if not kept or kept[-1] != layers:

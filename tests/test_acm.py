@@ -22,7 +22,7 @@ from adaptinf.data import Encoded
 from adaptinf.methods.acm import AcmClassifier, AcmConfig, Learners, split_linear
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.recipes import acm as acm_recipe
-from adaptinf.recipes.acm import sufficient_k
+from adaptinf.recipes.acm import budget_target, sufficient_k, sufficient_k_absolute
 from adaptinf.settings import TrainConfig
 
 VOCAB, D, FF, C, HEADS = 60, 16, 32, 3, 2
@@ -120,6 +120,71 @@ def test_grouped_execution_syncs_once_and_runs_one_matmul_pair_per_learner(monke
     learners.grouped(x, k)
     # learner i runs on the prefix of tokens with k > i: 24, 18, 12, 6 rows; up then down (learner 0)
     assert calls == [24, 24, 18, 12, 6]
+
+
+@pytest.mark.parametrize("t", [1, 5, 26, 300])
+@pytest.mark.parametrize("case", ["random", "uniform", "zero-or-max"])
+def test_run_picks_prefix_or_grouped_and_equals_the_naive_reference(t, case):
+    """`run` (inference): prefix execution when it wastes little, token-grouped otherwise; both are
+    the naive per-token sum."""
+    learners = random_learners(n=4, seed=5)
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(t, D, generator=g)
+    k = {"random": torch.randint(0, 5, (t,), generator=g), "uniform": torch.full((t,), 3),
+         "zero-or-max": torch.randint(0, 2, (t,), generator=g) * 4}[case]
+    with torch.no_grad():
+        got = learners.run(x, k)
+        again = learners.run(x, k)  # the cached down-projection gives the same
+    torch.testing.assert_close(got, naive(learners, x, k), rtol=1e-4, atol=1e-4)
+    assert torch.equal(got, again)
+
+
+def test_run_at_batch_1_is_one_matmul_pair_without_sort_or_gather(monkeypatch):
+    learners, x = random_learners(), torch.randn(20, D)
+    k = torch.tensor([3] * 17 + [0, 1, 2])  # 6 unused token-learner products: prefix
+    calls = []
+    real_addmm, real_linear = torch.addmm, F.linear
+    monkeypatch.setattr(torch, "addmm", lambda *a, **kw: calls.append(("down", tuple(a[2].shape))) or real_addmm(*a, **kw))
+    monkeypatch.setattr(F, "linear", lambda *a, **kw: calls.append(("up", tuple(a[1].shape))) or real_linear(*a, **kw))
+    monkeypatch.setattr(torch, "argsort", lambda *a, **kw: pytest.fail("argsort at batch 1"))
+    with torch.no_grad():
+        out = learners.run(x, k)
+    assert calls == [("up", (3 * 8, D)), ("down", (3 * 8, D))]  # up to the largest k (3 learners), then down
+    torch.testing.assert_close(out, naive(learners, x, k), rtol=1e-4, atol=1e-4)
+
+
+def test_run_takes_the_grouped_path_when_the_prefix_would_waste_work(monkeypatch):
+    learners, x = random_learners(), torch.randn(20, D)
+    k = torch.tensor([4] + [1] * 19)  # prefix would run 57 unused learner-token products
+    sorted_ = []
+    real = torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **kw: sorted_.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        out = learners.run(x, k)
+    assert sorted_ == [1]
+    torch.testing.assert_close(out, naive(learners, x, k), rtol=1e-4, atol=1e-4)
+
+
+def test_the_cached_down_projection_follows_the_weights():
+    learners, x, k = random_learners(), torch.randn(5, D), torch.full((5,), 4)
+    with torch.no_grad():
+        before = learners.run(x, k)
+        learners.w2.mul_(2.0)
+        learners.b2.zero_()
+        after = learners.run(x, k)
+    torch.testing.assert_close(after, naive(learners, x, k), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(before, after)
+
+
+def test_residual_distillation_trains_learner_k_by_the_error_at_k_only():
+    learners, x = random_learners(), torch.randn(6, D)
+    res = learners.residual_cumulative(x)
+    torch.testing.assert_close(res, learners.cumulative(x)[:, 1:])  # the same values
+    res[:, 2].pow(2).sum().backward()  # the error at k = 3 reaches learner 3 only
+    w = learners.width
+    grads = [learners.w1.grad[i * w : (i + 1) * w].abs().sum().item() for i in range(4)]
+    assert grads[2] > 0 and grads[0] == grads[1] == grads[3] == 0
+    assert learners.w2.grad[2].abs().sum() > 0 and learners.w2.grad[[0, 1, 3]].abs().sum() == 0
 
 
 # --- conversion --------------------------------------------------------------------------------------
@@ -292,6 +357,41 @@ def test_sufficient_k_labels_by_hand():
     assert sufficient_k(errors, 1.3).tolist() == [1, 0, 4, 1, 2]
 
 
+def test_absolute_sufficient_k_labels_by_hand():
+    errors = torch.tensor([
+        [10.0, 5.0, 0.9, 0.5, 0.0],  # within 0.1 * 10 from 2 learners on
+        [10.0, 0.5, 0.4, 0.3, 0.2],  # one learner is enough
+        [10.0, 9.0, 8.0, 7.0, 2.0],  # never within: all 4
+        [0.0, 0.0, 0.0, 0.0, 0.0],  # a zero output: none
+    ])
+    norms = torch.tensor([10.0, 10.0, 10.0, 0.0])
+    assert sufficient_k_absolute(errors, norms, 0.1).tolist() == [2, 1, 4, 0]
+    assert sufficient_k_absolute(errors, norms, 0.05).tolist() == [3, 1, 4, 0]
+
+
+def test_budget_target_anneals_from_1_to_beta():
+    assert [budget_target(s, 100, 0.25, 0.5) for s in (0, 25, 50, 99)] == [1.0, 0.625, 0.25, 0.25]
+    assert budget_target(0, 100, 0.25, 0.0) == 0.25
+
+
+def test_annealed_budget_reaches_the_aux_loss():
+    model = sharpen(convert(tiny_dense(), beta=0.1, entropy_weight=0.0, diversity_weight=0.0)).train()
+    model.budget_target = 0.7
+    torch.manual_seed(0)
+    out = model(**batch_of(8, seed=9))
+    torch.testing.assert_close(out.aux_loss, 0.1 * (out.extras["executed_fraction"].mean() - 0.7).abs())
+
+
+def test_selection_score_charges_what_is_spent_over_beta():
+    model = convert(tiny_dense(), beta=0.5)  # untrained gates: every learner, executed fraction 1
+    val = encoded(12, seed=3)
+    from adaptinf.model import accuracy
+    acc = accuracy(model, val, 8, 0, knob=None)[0]
+    assert model.selection_score(val, 8) == pytest.approx(acc - 0.5)
+    model.config.beta = 1.0
+    assert model.selection_score(val, 8) == pytest.approx(acc)
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -310,6 +410,10 @@ def test_sufficient_k_labels_by_hand():
         ({"gate_lr": 0}, "gate_lr"),
         ({"workers": 0}, "workers"),
         ({"gumbel_temperature": 0}, "gumbel_temperature"),
+        ({"distill_mode": "detach"}, "distill_mode must be one of"),
+        ({"label_rule": "ratio"}, "label_rule must be one of"),
+        ({"eps": 0.0}, r"eps must be in \(0, 1\)"),
+        ({"beta_anneal": 1.5}, "beta_anneal"),
     ],
 )
 def test_config_rejects_bad_values(fields, message):

@@ -1,8 +1,10 @@
-"""Early exit family (ee, sweet, multi-model): conversion, the exit decision with batched compaction,
-cost, SWEET's gradient separation, the offline sweep, calibration, and the `convert` command."""
+"""Early exit family (ee, sweet, multi-model): conversion, exit placement by depth, the exit decision
+with batched compaction, cost, SWEET's gradient separation, distillation from the last exit, the
+offline sweep, calibration (on held-out training samples), and the `convert` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -25,8 +27,12 @@ from adaptinf.methods.early_exit import (
     EarlyExitConfig,
     MultiExitClassifier,
     fit_temperature,
+    paper_exits,
 )
+from adaptinf.recipes.early_exit import fit as fit_exits
+from adaptinf.recipes.early_exit import split_calibration
 from adaptinf.registry import get_method, needs_training
+from adaptinf.settings import TrainConfig
 
 VARIANTS = ["ee", "sweet", "multi-model"]
 POLICIES = ["max-softmax", "entropy", "patience"]
@@ -44,6 +50,11 @@ def one_thread():
 
 def tiny_dense(seed: int = 0, layers: int = LAYERS) -> DenseClassifier:
     return make_tiny_dense(seed, hidden=D, heads=2, ffn=FF, layers=layers, vocab_size=VOCAB)
+
+
+def tiny_spec(layers: int):
+    spec = make_tiny_spec()
+    return dataclasses.replace(spec, encoder=dataclasses.replace(spec.encoder, num_hidden_layers=layers))
 
 
 def convert(name: str, dense: DenseClassifier, **config) -> MultiExitClassifier:
@@ -117,6 +128,12 @@ def test_registered_with_a_default_config():
         ({"exits": (1.5, 3)}, "integers"),
         ({"policy": "confidence"}, "policy must be one of"),
         ({"classifier_dropout": 1.0}, "classifier_dropout"),
+        ({"exits": "papers"}, "layer numbers such as .* or one of"),
+        ({"distill_weight": -0.5}, "distill_weight must be a number >= 0"),
+        ({"distill_temperature": 0.0}, "distill_temperature must be a number > 0"),
+        ({"calibration": "test"}, "calibration must be one of"),
+        ({"calibration_fraction": 0.0}, "calibration_fraction must be in"),
+        ({"calibration_fraction": 0.5}, "calibration_fraction must be in"),
     ],
 )
 def test_config_rejects_bad_values(fields, message):
@@ -129,6 +146,32 @@ def test_config_accepts_cli_spellings_and_round_trips():
     assert EarlyExitConfig(exits=3).exits == (3,)
     cfg = EarlyExitConfig(exits=(1, 3), policy="entropy")
     assert EarlyExitConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(("layers", "want"), [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (4, (1, 2, 4)),
+                                             (6, (1, 2, 3, 6)), (12, (1, 4, 6, 12)), (24, (2, 8, 12, 24))])
+def test_paper_placement_scales_sweets_exits_to_depth(layers, want):
+    """SWEET's exits 1, 4, 6, 12 of 12 as fractions of the depth, rounded up, repeats dropped."""
+    assert paper_exits(layers) == want
+    spec = tiny_spec(layers)
+    assert get_method("ee")(spec, EarlyExitConfig(exits="paper")).exit_layers == want
+    # "auto" (the default): the paper's placement for sweet, every layer for ee and multi-model
+    assert get_method("sweet")(spec, EarlyExitConfig()).exit_layers == want
+    every = tuple(range(1, layers + 1))
+    assert get_method("ee")(spec, EarlyExitConfig()).exit_layers == every
+    assert get_method("multi-model")(spec, EarlyExitConfig(exits="every")).exit_layers == every
+
+
+def test_placement_words_round_trip_and_old_configs_keep_their_exits():
+    assert EarlyExitConfig(exits="every").exits == () == EarlyExitConfig(exits=" Every ").exits
+    assert EarlyExitConfig(exits="paper").exits == "paper" and EarlyExitConfig().exits == "auto"
+    for cfg in (EarlyExitConfig(exits="paper", distill_weight=1.0), EarlyExitConfig()):
+        assert EarlyExitConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # a config saved before placement words, distillation and held-out calibration: exits [] is every
+    # layer (for sweet too), the new fields take their defaults
+    old = EarlyExitConfig.from_dict({"exits": [], "policy": "max-softmax", "classifier_dropout": 0.1, "pooling": "mean"})
+    assert get_method("sweet")(tiny_spec(6), old).exit_layers == (1, 2, 3, 4, 5, 6)
+    assert old.distill_weight == 0.0 and old.calibration == "holdout"
 
 
 def test_exits_are_checked_against_the_model():
@@ -332,6 +375,48 @@ def test_loss_is_the_sum_of_exit_losses(name):
     torch.testing.assert_close(model.loss(out, y, reduction="sum"), 6 * expected)
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_distillation_adds_kl_to_the_last_exit_to_every_earlier_exit(name, t):
+    model = sharpen(convert(name, tiny_dense(), distill_weight=0.5, distill_temperature=t))
+    batch, y = batch_of(6, seed=8), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        out = model(**batch)
+    z = out.extras["exit_logits"]
+    teacher = (z[-1] / t).softmax(-1)
+    kl = [F.kl_div((zi / t).log_softmax(-1), teacher, reduction="batchmean") for zi in z[:-1]]
+    expected = sum(F.cross_entropy(zi, y) for zi in z) + 0.5 * t * t * sum(kl)
+    torch.testing.assert_close(model.loss(out, y), expected)
+    torch.testing.assert_close(model.loss(out, y, reduction="sum"), 6 * expected)
+    assert all(float(k) > 1e-3 for k in kl), "the exits disagree, so the term is not empty"
+
+
+def loss_grads(model: MultiExitClassifier) -> dict[str, torch.Tensor]:
+    model.train().zero_grad(set_to_none=True)
+    out = model(**batch_of(8, seed=7))
+    model.loss(out, torch.arange(8) % C).backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["ee", "sweet"])
+def test_distillation_targets_are_detached(name):
+    """The last exit is a target only: its head (and, in SWEET, every block after the first segment)
+    gets exactly the gradient it gets without distillation; the earlier exits' heads get another."""
+    plain = sharpen(convert(name, tiny_dense(), exits=(1, 3)))
+    distilled = sharpen(convert(name, tiny_dense(), exits=(1, 3), distill_weight=2.0, distill_temperature=2.0))
+    for module in (plain, distilled):
+        module.heads[0].dropout.p = module.heads[1].dropout.p = 0.0
+    g0, g1 = loss_grads(plain), loss_grads(distilled)
+    same = [n for n in g0 if n.startswith("heads.1.")]
+    if name == "sweet":
+        same += [n for n in g0 if n.startswith(("encoder.blocks.1.", "encoder.blocks.2."))]
+    for n in same:
+        torch.testing.assert_close(g1[n], g0[n], msg=n)
+    assert not torch.allclose(g1["heads.0.classifier.weight"], g0["heads.0.classifier.weight"])
+    block0 = "encoder.blocks.0.attention.q.weight"  # below the first exit: distillation reaches it in both
+    assert not torch.allclose(g1[block0], g0[block0])
+
+
 # --- offline sweep and evaluation --------------------------------------------------------------------
 
 
@@ -417,8 +502,8 @@ def test_calibration_is_fitted_on_the_split_given_and_saved(name, tmp_path):
     model = sharpen(convert(name, tiny_dense(), exits=(1, 3)), std=4.0)  # over-confident exits
     val, other = labelled_by(model, encoded(60, seed=11)), labelled_by(model, encoded(60, seed=12))
     report = model.calibrate(val, batch_size=16)
-    assert all(a <= b + 1e-12 for a, b in zip(report["val_nll_after"], report["val_nll_before"]))
-    assert any(a < b - 1e-3 for a, b in zip(report["val_nll_after"], report["val_nll_before"]))
+    assert all(a <= b + 1e-12 for a, b in zip(report["nll_after"], report["nll_before"]))
+    assert any(a < b - 1e-3 for a, b in zip(report["nll_after"], report["nll_before"]))
     torch.testing.assert_close(model.temperature, torch.tensor(report["temperature"], dtype=torch.float32))
     z, _ = model.exit_logits(val, batch_size=16)
     for i, t in enumerate(report["temperature"]):  # a minimum of the NLL on *this* split
@@ -437,6 +522,50 @@ def test_calibration_is_fitted_on_the_split_given_and_saved(name, tmp_path):
         with torch.no_grad():
             a, b = model(**batch), loaded(**batch)
         assert torch.equal(a.logits, b.logits) and torch.equal(a.extras["exit"], b.extras["exit"])
+
+
+def test_calibration_slice_is_seeded_disjoint_and_left_out_of_training():
+    enc = encoded(100, seed=3)
+    fit_part, calib = split_calibration(enc, 0.1, seed=0)
+    assert (len(fit_part), len(calib)) == (90, 10)
+    again = split_calibration(enc, 0.1, seed=0)
+    assert again[1].ids == calib.ids and split_calibration(enc, 0.1, seed=1)[1].ids != calib.ids
+    pairs = sorted(zip(map(tuple, fit_part.ids + calib.ids), torch.cat([fit_part.labels, calib.labels]).tolist()))
+    assert pairs == sorted(zip(map(tuple, enc.ids), enc.labels.tolist()))
+    assert len(split_calibration(encoded(3, seed=3), 0.01, seed=0)[1]) == 1  # at least one, and one left to train
+    with pytest.raises(ValueError, match="calibration=validation"):
+        split_calibration(encoded(1, seed=3), 0.05, seed=0)
+
+
+@pytest.mark.parametrize("where", ["holdout", "validation"])
+def test_recipe_fits_temperatures_on_the_held_out_slice(where, tmp_path):
+    """The default fits the temperatures on training samples left out of training, not on the
+    validation split that picks the threshold; "validation" keeps the old behaviour."""
+    model = convert("ee", tiny_dense(), exits=(1, 3), calibration=where, calibration_fraction=0.25)
+    train, val = encoded(40, seed=20), encoded(30, seed=21)
+    cfg = TrainConfig(epochs=1, batch_size=16, save_every=100, log_every=100)
+    with pytest.warns(UserWarning, match="held-out training samples") if where == "holdout" else _no_warning():
+        summary = fit_exits(model, train, val, cfg, tmp_path / "train", progress=False)
+    fit_part, calib = split_calibration(train, 0.25, cfg.seed)
+    if where == "holdout":
+        assert summary["calibration"] == "train-holdout"
+        assert (summary["n_train"], summary["n_calibration"]) == (30, 10) and summary["steps"] == 2
+    else:
+        assert summary["calibration"] == "validation" and summary["n_calibration"] == 30 and summary["n_train"] == 40
+        calib = val
+    fitted = torch.tensor(summary["temperature"], dtype=torch.float32)
+    torch.testing.assert_close(model.temperature, fitted)
+    z, _ = model.exit_logits(calib)
+    torch.testing.assert_close(fitted, torch.tensor([fit_temperature(z[i], calib.labels)[0] for i in range(2)],
+                                                    dtype=torch.float32))
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 # --- the command line ------------------------------------------------------------------------------------
@@ -464,7 +593,9 @@ def test_convert_trains_then_evaluate_sweeps(dense_run, tmp_path):
     training = cfg["extra"]["training"]
     assert cfg["method"] == "ee" and cfg["method_config"]["exits"] == [1, 2]
     assert cfg["extra"]["task"]["text_column"] == "review"  # the dense model's task, recorded again
-    assert training["steps"] == 2 and training["n_train"] == 32 and len(training["temperature"]) == 2
+    # 2 of the 32 samples held out to fit the temperatures (calibration_fraction 0.05)
+    assert training["steps"] == 2 and training["n_train"] == 30 and training["n_calibration"] == 2
+    assert training["calibration"] == "train-holdout" and len(training["temperature"]) == 2
     assert (ee / "train" / "last" / "state.json").is_file()
     before = load_model(ee).state_dict()
     assert any(not torch.equal(before[k], v) for k, v in

@@ -55,11 +55,11 @@ def test_quick_preset_runs_every_method_on_another_model_and_flags_a_chance_leve
     assert code == 0, err[-3000:]
     points = json.loads((out / "report" / "points.json").read_text())
     assert {p["method"] for p in points} == {"dense", "ee", "sweet", "multi-model", "sharcs", "acm", "planer"}
-    # the preset's multi-model exits [2, 4, 6] fitted to 4 layers, said in the terminal and the report
-    assert "multi-model: exits [2, 4, 6] -> [2, 4]" in err
+    # the preset's multi-model exits [1, 6] fitted to 4 layers, said in the terminal and the report
+    assert "multi-model: exits [1, 6] -> [1, 4]" in err
     md = (out / "report" / "report.md").read_text()
-    assert "multi-model: exits [2, 4, 6] -> [2, 4]" in md
-    assert json.loads((out / "methods" / "multi-model" / "model" / "config.json").read_text())["method_config"]["exits"] == [2, 4]
+    assert "multi-model: exits [1, 6] -> [1, 4]" in md
+    assert json.loads((out / "methods" / "multi-model" / "model" / "config.json").read_text())["method_config"]["exits"] == [1, 4]
     # dense learned nothing: the run and the report say so, and claim no point "within N points of dense"
     assert "majority class" in err and "within 5 points of always predicting the majority class" in md
     assert "No point is chosen against dense" in md

@@ -60,8 +60,8 @@ def test_other_methods_come_back_as_given():
 def test_quick_preset_builds_on_a_4_layer_model_of_another_width(method):
     sets, notes = adapt(method, _preset_sets("quick")[method], _small())
     if method == "multi-model":
-        assert sets["exits"] == [2, 4]
-        assert notes == ["multi-model: exits [2, 4, 6] -> [2, 4] (the model has 4 layers)"]
+        assert sets["exits"] == [1, 4]
+        assert notes == ["multi-model: exits [1, 6] -> [1, 4] (the model has 4 layers)"]
     else:
         assert notes == []
     _converts_and_runs(method, sets, layers=4, hidden=64, heads=4, ffn=96)

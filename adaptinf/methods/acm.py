@@ -15,17 +15,26 @@ singular values in decreasing order, w = (d^2 + d) / ((2d + 1) N) components per
 
 Training (`adaptinf.recipes.acm`, three resumable phases): the learners are distilled module by
 module from the frozen dense model (`AcmClassifier.teacher`, the modules it replaces:
-`dense_counterpart`), the gates are pre-trained on "sufficient k" labels, then the whole model is
-fine-tuned end to end on the task loss plus the auxiliary terms (budget, entropy, diversity) that
-the training-mode forward returns as `aux_loss`. In training mode every gate draws a Gumbel-softmax
+`dense_counterpart`; `distill_mode` "residual", the default and what the reference code runs:
+learner k is trained only by the error of the first k, fitting what learners 1..k-1 leave, so the
+early learners carry the coarse part), the gates are pre-trained on "sufficient k" labels
+(`label_rule` "relative", the default: the paper's ratio rule with `tau`, informative once the
+distillation is residual; "absolute": the smallest k within `eps` of the dense output, relative
+to its norm), then the whole model is fine-tuned end to end on the task
+loss plus the auxiliary terms (budget, entropy, diversity) that the training-mode forward returns
+as `aux_loss` (the budget target annealed from 1 to beta over the first `beta_anneal` share of the
+steps by the recipe, through `budget_target`; `selection_score` charges a checkpoint what it spends
+over beta, so the annealing's costlier early checkpoints do not win model selection). In training mode every gate draws a Gumbel-softmax
 hard one-hot (straight-through) that multiplies the cumulative learner outputs, so the task loss
 reaches the gates.
 
 Inference: argmax of the gate logits minus `knob * k` (the knob: a bias toward fewer learners;
-0 or None is the trained gate). Token-grouped execution (`Learners.grouped`): the tokens are sorted
-by k once per module, then learner i runs as one dense matmul on the contiguous prefix of tokens
-with k >= i; padding tokens run nothing. One host sync per module (the N prefix sizes), none per
-learner. `forward(..., learners=k)` (eval mode) runs exactly k learners on every real token and no
+0 or None is the trained gate). The stack runs padding-free (packed once per forward; every module
+on the real tokens [T, d]). `Learners.run`, one host sync per module (the histogram of k), none per
+learner: when that wastes at most PREFIX_WASTE token-learner products (one k shared by every
+token, or few tokens mostly at the largest k, e.g. batch 1), the first kmax learners run as one
+matmul pair with the units above each token's k masked (no sort, no gather); otherwise token-grouped (`Learners.grouped`): the tokens are sorted by k, then learner i
+runs as one dense matmul on the contiguous prefix of tokens with k > i. `forward(..., learners=k)` (eval mode) runs exactly k learners on every real token and no
 gate: the distilled learners evaluated on their own, e.g. all of them on.
 
 Cost (adaptinf.flops convention): per sample at its real length L, the model without the replaced
@@ -46,12 +55,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.backbone import Encoder, EncoderConfig, Layout, attend, packed_run
+from adaptinf.backbone import Encoder, EncoderConfig, Layout, attend
+from adaptinf.data import eval_batches
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, option
 
 TARGETS = ("ffn", "attn")
 ATTN_PROJECTIONS = ("q", "k", "v", "out")
+DISTILL_MODES = ("residual", "average")
+LABEL_RULES = ("absolute", "relative")
+# Learners.run takes the prefix execution when it computes at most this many token-learner products
+# that a token does not use (about what the sort, gather and scatter of token-grouped execution cost
+# on a CPU core in eager mode; e.g. batch 1 with most tokens at the largest k)
+PREFIX_WASTE = 32
 KNOB_VALUES = (-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -87,12 +103,22 @@ class AcmConfig(MethodConfig):
     learners: int = 4
     targets: tuple[str, ...] = ("ffn",)
     gate_hidden: int = 32
-    tau: float = option(1.2, "phase-2 label factor: a token's label is the smallest n after which one more "
+    distill_mode: str = option("residual", "phase 1: 'residual' (learner k is trained only by the error at k, "
+                                           "fitting what learners 1..k-1 leave: coarse to fine, as the reference "
+                                           "code runs) or 'average' (every learner by the MSE averaged over k)")
+    label_rule: str = option("relative", "phase-2 labels: 'relative' (the paper's: the smallest k after which one "
+                                         "more learner improves the error by less than tau) or 'absolute' (the "
+                                         "smallest k whose output is within eps * |dense output| of it)")
+    eps: float = option(0.4, "phase-2 'absolute' label tolerance, relative to the norm of the dense output (a "
+                             "typical token's error with all learners after residual distillation is ~0.3)")
+    tau: float = option(1.2, "phase-2 'relative' label factor: a token's label is the smallest n after which one more "
                              "learner improves its error by less than this factor")
     beta: float = option(0.6, "phase-3 target for the executed fraction of learner cost (over all ACMs)")
     budget_weight: float = 0.1
     entropy_weight: float = 0.05
     diversity_weight: float = 0.05
+    beta_anneal: float = option(0.0, "share of the phase-3 steps over which the budget target falls linearly "
+                                     "from 1 to beta (0: beta from the first step)")
     gumbel_temperature: float = option(0.8, "temperature of the gates' Gumbel-softmax in phase 3")
     distill_epochs: int = 2
     distill_lr: float = 1e-3
@@ -114,6 +140,14 @@ class AcmConfig(MethodConfig):
             )
         if not _is_int(self.gate_hidden) or self.gate_hidden < 1:
             raise ValueError(f"AcmConfig.gate_hidden must be a positive integer, got {self.gate_hidden!r}")
+        if self.distill_mode not in DISTILL_MODES:
+            raise ValueError(f"AcmConfig.distill_mode must be one of {list(DISTILL_MODES)}, got {self.distill_mode!r}")
+        if self.label_rule not in LABEL_RULES:
+            raise ValueError(f"AcmConfig.label_rule must be one of {list(LABEL_RULES)}, got {self.label_rule!r}")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"AcmConfig.eps must be in (0, 1) (a relative error, e.g. 0.1), got {self.eps}")
+        if not 0.0 <= self.beta_anneal <= 1.0:
+            raise ValueError(f"AcmConfig.beta_anneal must be in [0, 1] (a share of the phase-3 steps), got {self.beta_anneal}")
         if not self.tau > 1.0:
             raise ValueError(f"AcmConfig.tau must be > 1 (an improvement factor; the paper uses 1.2), got {self.tau}")
         if not 0.0 < self.beta <= 1.0:
@@ -199,6 +233,69 @@ class Learners(nn.Module):
         y = self.outputs(x).cumsum(dim=1)  # [T, N, d_out]
         return torch.cat([y.new_zeros(y.shape[0], 1, y.shape[2]), y], dim=1)
 
+    def residual_cumulative(self, x: torch.Tensor) -> torch.Tensor:
+        """Phase 1's "residual" mode: x [T, d_in] -> [T, N, d_out], index k-1 = the sum of the first
+        k learners in value, but learner k's gradient only (the first k-1 enter detached), so a
+        loss on index k-1 trains learner k to fit what learners 1..k-1 leave (coarse to fine)."""
+        y = self.outputs(x)  # [T, N, d_out]
+        before = y.detach().cumsum(dim=1) - y.detach()  # sum of the learners before each, no gradient
+        return before + y
+
+    def run(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Inference: x [T, d_in], k [T] (0..N) -> sum of each token's first k learners [T, d_out].
+
+        One host sync (the histogram of k), then the cheaper of two executions:
+        - prefix (when it wastes at most PREFIX_WASTE token-learner products: every token at the
+          same k, or few tokens mostly at the largest k, e.g. batch 1): the first kmax learners as
+          one matmul pair on every token, the learners above a token's k masked out of the hidden
+          layer; no sort, no gather;
+        - token-grouped (`grouped`): tokens sorted by k, learner i on the prefix with k > i.
+        """
+        t, d_out = x.shape[0], self.w2.shape[1]
+        if t == 0:
+            return x.new_zeros(0, d_out)
+        counts = torch.bincount(k, minlength=self.n + 1).tolist()  # the one host sync of this module
+        used = [i for i, c in enumerate(counts) if c]
+        kmin, kmax = used[0], used[-1]
+        if kmax == 0:
+            return x.new_zeros(t, d_out)
+        wasted = kmax * t - sum(i * c for i, c in enumerate(counts))  # learner runs no token needs
+        if wasted <= PREFIX_WASTE:
+            return self.prefix(x, k, kmax, uniform=kmin == kmax)
+        at_least = [sum(counts[i + 1 :]) for i in range(self.n)]  # tokens with k > i
+        return self._grouped(x, k, at_least)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference tables, kept between calls (rebuilt when the weights change; built afresh, not
+        kept, under autograd): w2 as one matrix [N*width, d_out] (learner i: rows i*width..), the
+        cumulative output biases [N+1, d_out] (row k: the first k learners'), the hidden-unit masks
+        [N+1, N*width] (row k: 1 on the first k learners' units)."""
+        key = (self.w2.data_ptr(), self.w2._version, self.b2.data_ptr(), self.b2._version)
+        grad = torch.is_grad_enabled() and (self.w2.requires_grad or self.b2.requires_grad)
+        cached = getattr(self, "_table_cache", None)
+        if not grad and cached is not None and cached[0] == key:
+            return cached[1]
+        n, w = self.n, self.width
+        w2 = self.w2.transpose(1, 2).reshape(n * w, -1)  # [N*w, d_out]
+        cum_b2 = torch.cat([self.b2.new_zeros(1, self.b2.shape[1]), self.b2.cumsum(0)])  # [N+1, d_out]
+        units = torch.arange(n * w, device=self.w1.device) // w  # [N*w] the learner of each hidden unit
+        keep = (units[None, :] < torch.arange(n + 1, device=self.w1.device)[:, None]).to(self.w1.dtype)  # [N+1, N*w]
+        if not grad:
+            self._table_cache = (key, (w2, cum_b2, keep))
+        return w2, cum_b2, keep
+
+    def prefix(self, x: torch.Tensor, k: torch.Tensor, kmax: int, uniform: bool = False) -> torch.Tensor:
+        """The first kmax learners on every token as one matmul pair, each token's learners above its
+        k zeroed in the hidden layer (`uniform`: every token has k = kmax, no mask). x [T, d_in]."""
+        w2, cum_b2, keep = self._tables()
+        full = kmax == self.n
+        kw = kmax * self.width
+        h = self._act(F.linear(x, self.w1 if full else self.w1[:kw], self.b1 if full else self.b1[:kw]))  # [T, kw]
+        if uniform:
+            return torch.addmm(cum_b2[kmax], h, w2 if full else w2[:kw])
+        h = h.mul_(keep.index_select(0, k)[:, :kw])  # hidden units of learners above each token's k -> 0
+        return torch.addmm(cum_b2.index_select(0, k), h, w2 if full else w2[:kw])
+
     def grouped(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Token-grouped execution: x [T, d_in], k [T] (0..N) -> sum of each token's first k learners [T, d_out].
 
@@ -206,14 +303,16 @@ class Learners(nn.Module):
         contiguous prefix of tokens with k > i. One host sync (the N prefix sizes), none per learner;
         tokens with k = 0 (padding among them) are never gathered.
         """
-        out = x.new_zeros(x.shape[0], self.w2.shape[1])
         if x.shape[0] == 0:
-            return out
-        order = torch.argsort(k, descending=True, stable=True)  # [T]
+            return x.new_zeros(0, self.w2.shape[1])
         at_least = torch.bincount(k, minlength=self.n + 1).flip(0).cumsum(0).flip(0)[1:]  # [N] tokens with k > i
-        sizes = at_least.tolist()  # the one host sync of this module
+        return self._grouped(x, k, at_least.tolist())  # the one host sync of this module
+
+    def _grouped(self, x: torch.Tensor, k: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        out = x.new_zeros(x.shape[0], self.w2.shape[1])
         if sizes[0] == 0:
             return out
+        order = torch.argsort(k, descending=True, stable=True)  # [T]
         rows = order[: sizes[0]]
         xs = x.index_select(0, rows)  # [m, d_in], k descending
         acc = None
@@ -258,6 +357,7 @@ class AdaptiveModule(nn.Module):
         self.learners = Learners(d_in, width, d_out, n, activation)
         self.gate = Gate(d_in, gate_hidden, n + 1 - min_k)
         self.register_buffer("choices", torch.arange(min_k, n + 1), persistent=False)  # k of each gate output
+        self.register_buffer("choices_f", torch.arange(min_k, n + 1, dtype=torch.float32), persistent=False)
 
     @property
     def n(self) -> int:
@@ -266,8 +366,10 @@ class AdaptiveModule(nn.Module):
     def pick(self, logits: torch.Tensor, knob: float | None) -> torch.Tensor:
         """Inference choice: k [T] = argmax of the gate logits [T, choices] minus knob * k."""
         if knob:
-            logits = logits - knob * self.choices.to(logits.dtype)
-        return self.choices[logits.argmax(dim=-1)]
+            kf = self.choices_f if self.choices_f.dtype == logits.dtype else self.choices_f.to(logits.dtype)
+            logits = torch.sub(logits, kf, alpha=knob)
+        k = logits.argmax(dim=-1)  # index of the choice; choice c is k = c + min_k
+        return k + self.min_k if self.min_k else k
 
 
 @dataclass
@@ -326,6 +428,8 @@ class AcmClassifier(AdaptiveClassifier):
                 mod = AdaptiveModule(d, attn_width(cfg, n), d, n, "identity", 1, g)
             self.acm[int(layer)][kind] = mod
         self._teacher: list[DenseClassifier] = []  # the frozen dense model (not a submodule: never saved)
+        # phase 3's budget target of this step when annealed (set by the recipe); None: config.beta
+        self.budget_target: float | None = None
 
     def module(self, name: str) -> AdaptiveModule:
         layer, kind = name.split(".")
@@ -369,6 +473,24 @@ class AcmClassifier(AdaptiveClassifier):
             raise ValueError("acm: learners= forces k in eval mode only (training runs the Gumbel-softmax gates)")
         return k
 
+    def selection_score(self, val, batch_size: int = 64) -> float:
+        """Validation accuracy at the trained gates (knob None), minus the executed fraction of the
+        learners' cost above beta: with an annealed budget target the early, costlier checkpoints
+        do not win model selection by spending more (one point per 1% over budget)."""
+        was_training = self.training
+        self.eval()
+        correct, frac, n = 0, 0.0, 0
+        try:
+            with torch.inference_mode():
+                for bt in eval_batches(val, batch_size, self.spec.encoder.pad_token_id):
+                    out = self(bt.input_ids, bt.attention_mask, knob=None)
+                    correct += int((out.logits.argmax(-1) == bt.labels).sum())
+                    frac += float(out.extras["executed_fraction"].sum())
+                    n += len(bt.labels)
+        finally:
+            self.train(was_training)
+        return correct / max(n, 1) - max(0.0, frac / max(n, 1) - self.config.beta)
+
     # --- knob -----------------------------------------------------------------------------------
     def knob_values(self) -> list[float]:
         return list(KNOB_VALUES)
@@ -386,80 +508,98 @@ class AcmClassifier(AdaptiveClassifier):
         knob, learners = self.run_knob(knob), self.check_learners(learners)
         b, s = input_ids.shape
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
-        bias = self.token_mask(attention_mask, h.dtype)  # a Layout at inference: unconverted layers padding-free
+        bias = self.token_mask(attention_mask, h.dtype)  # a Layout at inference: the stack runs padding-free
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
-        if isinstance(bias, Layout):
-            bias.share_index(real)
         mode = "train" if self.training else ("fixed" if learners is not None else "gate")
         ctx = _Routing(real, torch.div(real, s, rounding_mode="floor"), b, s, mode, knob, learners)
-        for block, mods in zip(self.encoder.blocks, self.acm):
-            if "q" in mods:
-                h = self._attention(block.attention, mods, h, bias, ctx)
-            else:
-                h = block.attention(h, bias)
-            if "ffn" in mods:
-                h = block.ffn.norm(h + block.ffn.dropout(self._run(mods["ffn"], h, ctx)))
-            else:
-                h = packed_run(lambda x, _: block.ffn(x), h, bias)
+        if isinstance(bias, Layout):  # packed once: every module runs on the real tokens [T, d] as they are
+            bias.share_index(real)
+            x = bias.pack(h)  # [T, d]
+            for block, mods in zip(self.encoder.blocks, self.acm):
+                x = self._attention(block.attention, mods, x, bias, ctx, self._run) if "q" in mods else block.attention(x, bias)
+                x = block.ffn.norm(x + self._run(mods["ffn"], x, ctx)) if "ffn" in mods else block.ffn(x)
+            h = bias.unpack(x)
+        else:  # padded [b, s, d] (training, or `set_packed(False)`): each module gathers the real tokens
+            for block, mods in zip(self.encoder.blocks, self.acm):
+                h = self._attention(block.attention, mods, h, bias, ctx, self._padded) if "q" in mods else block.attention(h, bias)
+                if "ffn" in mods:
+                    h = block.ffn.norm(h + block.ffn.dropout(self._padded(mods["ffn"], h, ctx)))
+                else:
+                    h = block.ffn(h)
         logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
         lengths = flops.lengths_of(attention_mask)
-        executed = torch.stack([self._per_sample(k, ctx) for k in ctx.k]) if ctx.k else lengths.new_zeros(0, b)
+        m = len(self.names)
+        ks = torch.stack(ctx.k) if ctx.k else real.new_zeros(0, real.numel())  # [M, T]
         if mode == "train":  # every learner ran on every real token
-            executed = torch.stack([lengths * self.module(n).n for n in self.names])
+            executed = lengths[None, :] * self._per_module("n", lengths.device)[:, None]  # [M, b]
+        else:
+            executed = lengths.new_zeros(m, b).index_add_(1, ctx.sample, ks)  # [M, b] learners run per sample
         cost = self.cost(lengths, executed, gates_ran=mode != "fixed")
-        k_full = torch.zeros(len(ctx.k), b * s, dtype=torch.int64, device=input_ids.device)
-        if ctx.k:
-            k_full[:, real] = torch.stack(ctx.k)
-        extras = {"k": k_full.view(-1, b, s), "executed_fraction": self._fraction(ctx, lengths).detach()}
+        k_full = ks.new_zeros(m, b * s).index_copy_(1, real, ks) if ks.shape[1] != b * s else ks
+        if mode == "train":
+            fraction = self._fraction(ctx, lengths).detach()
+        else:  # the same share, from the executed counts
+            p = self._per_module("learner_flops", lengths.device)
+            fraction = (executed * p[:, None]).sum(0) / (lengths * (p * self._per_module("n", lengths.device)).sum()).clamp_min(1)
+        extras = {"k": k_full.view(m, b, s), "executed_fraction": fraction.float()}
         aux = self._aux_loss(ctx, lengths) if mode == "train" else None
         return ClassifierOutput(logits=logits, flops=cost, aux_loss=aux, extras=extras)
 
-    def _attention(self, attn, mods, h, bias, ctx) -> torch.Tensor:
-        """The backbone's attention with the projections run by their ACMs."""
-        q, k, v = (self._run(mods[name], h, ctx) for name in ("q", "k", "v"))
+    def _attention(self, attn, mods, h, bias, ctx, run) -> torch.Tensor:
+        """The backbone's attention with the projections run by their ACMs (`run`: `_run` on packed
+        h [T, d], `_padded` on h [b, s, d])."""
+        q, k, v = (run(mods[name], h, ctx) for name in ("q", "k", "v"))
         p = attn.attn_dropout if self.training else 0.0
-        a = attend(q, k, v, bias, attn.n_heads, p)  # [b, s, d]
-        return attn.norm(h + attn.dropout(self._run(mods["out"], a, ctx)))
+        a = attend(q, k, v, bias, attn.n_heads, p)  # [b, s, d] or [T, d]
+        return attn.norm(h + attn.dropout(run(mods["out"], a, ctx)))
 
-    def _run(self, mod: AdaptiveModule, x: torch.Tensor, ctx: _Routing) -> torch.Tensor:
-        """One ACM on x [b, s, d_in] -> [b, s, d_out]; padding rows get zeros. Records k in ctx."""
+    def _padded(self, mod: AdaptiveModule, x: torch.Tensor, ctx: _Routing) -> torch.Tensor:
+        """`_run` on the real tokens of x [b, s, d_in] -> [b, s, d_out]; padding rows get zeros."""
         b, s, _ = x.shape
-        flat = x.reshape(b * s, -1)
-        d_out = mod.learners.w2.shape[1]
+        yr = self._run(mod, x.reshape(b * s, -1).index_select(0, ctx.real), ctx)  # [T, d_out]
+        return yr.new_zeros(b * s, yr.shape[1]).index_copy(0, ctx.real, yr).view(b, s, -1)
+
+    def _run(self, mod: AdaptiveModule, xr: torch.Tensor, ctx: _Routing) -> torch.Tensor:
+        """One ACM on the real tokens xr [T, d_in] -> [T, d_out]. Records k in ctx."""
         if ctx.mode == "train":
-            xr = flat.index_select(0, ctx.real)  # [T, d_in]
             onehot = F.gumbel_softmax(mod.gate(xr), tau=self.config.gumbel_temperature, hard=True)  # [T, C]
             cum = mod.learners.cumulative(xr)[:, mod.min_k :]  # [T, C, d_out]
-            yr = torch.einsum("tc,tcd->td", onehot, cum)  # the chosen output, times the one-hot's value (1)
             ctx.onehots.append(onehot)
             ctx.k.append(mod.choices[onehot.detach().argmax(dim=-1)])
-            out = flat.new_zeros(b * s, d_out).index_copy(0, ctx.real, yr)
-            return out.view(b, s, d_out)
+            return torch.einsum("tc,tcd->td", onehot, cum)  # the chosen output, times the one-hot's value (1)
         if ctx.mode == "fixed":
-            kr = torch.full_like(ctx.real, max(ctx.fixed_k, mod.min_k))
-        else:
-            kr = mod.pick(mod.gate(flat.index_select(0, ctx.real)), ctx.knob)  # [T]
+            k = max(ctx.fixed_k, mod.min_k)
+            ctx.k.append(torch.full_like(ctx.real, k))
+            if k == 0:
+                return xr.new_zeros(xr.shape[0], mod.learners.w2.shape[1])
+            return mod.learners.prefix(xr, ctx.k[-1], k, uniform=True)
+        kr = mod.pick(mod.gate(xr), ctx.knob)  # [T]
         ctx.k.append(kr)
-        k = torch.zeros(b * s, dtype=torch.int64, device=x.device).index_copy_(0, ctx.real, kr)  # padding: 0
-        return mod.learners.grouped(flat, k).view(b, s, d_out)
-
-    def _per_sample(self, k: torch.Tensor, ctx: _Routing) -> torch.Tensor:
-        """Sum over each sample's real tokens of a per-token value [T] -> [b]."""
-        return torch.zeros(ctx.batch, dtype=k.dtype, device=k.device).index_add_(0, ctx.sample, k)
+        return mod.learners.run(xr, kr)
 
     # --- cost -----------------------------------------------------------------------------------
+    def _per_module(self, what: str, device) -> torch.Tensor:
+        """[M] int64 per replaced module: "n" learners, "learner_flops" (one learner, one token);
+        kept between calls (the structure never changes)."""
+        table = self.__dict__.setdefault("_module_table", {})
+        if (what, device) not in table:
+            values = [self.module(n).n for n in self.names] if what == "n" else self._learner_cost()
+            table[(what, device)] = torch.tensor(values, dtype=torch.int64, device=device)
+        return table[(what, device)]
+
     def cost(self, lengths: torch.Tensor, executed: torch.Tensor, gates_ran: bool = True) -> torch.Tensor:
         """FLOPs [b] (float64) of samples of real lengths [b] that ran executed[m, b] learners (summed
         over their tokens) in module m: the rest of the model + the learners + the gates."""
         cfg = self.spec.encoder
-        total = flops.dense_model(lengths, cfg, self.spec.num_labels)
-        for i, name in enumerate(self.names):
+        per_token = 0  # what the replaced modules cost, minus the gates that ran instead (per token)
+        for name in self.names:
             mod = self.module(name)
-            kind = name.split(".")[1]
-            d_in, d_out = mod.learners.w1.shape[1], mod.learners.w2.shape[1]
-            total = total - lengths * replaced_flops(kind, cfg) + executed[i] * learner_flops(d_in, mod.learners.width, d_out)
+            per_token -= replaced_flops(name.split(".")[1], cfg)
             if gates_ran:
-                total = total + lengths * gate_flops(d_in, self.config.gate_hidden, len(mod.choices))
+                per_token += gate_flops(mod.learners.w1.shape[1], self.config.gate_hidden, len(mod.choices))
+        total = flops.dense_model(lengths, cfg, self.spec.num_labels) + lengths * per_token
+        if len(self.names):
+            total = total + (executed * self._per_module("learner_flops", executed.device)[:, None]).sum(0)
         return total.to(torch.float64)
 
     def _learner_cost(self) -> list[int]:
@@ -483,7 +623,8 @@ class AcmClassifier(AdaptiveClassifier):
         (per module, normalised, maximised) + spread of the executed fraction across samples (maximised)."""
         c = self.config
         frac = self._fraction(ctx, lengths)  # [b]
-        budget = (frac.mean() - c.beta).abs()
+        beta = c.beta if self.budget_target is None else self.budget_target
+        budget = (frac.mean() - beta).abs()
         ent = []
         for onehot in ctx.onehots:
             hist = torch.zeros(ctx.batch, onehot.shape[1], device=onehot.device).index_add(0, ctx.sample, onehot)

@@ -17,14 +17,17 @@ Where things happen:
 - a width's layers: `sliced_block`;
 - cost: `SharcsClassifier.cost`;
 - importance reordering (model surgery): `SharcsClassifier.reorder`;
-- training (hardness labels, the per-epoch batch plan, the loop, resume): `adaptinf/recipes/sharcs.py`.
+- the training loss (every width on the batch, narrow widths distilled from the full one):
+  `SharcsClassifier.loss`; the router fit on cached features: `SharcsClassifier.fit_router`;
+- training (the loop, the per-epoch hardness scores, ordinal labels, resume): `adaptinf/recipes/sharcs.py`.
 
-Knob ("bias", inference-time): the width chosen is argmax_i (z_i + bias * i) over the router logits
-z (clamped to +-LOGIT_CAP) with widths sorted ascending; bias 0 is the paper's routing, a negative
-bias favours smaller widths, a positive one larger widths. A sample's width never shrinks as the
-bias grows (for b1 < b2 choosing i1, i2: adding the two argmax inequalities gives
-(b2 - b1)(i2 - i1) >= 0), so cost is monotone in the knob, and +-KNOB_EXTREME sends every sample to
-the largest / smallest width.
+Knob ("threshold" t, inference-time; ordinal routing): the router gives, per sample, a logit z_i
+per width, trained against monotone labels (a sample allowed at width w is allowed at every larger
+width), so sigmoid(z_i) estimates "width i is enough for this sample". A sample goes to the
+smallest width whose probability is >= t, the largest width when none is. t <= 0 sends every
+sample to the smallest width, t >= 1 every sample to the largest (the dense model); None is the
+router's own decision (t = 0.5). Raising t can only move a sample to a larger width (the set of
+widths that clear t shrinks), so cost is monotone in the knob.
 
 Cost (adaptinf.flops convention): k full blocks, the router (one add per token state element for
 the mean, plus its two Linears), the L - k blocks at the routed width, the pooler (d_w -> d) and
@@ -49,8 +52,10 @@ from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
 
-LOGIT_CAP = 30.0  # router logits are clamped to +-30 for the decision (sigmoid(30) is 1 in float32)
-KNOB_EXTREME = 100.0  # |bias| > 2 * LOGIT_CAP: every sample goes to the smallest / largest width
+ALL_SMALLEST, ALL_FULL = 0.0, 1.0  # knob values that send every sample to the smallest / largest width
+DEFAULT_THRESHOLD = 0.5  # knob None: the router's own decision
+# fields of the earlier one-width-per-batch training, dropped when an old saved config is read
+_RETIRED_FIELDS = ("oversample", "warmup_all_widths", "nested_training")
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -99,19 +104,22 @@ class SharcsConfig(MethodConfig):
     shrink_residual: True (the paper): the residual stream shrinks with the heads, with private
         LayerNorms per width; False: only heads and FFN neurons shrink (DynaBERT-style).
     router_hidden: hidden size of the router MLP (d -> router_hidden -> len(widths)).
-    window: W, the epochs of training-set confidence a hardness label looks at; the first W epochs
-        are warm-up (router label: the largest width only).
-    confidence_intervals: one [lo, hi) per width: a sample may use width w when its last W
-        true-class confidences all lie in w's interval (hi = 1 includes 1). None allowed -> the
-        largest width. Intervals may overlap (multi-hot labels).
-    oversample: repeat the smaller width buckets up to the largest one's size each epoch.
-    warmup_all_widths: during warm-up, batches are spread over all widths (every sub-network trains
-        from the first epoch, as we start from a fine-tuned model); False: the paper's warm-up at
-        the largest width only.
-    nested_training: False (the paper): after warm-up a sample trains at one of its allowed widths,
-        so the largest width sees only hard samples; True: also at any larger width (the router label
-        is unchanged), so every width keeps seeing easy samples.
-    task_weight, router_weight: loss = task_weight * CE + router_weight * BCE(router logits, label).
+    window: W, how many of the last epochs' hardness scores a router label looks at (fewer when
+        fewer epochs ran). At the end of every epoch each training sample is scored at every width
+        in eval mode (its true-class probability); the router is fitted after training on labels
+        from the last W scores up to the kept epoch.
+    confidence_intervals: one [lo, hi] per width; the router label of width i is "allowed" when
+        width i's own true-class probability is >= lo_i in each of the W scores (ordinal labels use
+        the lower end only), then made monotone: allowed at a width -> allowed at every larger one.
+        The largest width is always allowed.
+    distill_weight: every training step runs every width on the batch and sums their losses (the
+        sandwich rule); the full width learns from the labels, each narrower width from
+        distill_weight * KL(full width's detached prediction || its own) + (1 - distill_weight) * CE.
+    task_weight, router_weight: training loss = task_weight * (the widths' summed loss), and the
+        router's BCE (weight router_weight) when router targets are given to `forward`.
+    router_fit_epochs, router_lr: the router fit after training (AdamW, batch 64, on the cached
+        mask-aware means of layer k's output; 0 epochs = no router fit; passes over those cached
+        features, not over the data: `adaptinf run`'s training budget does not count them).
     importance_samples: training samples used to score heads/neurons/dimensions for `reorder`
         (0 = keep the dense model's order).
     classifier_dropout: dropout before the classifier in training (the dense model's 0.1).
@@ -123,11 +131,11 @@ class SharcsConfig(MethodConfig):
     router_hidden: int = 256
     window: int = 3
     confidence_intervals: tuple[tuple[float, float], ...] = ((0.8, 1.0), (0.5, 0.8), (0.0, 0.5))
-    oversample: bool = True
-    warmup_all_widths: bool = True
-    nested_training: bool = False
+    distill_weight: float = 1.0
     task_weight: float = 1.0
     router_weight: float = 1.0
+    router_fit_epochs: int = 20
+    router_lr: float = 1e-3
     importance_samples: int = 1024
     classifier_dropout: float = 0.1
 
@@ -135,6 +143,13 @@ class SharcsConfig(MethodConfig):
         self.widths = _as_floats(self.widths, "widths")
         self.confidence_intervals = _as_intervals(self.confidence_intervals)
         super().__post_init__()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SharcsConfig:
+        """As `MethodConfig.from_dict`; the fields of the earlier one-width-per-batch training
+        (oversample, warmup_all_widths, nested_training), which configs saved before may carry, are
+        dropped (training now runs every width on every batch)."""
+        return super().from_dict({k: v for k, v in d.items() if k not in _RETIRED_FIELDS})
 
     def validate(self) -> None:
         def is_int(v) -> bool:
@@ -149,9 +164,8 @@ class SharcsConfig(MethodConfig):
             raise ValueError(f"SharcsConfig.widths must be increasing without repeats, got {list(w)}; use {sorted(set(w))}")
         if not (0.0 < w[0] and w[-1] == 1.0):
             raise ValueError(f"SharcsConfig.widths must lie in (0, 1] and end at 1.0 (the full model), got {list(w)}")
-        for name in ("shrink_residual", "oversample", "warmup_all_widths", "nested_training"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"SharcsConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.shrink_residual, bool):
+            raise ValueError(f"SharcsConfig.shrink_residual must be true or false, got {self.shrink_residual!r}")
         if not is_int(self.router_hidden) or self.router_hidden < 1:
             raise ValueError(f"SharcsConfig.router_hidden must be a positive int, got {self.router_hidden!r}")
         if not is_int(self.window) or self.window < 1:
@@ -166,12 +180,17 @@ class SharcsConfig(MethodConfig):
                 raise ValueError(
                     f"SharcsConfig.confidence_intervals: width {width} has [{lo}, {hi}]; need 0 <= lo < hi <= 1"
                 )
-        for name in ("task_weight", "router_weight"):
+        for name in ("task_weight", "router_weight", "distill_weight", "router_lr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"SharcsConfig.{name} must be a non-negative number, got {v!r}")
         if self.task_weight == 0:
             raise ValueError("SharcsConfig.task_weight must be positive: the sub-networks train on the task loss")
+        if self.distill_weight > 1:
+            raise ValueError(f"SharcsConfig.distill_weight must be in [0, 1] (1 = narrow widths learn from the full "
+                             f"width only), got {self.distill_weight}")
+        if not is_int(self.router_fit_epochs) or self.router_fit_epochs < 0:
+            raise ValueError(f"SharcsConfig.router_fit_epochs must be a non-negative int, got {self.router_fit_epochs!r}")
         if not is_int(self.importance_samples) or self.importance_samples < 0:
             raise ValueError(
                 f"SharcsConfig.importance_samples must be a non-negative int (0 = no reordering), got {self.importance_samples!r}"
@@ -277,13 +296,14 @@ class SharcsClassifier(AdaptiveClassifier):
       (`extras["width_logits"]` [n_w, b, C], logits = the full width's) and `loss` sums them.
     - eval mode, no width: batched routing with the knob.
     - training mode: `aux_loss` = router_weight * BCE(router logits, router_targets [b, n_w]);
-      without targets the warm-up label (the largest width only).
+      without targets the label "the largest width only" (the recipe fits the router after training,
+      on cached features: `fit_router`).
     extras: "width_pct" [b] (the width each sample ran at, in percent), "router_logits" [b, n_w].
     """
 
     method = "sharcs"
     Config = SharcsConfig
-    knob_name = "bias"
+    knob_name = "threshold"
     description = "SHARCS: a router after layer k sends each sample to a width-sliced sub-network for the remaining layers"
 
     def __init__(self, spec: ModelSpec, config: SharcsConfig | None = None):
@@ -349,8 +369,10 @@ class SharcsClassifier(AdaptiveClassifier):
 
     # --- knob and routing -----------------------------------------------------------------------
     def knob_values(self) -> list[float]:
-        steps = [0.125 * 2 ** (i / 2) for i in range(17)]  # 0.125 .. 32
-        return [-KNOB_EXTREME] + [-v for v in reversed(steps)] + [0.0] + steps + [KNOB_EXTREME]
+        """Thresholds from 0 (every sample at the smallest width) to 1 (every sample at full width),
+        denser near the ends, where router probabilities of a confident router gather."""
+        mid = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95
+        return [ALL_SMALLEST, 0.001, 0.005, 0.01, 0.02, 0.03] + mid + [0.97, 0.98, 0.99, 0.995, 0.999, ALL_FULL]
 
     def check_knob(self, value: float | None) -> float | None:
         self._check_knob(value)
@@ -358,14 +380,22 @@ class SharcsClassifier(AdaptiveClassifier):
 
     def _check_knob(self, value) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise ValueError(f"sharcs: the bias knob must be a finite number (0 = the router's own choice), got {value!r}")
+            raise ValueError(f"sharcs: the threshold knob must be a finite number (0 = every sample at the smallest "
+                             f"width, 1 = every sample at full width), got {value!r}")
 
     def route(self, router_logits: torch.Tensor, knob: float | None) -> torch.Tensor:
-        """The width index [b] of every sample: argmax_i (clamp(z_i) + knob * i), knob None = 0."""
-        z = router_logits.float().clamp(-LOGIT_CAP, LOGIT_CAP)  # [b, n_w]
-        if knob:
-            z = z + knob * torch.arange(self.num_widths, device=z.device, dtype=z.dtype)
-        return z.argmax(dim=-1)
+        """The width index [b] of every sample: the smallest i with sigmoid(z_i) >= knob (the largest
+        width when none; knob None = 0.5). Compared in logit space, so thresholds near 1 stay exact
+        where float32 sigmoids saturate. No host sync (the knob is a Python number)."""
+        t = DEFAULT_THRESHOLD if knob is None else float(knob)
+        b, n_w = router_logits.shape
+        if t <= ALL_SMALLEST or t >= ALL_FULL:
+            fill = 0 if t <= ALL_SMALLEST else n_w - 1
+            return torch.full((b,), fill, dtype=torch.int64, device=router_logits.device)
+        cut = math.log(t) - math.log1p(-t)  # logit(t)
+        ok = router_logits[:, :-1].double() >= cut  # [b, n_w - 1]
+        ok = torch.cat([ok, ok.new_ones(b, 1)], dim=1)  # the largest width takes the rest
+        return ok.to(torch.int8).argmax(dim=-1)  # the first width that clears t (argmax returns the first)
 
     # --- cost -----------------------------------------------------------------------------------
     def _shared_cost(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -480,7 +510,11 @@ class SharcsClassifier(AdaptiveClassifier):
 
     # --- loss and importance reordering ---------------------------------------------------------
     def loss(self, out: ClassifierOutput, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """task_weight * cross-entropy (summed over widths when every width ran) + the router loss."""
+        """task_weight * the task loss + the router loss (when `forward` computed one).
+
+        One width ran: cross-entropy. Every width ran (training with no width given): the sum over
+        widths (the sandwich rule) of the full width's cross-entropy and, for each narrower width,
+        distill_weight * KL(full width's detached prediction || its own) + (1 - distill_weight) * CE."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         width_logits = out.extras.get("width_logits")
@@ -489,7 +523,14 @@ class SharcsClassifier(AdaptiveClassifier):
         else:
             n, b, c = width_logits.shape
             ce = F.cross_entropy(width_logits.reshape(n * b, c), labels.repeat(n), reduction="none").view(n, b)
-            task = ce.sum() if reduction == "sum" else ce.mean(dim=1).sum()
+            per_sample = ce[-1]  # [b] the full width
+            if n > 1:
+                alpha = self.config.distill_weight
+                teacher = width_logits[-1].detach().float().log_softmax(-1)  # [b, C]
+                student = width_logits[:-1].float().log_softmax(-1)  # [n - 1, b, C]
+                kl = (teacher.exp() * (teacher - student)).sum(-1)  # [n - 1, b]
+                per_sample = per_sample + (alpha * kl + (1 - alpha) * ce[:-1]).sum(0)
+            task = per_sample.sum() if reduction == "sum" else per_sample.mean()
         loss = self.config.task_weight * task
         if out.aux_loss is not None:
             loss = loss + (out.aux_loss * labels.shape[0] if reduction == "sum" else out.aux_loss)
@@ -613,38 +654,100 @@ class SharcsClassifier(AdaptiveClassifier):
 
     # --- evaluation -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def all_width_logits(self, enc: Encoded, batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, ...]:
-        """(router logits [n, n_w], every width's logits [n_w, n, C], real lengths [n]) for a split,
-        from one pass (the prefix once, then each width on every sample). Eval mode; restored."""
+    def width_pass(self, enc: Encoded, batch_size: int = 64, progress: bool = False,
+                   widths: bool = True) -> dict[str, torch.Tensor]:
+        """One eval-mode pass over a split (the prefix once, then each width on every sample):
+        "features" [n, d] (the router's input, layer k's mask-aware mean), "router" [n, n_w],
+        "logits" [n_w, n, C] (when `widths`), "lengths" [n]. Training mode is restored."""
         if len(enc) == 0:
             raise ValueError("nothing to run: the encoded split is empty")
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        n = len(enc)
+        n, d = len(enc), self.spec.encoder.hidden_size
+        features = torch.empty(n, d)
         router = torch.empty(n, self.num_widths)
-        logits = torch.empty(self.num_widths, n, self.spec.num_labels)
+        logits = torch.empty(self.num_widths, n, self.spec.num_labels) if widths else None
         lengths = torch.tensor([len(x) for x in enc.ids], dtype=torch.int64)
         try:
             for batch in tqdm(eval_batches(enc, batch_size, self.spec.encoder.pad_token_id),
                               total=math.ceil(n / batch_size), desc="sharcs widths", disable=not progress, leave=False):
-                h, bias, z = self._prefix(batch.input_ids.to(device), batch.attention_mask.to(device), None)
-                router[batch.index] = z.float().cpu()
-                for i in range(self.num_widths):
-                    logits[i, batch.index] = self._suffix(h, bias, i).float().cpu()
+                mask = batch.attention_mask.to(device)
+                h = self.encoder.embed(batch.input_ids.to(device))
+                bias = self.token_mask(mask, h.dtype)
+                h = self.encoder.run_blocks(h, bias, 0, self.router_layer)
+                f = masked_mean(h, mask)  # [m, d]
+                features[batch.index] = f.float().cpu()
+                router[batch.index] = self.router(f).float().cpu()
+                if widths:
+                    for i in range(self.num_widths):
+                        logits[i, batch.index] = self._suffix(h, bias, i).float().cpu()
         finally:
             self.train(was_training)
-        return router, logits, lengths
+        out = {"features": features, "router": router, "lengths": lengths}
+        return out if logits is None else {**out, "logits": logits}
+
+    def all_width_logits(self, enc: Encoded, batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, ...]:
+        """(router logits [n, n_w], every width's logits [n_w, n, C], real lengths [n]) for a split,
+        from one eval-mode pass (`width_pass`)."""
+        p = self.width_pass(enc, batch_size, progress)
+        return p["router"], p["logits"], p["lengths"]
+
+    def fit_router(self, features: torch.Tensor, targets: torch.Tensor, epochs: int | None = None,
+                   lr: float | None = None, batch_size: int = 64, seed: int = 0,
+                   held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, list[float]]:
+        """Fit the router alone, from a fresh seeded start, on cached features [n, d] (`width_pass`)
+        against multi-hot targets [n, n_w] (BCE, AdamW, shuffled batches); the layers below it are
+        unchanged. With `held_out` (features, targets), the epoch with the lowest BCE on it is kept
+        (early stopping; the largest width's label, always 1, is left out of that BCE). Returns the
+        mean training BCE of each epoch ("fit") and the held-out BCE after each ("held_out").
+        Defaults: config.router_fit_epochs, config.router_lr."""
+        epochs = self.config.router_fit_epochs if epochs is None else epochs
+        lr = self.config.router_lr if lr is None else lr
+        x, y = features.detach().clone().float(), targets.detach().clone().float()  # out of inference mode
+        if held_out is not None:
+            hx, hy = held_out[0].detach().clone().float(), held_out[1].detach().clone().float()
+        was_training = self.router.training
+        self.router.train()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # a fresh start (as __init__), so refitting gives the same router
+            for lin in (self.router[0], self.router[2]):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.02)
+                lin.bias.zero_()
+        opt = torch.optim.AdamW(self.router.parameters(), lr=lr, weight_decay=0.01)
+        history: dict[str, list[float]] = {"fit": [], "held_out": []}
+        best, best_state = float("inf"), None
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order, total = torch.randperm(len(x), generator=gen), 0.0
+                for j in range(0, len(x), batch_size):
+                    rows = order[j : j + batch_size]
+                    loss = F.binary_cross_entropy_with_logits(self.router(x[rows]), y[rows])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(rows)
+                history["fit"].append(total / len(x))
+                if held_out is not None:
+                    with torch.no_grad():
+                        bce = float(F.binary_cross_entropy_with_logits(self.router(hx)[:, :-1], hy[:, :-1]))
+                    history["held_out"].append(bce)
+                    if bce < best:
+                        best, best_state = bce, {k: v.clone() for k, v in self.router.state_dict().items()}
+        if best_state is not None:
+            self.router.load_state_dict(best_state)
+        self.router.train(was_training)
+        return history
 
     def validation_report(self, val: Encoded, batch_size: int = 64) -> dict[str, Any]:
-        """Per-width accuracy, accuracy and width shares at the router's own routing (knob 0), and
+        """Per-width accuracy, accuracy and width shares at the router's own routing (threshold 0.5), and
         the selection score: the mean per-width accuracy (every width serves some samples, and a
         score that the router could raise by sending everything to full width would select for
         that)."""
         z, logits, _ = self.all_width_logits(val, batch_size)
         y = val.labels
         per_width = (logits.argmax(-1) == y).double().mean(dim=1)
-        choice = self.route(z, 0.0)
+        choice = self.route(z, None)
         routed = logits[choice, torch.arange(len(val))].argmax(-1)
         return {"score": float(per_width.mean()), "width_accuracy": per_width.tolist(),
                 "routed_accuracy": float((routed == y).double().mean()),

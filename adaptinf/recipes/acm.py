@@ -60,6 +60,46 @@ def sufficient_k(errors: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(small.any(dim=1), small.to(torch.int8).argmax(dim=1), last)
 
 
+def sufficient_k_absolute(errors: torch.Tensor, norms: torch.Tensor, eps: float) -> torch.Tensor:
+    """Phase-2 labels from errors [T, C] (increasing k) and the dense output's norms [T]: the smallest
+    c whose error is at most eps * norm (the output is already within eps of the module's); C - 1
+    when none is."""
+    ok = errors <= eps * norms[:, None]  # [T, C]
+    last = torch.full_like(norms, errors.shape[1] - 1, dtype=torch.int64)
+    return torch.where(ok.any(dim=1), ok.to(torch.int8).argmax(dim=1), last)
+
+
+def budget_target(step: int, total: int, beta: float, anneal: float) -> float:
+    """Phase 3's budget target at optimizer step `step` of `total`: from 1 down to beta, linearly over
+    the first `anneal` share of the steps, then beta."""
+    span = anneal * total
+    if span <= 0 or step >= span:
+        return beta
+    return 1.0 + (beta - 1.0) * step / span
+
+
+def _resume_step(out: Path) -> int:
+    """The optimizer step phase 3 resumes from (0 on a fresh start)."""
+    for folder in ("last", "last.old"):
+        state = out / folder / "state.json"
+        if state.is_file():
+            return int(json.loads(state.read_text()).get("global_step", 0))
+    return 0
+
+
+def _anneal_budget(model: AcmClassifier, total: int, first_step: int):
+    """A forward pre-hook that sets `model.budget_target` before every training forward (one per
+    optimizer step) from the step count; returns the hook's handle."""
+    c, state = model.config, {"step": first_step}
+
+    def hook(module, args, kwargs):
+        if module.training:
+            module.budget_target = budget_target(state["step"], total, c.beta, c.beta_anneal)
+            state["step"] += 1
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 # --- the recipe -------------------------------------------------------------------------------------
 
 
@@ -86,7 +126,16 @@ def fit(model: AcmClassifier, train: Encoded, val: Encoded, cfg: TrainConfig, ou
         t0 = time.time()
         summary["gates"] = run_phase(model, "gates", train, cfg, out / "gates", progress)
         summary["gates_seconds"] = round(time.time() - t0, 1)
-    result = finetune_then_load_best(model, train, val, cfg, out / "e2e", progress=progress, restart=restart)
+    handle = None
+    if c.beta_anneal > 0:
+        first = 0 if restart else _resume_step(out / "e2e")
+        handle = _anneal_budget(model, cfg.total_steps(len(train)), first)
+    try:
+        result = finetune_then_load_best(model, train, val, cfg, out / "e2e", progress=progress, restart=restart)
+    finally:
+        if handle is not None:
+            handle.remove()
+        model.budget_target = None
     summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps,
                    best_step=result.best_step, stopped_early=result.stopped_early,
                    resumed_from_step=result.resumed_from_step)
@@ -120,9 +169,10 @@ def _distilled_accuracy(model: AcmClassifier, val: Encoded, cfg: TrainConfig) ->
 
 def phase_settings(model: AcmClassifier, phase: str, train: Encoded, cfg: TrainConfig) -> dict:
     """What a module-wise phase's result depends on (not beta etc.: runs at several budgets can share it)."""
-    fields = ["learners", "targets", "distill_epochs", "distill_lr"]
+    fields = ["learners", "targets", "distill_epochs", "distill_lr", "distill_mode"]
     if phase == "gates":
-        fields += ["gate_hidden", "tau", "gate_epochs", "gate_lr"]
+        fields += ["gate_hidden", "label_rule", "eps" if model.config.label_rule == "absolute" else "tau",
+                   "gate_epochs", "gate_lr"]
     c = model.config.to_dict()
     return {"phase": phase, **{f: c[f] for f in fields}, "batch_size": cfg.batch_size, "seed": cfg.seed,
             "max_grad_norm": cfg.max_grad_norm, "warmup_ratio": cfg.warmup_ratio, "n_train": len(train)}
@@ -180,29 +230,41 @@ class _ModuleRun:
     opt: torch.optim.Optimizer
     counts: torch.Tensor  # phase 2: labels per choice of k, first epoch
     sums: list = field(default_factory=lambda: [0.0, 0.0, 0])  # this epoch: loss, output power, tokens
+    per_k: torch.Tensor | None = None  # phase 1, this epoch: [3, N] squared error, relative error, tokens within 0.1
 
     @classmethod
     def start(cls, mod: AdaptiveModule, phase: str, lr: float) -> _ModuleRun:
         opt = torch.optim.Adam(_part(mod, phase).parameters(), lr=lr)
         return cls(mod, phase, opt, torch.zeros(len(mod.choices), dtype=torch.int64))
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, tau: float, count: bool) -> torch.Tensor:
-        """Phase 1: MSE to the dense output y [T, d] for every k; phase 2: cross-entropy of the gate
-        on the `sufficient_k` labels (counted when `count`)."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor, c, count: bool) -> torch.Tensor:
+        """Phase 1: MSE to the dense output y [T, d] for every k (config `distill_mode`: "residual",
+        learner k trained by the error at k alone, or "average"); phase 2: cross-entropy of the gate
+        on the labels of `label_rule` (counted when `count`)."""
         if self.phase == "distill":
-            cum = self.mod.learners.cumulative(x)[:, 1:]  # [T, N, d] for k = 1..N
+            learners = self.mod.learners
+            cum = learners.residual_cumulative(x) if c.distill_mode == "residual" else learners.cumulative(x)[:, 1:]
+            with torch.no_grad():  # [T, N] for k = 1..N
+                sq = (cum.detach() - y[:, None]).pow(2).sum(dim=-1)
+                rel = sq.sqrt() / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                found = torch.stack([sq.sum(0), rel.sum(0), (rel <= 0.1).sum(0).to(sq.dtype)])
+                self.per_k = found if self.per_k is None else self.per_k + found
             return (cum - y[:, None]).pow(2).mean()  # MSE averaged over k
         with torch.no_grad():
             err = (self.mod.learners.cumulative(x)[:, self.mod.min_k :] - y[:, None]).norm(dim=-1)  # [T, C]
-            labels = sufficient_k(err, tau)
+            if c.label_rule == "absolute":
+                labels = sufficient_k_absolute(err, y.norm(dim=-1), c.eps)
+            else:
+                labels = sufficient_k(err, c.tau)
         if count:
             self.counts += torch.bincount(labels, minlength=len(self.mod.choices))
         return F.cross_entropy(self.mod.gate(x), labels)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, tau: float, count: bool, max_grad_norm: float) -> None:
-        """One optimizer step on the captured input x [T, d_in] and dense output y [T, d_out]."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, c, count: bool, max_grad_norm: float) -> None:
+        """One optimizer step on the captured input x [T, d_in] and dense output y [T, d_out]
+        (c: the model's AcmConfig)."""
         set_lr(self.opt, lr)
-        loss = self.loss(x, y, tau, count)
+        loss = self.loss(x, y, c, count)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(_part(self.mod, self.phase).parameters(), max_grad_norm)
@@ -218,6 +280,12 @@ class _ModuleRun:
         stats: dict[str, Any] = {"loss": loss / max(1, tokens)}
         if self.phase == "distill":  # MSE over k relative to the output's mean square
             stats["relative_mse"] = loss / max(power, 1e-30)
+            if self.per_k is not None and tokens:  # per k = 1..N, this (the last) epoch
+                d = self.mod.learners.w2.shape[1]
+                sq, rel, within = self.per_k.tolist()
+                stats["relative_mse_per_k"] = [e / d / max(power, 1e-30) for e in sq]
+                stats["mean_relative_error_per_k"] = [r / tokens for r in rel]
+                stats["share_within_0.1_per_k"] = [w / tokens for w in within]
         else:
             share = (self.counts.double() / self.counts.sum().clamp_min(1)).tolist()
             stats["sufficient_k_share"] = {str(int(k)): v for k, v in zip(self.mod.choices, share)}
@@ -251,13 +319,13 @@ def train_modules(model: AcmClassifier, phase: str, names: list[str], train: Enc
     with capture_tokens(points) as cap, tqdm(total=total, desc=f"acm {phase}", disable=not progress, unit="step") as bar:
         for epoch in range(epochs):
             for run in runs.values():
-                run.sums = [0.0, 0.0, 0]  # the statistics reported are the last epoch's
+                run.sums, run.per_k = [0.0, 0.0, 0], None  # the statistics reported are the last epoch's
             for batch, _, _ in train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id=model.spec.encoder.pad_token_id):
                 cap.select(batch.attention_mask)
                 _teacher_pass(teacher, batch, depth)
                 rate = lr_at(step, total, sched)
                 for n, run in runs.items():
-                    run.step(cap[f"{n}:in"], cap[f"{n}:out"], rate, c.tau, epoch == 0, cfg.max_grad_norm)
+                    run.step(cap[f"{n}:in"], cap[f"{n}:out"], rate, c, epoch == 0, cfg.max_grad_norm)
                 step += 1
                 bar.update(1)
     for n, run in runs.items():

@@ -1,23 +1,28 @@
-"""Training of SHARCS (the model: `adaptinf.methods.sharcs`), as the SHARCS paper (Salehi et al.) does.
+"""Training of SHARCS (the model: `adaptinf.methods.sharcs`).
 
 `fit` first sorts heads, FFN neurons and residual dimensions by importance on a seeded training
-subset (`SharcsClassifier.reorder`), then trains every width and the router together:
+subset (`SharcsClassifier.reorder`), then:
 
-- per epoch, each sample's router label (the widths it may use, multi-hot) comes from its last
-  `window` epochs of true-class confidence (`hardness_labels`); the first `window` epochs are
-  warm-up (label: the largest width only);
-- each sample trains at one of its allowed widths this epoch, one width per batch (`epoch_plan`);
-- loss: task_weight * CE at the batch's width + router_weight * BCE(router logits, label);
-- after each epoch: validation at every width (`SharcsClassifier.validation_report`); the best
-  epoch by mean per-width accuracy, among the epochs whose router saw hardness labels (the last
-  epoch when training is no longer than the warm-up), is kept.
+- trains every width on every batch (the sandwich rule: the loss sums the widths' losses, the
+  narrow widths distilled from the full width's detached prediction; `SharcsClassifier.loss`), so
+  each optimizer step sees every width, as the reference's one-GPU-per-width training does;
+- at the end of each epoch scores every training sample at every width in eval mode (no dropout):
+  its true-class probability, kept in the hardness history [epochs, n_w, n]; then validates every
+  width; the best epoch by mean per-width validation accuracy is kept (with `cfg.patience`, the run
+  stops after that many epochs without a better score);
+- fits the router on the kept epoch's model: ordinal labels (`ordinal_labels`) from the last
+  `window` scores up to that epoch, against the cached router inputs (layer k's mask-aware mean;
+  `SharcsClassifier.fit_router`). A seeded tenth of the training samples is held out of the router
+  fit: the router epoch with the lowest BCE on it is kept, and that BCE is reported next to a
+  prior-only router's (does the router predict hardness at all?).
 
 Output directory:
     last/                training state after the last finished epoch (resume point)
-    best/                the best epoch's model (an `adaptinf.load`-able model directory)
-    history.safetensors  the true-class confidence of every sample per epoch [epochs, n]
+    best/                the kept model, router fitted (an `adaptinf.load`-able model directory)
+    history.safetensors  every training sample's true-class probability per epoch and width [epochs, n_w, n]
     reorder.json         the importance reordering's summary (the weights resume with last/)
     metrics.csv          one row per epoch
+    router.json          the router fit: label shares, BCE on the held-out tenth vs prior-only
     train_config.json    the settings the run was started with (a resume must match them)
 """
 
@@ -52,62 +57,29 @@ from adaptinf.recipes.finetune import (
 )
 from adaptinf.settings import TrainConfig
 
-# --- hardness labels and the batch plan --------------------------------------------------------------
+ROUTER_HELD_OUT = 0.1  # share of the training samples kept out of the router fit, to measure it
+
+# --- hardness labels ---------------------------------------------------------------------------------
 
 
-def hardness_labels(confidences: torch.Tensor, intervals) -> torch.Tensor:
-    """Multi-hot allowed widths [n, n_w] (bool) from the last W true-class confidences [W, n].
+def ordinal_labels(confidences: torch.Tensor, intervals) -> torch.Tensor:
+    """Monotone multi-hot allowed widths [n, n_w] (bool) from W scores of every width [W, n_w, n]
+    (true-class probabilities; NaN = not scored).
 
-    Width i is allowed when every confidence lies in [lo_i, hi_i) (hi = 1 includes 1); a sample
-    with no allowed width gets the largest one alone.
+    Width i is allowed when its own probability is >= lo_i (the interval's lower end) in each of
+    the W scores; then a sample allowed at a width is allowed at every larger one, and the largest
+    width is always allowed.
     """
-    allowed = []
-    for lo, hi in intervals:
-        upper = torch.ones_like(confidences, dtype=torch.bool) if hi >= 1.0 else confidences < hi
-        allowed.append(((confidences >= lo) & upper).all(dim=0))
-    out = torch.stack(allowed, dim=1)  # [n, n_w]
-    out[~out.any(dim=1), -1] = True
-    return out
+    lo = torch.tensor([lo for lo, _ in intervals], dtype=confidences.dtype)  # [n_w]
+    ok = (confidences >= lo[None, :, None]).all(dim=0).T  # [n, n_w]; NaN compares False
+    ok[:, -1] = True
+    return ok.int().cummax(dim=1).values.bool()
 
 
-def epoch_plan(assigned: torch.Tensor, n_widths: int, batch_size: int, oversample: bool,
-               generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
-    """The batches of one epoch: (width index, sample indices) each, one width per batch.
-
-    `assigned` [n] is the width index each sample trains at this epoch. Each width's bucket is
-    shuffled and cut into batches; with `oversample`, a smaller bucket is repeated (whole shuffled
-    copies, then a random part) up to the size of the largest. Batches of all widths are shuffled
-    together, so widths alternate through the epoch.
-    """
-    buckets = [torch.nonzero(assigned == i).flatten() for i in range(n_widths)]
-    target = max(len(b) for b in buckets)
-    batches = []
-    for i, bucket in enumerate(buckets):
-        if len(bucket) == 0:
-            continue
-        size = target if oversample else len(bucket)
-        reps = [bucket[torch.randperm(len(bucket), generator=generator)] for _ in range(math.ceil(size / len(bucket)))]
-        rows = torch.cat(reps)[:size]
-        batches += [(i, rows[j : j + batch_size]) for j in range(0, size, batch_size)]
-    order = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[j] for j in order]
-
-
-def _labels_and_plan(model: SharcsClassifier, history: torch.Tensor, epoch: int,
-                     cfg: TrainConfig) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """Epoch `epoch`'s router labels [n, n_w] (bool) and its batch plan, from the confidence history."""
-    c, n, n_w = model.config, history.shape[1], model.num_widths
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    if epoch < c.window:  # warm-up: the largest width only
-        targets = torch.zeros(n, n_w, dtype=torch.bool)
-        targets[:, -1] = True
-        train_at = torch.ones(n, n_w, dtype=torch.bool) if c.warmup_all_widths else targets
-    else:
-        targets = hardness_labels(history[epoch - c.window : epoch], c.confidence_intervals)
-        train_at = targets.int().cummax(dim=1).values.bool() if c.nested_training else targets
-    # each sample trains at one of its allowed widths, uniformly at random
-    assigned = torch.multinomial(train_at.float(), 1, generator=gen).flatten()  # [n]
-    return targets, epoch_plan(assigned, n_w, cfg.batch_size, c.oversample, gen)
+def prior_bce(targets: torch.Tensor, prior: torch.Tensor) -> float:
+    """Mean BCE of a router that predicts each width's label share `prior` [n_w] for every sample."""
+    p = prior.clamp(1e-6, 1 - 1e-6).expand_as(targets)
+    return float(F.binary_cross_entropy(p, targets.float()))
 
 
 # --- the recipe --------------------------------------------------------------------------------------
@@ -115,8 +87,8 @@ def _labels_and_plan(model: SharcsClassifier, history: torch.Tensor, epoch: int,
 
 def fit(model: SharcsClassifier, train: Encoded, val: Encoded, cfg: TrainConfig, out_dir: str | os.PathLike,
         progress: bool = True, restart: bool = False) -> dict:
-    """Train every width and the router as the paper does (see the module doc), after importance
-    reordering; keep the best epoch on validation (loaded back into `model`, left in eval mode).
+    """Train every width (see the module doc) after importance reordering, keep the best epoch on
+    validation, then fit its router (the model is left with those weights, in eval mode).
     Resumable per epoch from out_dir. Returns a JSON-ready summary."""
     _, world = dist_info()
     if world > 1:
@@ -150,7 +122,7 @@ def _reorder(model: SharcsClassifier, train: Encoded, cfg: TrainConfig, out: Pat
 
 def _start(model: SharcsClassifier, train: Encoded, val: Encoded, cfg: TrainConfig, out: Path):
     """Check/record the run's settings, build the optimizer and restore the resume point:
-    (optimizer, confidence history [epochs, n], position dict)."""
+    (optimizer, hardness history [epochs, n_w, n], position dict)."""
     settings = {"train": cfg.to_dict(), "n_train": len(train), "n_val": len(val), "method": model.method,
                 "method_config": model.config.to_dict()}
     cfg_path = out / "train_config.json"
@@ -158,7 +130,7 @@ def _start(model: SharcsClassifier, train: Encoded, val: Encoded, cfg: TrainConf
     torch.manual_seed(cfg.seed)
     model.train()
     opt = make_optimizer(model, cfg)
-    history = torch.full((cfg.epochs, len(train)), float("nan"))  # true-class confidence per epoch and sample
+    history = torch.full((cfg.epochs, model.num_widths, len(train)), float("nan"))
     position = load_state(out, model, opt)
     if position is None:
         write_json_atomic(cfg_path, settings)
@@ -170,26 +142,25 @@ def _start(model: SharcsClassifier, train: Encoded, val: Encoded, cfg: TrainConf
 
 
 def _train(model: SharcsClassifier, train: Encoded, val: Encoded, cfg: TrainConfig, out: Path, progress: bool) -> dict:
-    """The training loop: per epoch, labels from the confidence history, one width per batch,
-    task + router loss, then validation (with `cfg.patience`, the run stops after that many epochs
-    without a better score). Epoch-granular resume state in out/last. The epochs are SHARCS's budget:
-    its label window is counted in epochs, so `min_steps`/`max_steps`/`eval_every` do not apply."""
+    """Epochs of every-width training, each followed by the hardness scoring of the training set and
+    validation; then the router fit on the kept epoch. Epoch-granular resume state in out/last (the
+    label window is counted in epochs, so `min_steps`/`max_steps`/`eval_every` do not apply)."""
     opt, history, pos = _start(model, train, val, cfg, out)
     epoch, step, best, best_epoch = pos["epoch"], pos["global_step"], pos["best"], pos["best_epoch"]
     since_best, stopped = pos.get("since_best", 0), pos.get("stopped", False)
     resumed_from = step
-    first_selectable = min(model.config.window, cfg.epochs - 1)  # epochs whose router saw hardness labels
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     log_rows = []
     while epoch < cfg.epochs and not stopped:
-        targets, plan = _labels_and_plan(model, history, epoch, cfg)
-        losses, step = _train_epoch(model, opt, train, targets, plan, history, epoch, step, cfg, progress)
-        row = _epoch_row(model, val, cfg, epoch, step, losses, targets, plan, progress)
+        losses, step = _train_epoch(model, opt, train, epoch, step, steps_per_epoch, cfg, progress)
+        history[epoch] = _hardness(model, train, cfg, progress)
+        row = _epoch_row(model, val, epoch, step, losses, history[epoch], train.labels, cfg, progress)
         log_rows.append(row)
         _append_metrics(out / "metrics.csv", row)
-        if epoch >= first_selectable and row["val_score"] > best:
+        if row["val_score"] > best:
             best, best_epoch, since_best = row["val_score"], epoch, 0
             save_model(model, out / "best", extra={"val_score": best, "epoch": epoch + 1})
-        elif epoch >= first_selectable:
+        else:
             since_best += 1
         stopped = bool(cfg.patience) and since_best >= cfg.patience  # early stop on validation, per epoch
         epoch += 1
@@ -197,51 +168,95 @@ def _train(model: SharcsClassifier, train: Encoded, val: Encoded, cfg: TrainConf
         save_state(out, model, opt, {"epoch": epoch, "step_in_epoch": 0, "global_step": step, "best": best,
                                      "best_epoch": best_epoch, "since_best": since_best, "stopped": stopped})
     load_best(model, out)
+    router = fit_router(model, train, history[: best_epoch + 1], cfg, progress)
+    save_model(model, out / "best", extra={"val_score": best, "epoch": best_epoch + 1, "router": router})
+    write_json_atomic(out / "router.json", router)
     model.eval()
     return {"best_val_score": best, "best_epoch": best_epoch + 1, "steps": step,
-            "resumed_from_step": resumed_from, "epochs": log_rows, "stopped_early": stopped}
+            "resumed_from_step": resumed_from, "epochs": log_rows, "stopped_early": stopped, "router": router}
 
 
-def _train_epoch(model: SharcsClassifier, opt, train: Encoded, targets: torch.Tensor, plan: list, history: torch.Tensor,
-                 epoch: int, step: int, cfg: TrainConfig, progress: bool) -> tuple[torch.Tensor, int]:
-    """One epoch of `plan`; records each sample's true-class confidence in history[epoch].
-    Returns (summed task loss, summed router loss, samples) [3] (float64) and the global step."""
-    pad = model.spec.encoder.pad_token_id
-    sums = torch.zeros(3, dtype=torch.float64)  # task, router, samples
+def _train_epoch(model: SharcsClassifier, opt, train: Encoded, epoch: int, step: int, steps_per_epoch: int,
+                 cfg: TrainConfig, progress: bool) -> tuple[torch.Tensor, int]:
+    """One epoch, every width on every batch. Returns (summed loss per width (CE for the full width,
+    the distillation loss for the others), samples) [n_w + 1] (float64) and the global step."""
+    pad, n_w = model.spec.encoder.pad_token_id, model.num_widths
+    sums = torch.zeros(n_w + 1, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(len(train), generator=gen)
     model.train()
-    for i, (wi, rows) in enumerate(tqdm(plan, desc=f"sharcs epoch {epoch + 1}/{cfg.epochs}",
-                                        disable=not progress, leave=False)):
-        # the schedule by fraction of training done: steps per epoch vary with the width buckets
-        start, end = (epoch + i / len(plan)) / cfg.epochs, (epoch + (i + 1) / len(plan)) / cfg.epochs
+    for i in tqdm(range(steps_per_epoch), desc=f"sharcs epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
+        start, end = (epoch + i / steps_per_epoch) / cfg.epochs, (epoch + (i + 1) / steps_per_epoch) / cfg.epochs
         set_lr(opt, lr_schedule(start, end, cfg.lr, cfg.warmup_ratio))
+        rows = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         batch = collate(train, rows.tolist(), pad)
         opt.zero_grad(set_to_none=True)
-        o = model(batch.input_ids, batch.attention_mask, knob=None, width=wi, router_targets=targets[rows].float())
+        o = model(batch.input_ids, batch.attention_mask, knob=None)  # every width: extras["width_logits"]
+        o.aux_loss = None  # the router is fitted after training, on hardness labels
         model.loss(o, batch.labels).backward()
-        task, router_loss = float(F.cross_entropy(o.logits.detach(), batch.labels)), float(o.aux_loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         step += 1
         with torch.no_grad():
-            history[epoch, rows] = o.logits.float().softmax(-1).gather(1, batch.labels[:, None])[:, 0]  # [m]
-        sums += torch.tensor([task * len(rows), router_loss * len(rows), len(rows)], dtype=torch.float64)
+            z = o.extras["width_logits"].detach().float()  # [n_w, m, C]
+            ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), batch.labels.repeat(n_w), reduction="none")
+            sums[:n_w] += ce.view(n_w, -1).sum(1).double()
+            sums[n_w] += len(rows)
     return sums, step
 
 
-def _epoch_row(model: SharcsClassifier, val: Encoded, cfg: TrainConfig, epoch: int, step: int, losses: torch.Tensor,
-               targets: torch.Tensor, plan: list, progress: bool) -> dict[str, Any]:
-    """Validate at every width; the epoch's metrics row (printed when `progress`)."""
-    report = model.validation_report(val, cfg.eval_batch_size)
-    row = {"epoch": epoch + 1, "step": step, "train_task_loss": float(losses[0] / losses[2]),
-           "train_router_loss": float(losses[1] / losses[2]), "val_score": report["score"],
-           "val_routed_accuracy": report["routed_accuracy"],
-           "label_share": [float(x) for x in targets.float().mean(0)],
-           "batches_per_width": [sum(1 for w, _ in plan if w == i) for i in range(model.num_widths)],
-           "val_width_accuracy": report["width_accuracy"], "val_routed_share": report["routed_share"]}
+def _hardness(model: SharcsClassifier, train: Encoded, cfg: TrainConfig, progress: bool) -> torch.Tensor:
+    """Every training sample's true-class probability at every width, eval mode: [n_w, n]."""
+    logits = model.width_pass(train, cfg.eval_batch_size, progress)["logits"]  # [n_w, n, C]
+    return logits.softmax(-1).gather(2, train.labels[None, :, None].expand(model.num_widths, -1, 1))[..., 0]
+
+
+def fit_router(model: SharcsClassifier, train: Encoded, history: torch.Tensor, cfg: TrainConfig,
+               progress: bool = False) -> dict[str, Any]:
+    """Fit `model`'s router on ordinal labels from the last `window` rows of `history`
+    [epochs, n_w, n] (rows never scored are skipped), on the cached router inputs of `train`. A
+    seeded tenth of the samples is kept out of the fit: it picks the router epoch (early stopping),
+    and its BCE is reported next to the BCE of a router that knows only the label shares (prior).
+    Returns a JSON-ready summary."""
+    c = model.config
+    scored = history[~torch.isnan(history).all(dim=2).all(dim=1)]
+    window = scored[-c.window :]
+    targets = ordinal_labels(window, c.confidence_intervals)  # [n, n_w]
+    features = model.width_pass(train, cfg.eval_batch_size, progress, widths=False)["features"]
+    n = len(train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))
+    held = perm[: int(round(ROUTER_HELD_OUT * n))] if n >= 20 else perm[:0]
+    fit_rows = perm[len(held) :]
+    held_out = (features[held], targets[held]) if len(held) else None
+    losses = model.fit_router(features[fit_rows], targets[fit_rows], seed=cfg.seed, held_out=held_out)
+    summary: dict[str, Any] = {"window_epochs": len(window), "label_share": targets.float().mean(0).tolist(),
+                               "fit_bce": losses["fit"][-1] if losses["fit"] else None}
+    if len(held):
+        prior = targets[fit_rows].float().mean(0)
+        # the largest width's label is always 1: the BCE of the widths that carry information
+        summary.update(held_out_bce=min(losses["held_out"]) if losses["held_out"] else None,
+                       router_epoch=losses["held_out"].index(min(losses["held_out"])) + 1 if losses["held_out"] else 0,
+                       held_out_prior_bce=prior_bce(targets[held, :-1].float(), prior[:-1]), held_out=len(held))
     if progress:
-        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: val width accuracy "
-                   f"{[round(a, 4) for a in report['width_accuracy']]}, routed {report['routed_accuracy']:.4f} "
-                   f"(shares {[round(s, 3) for s in report['routed_share']]})")
+        tqdm.write(f"router: label shares {[round(s, 3) for s in summary['label_share']]}, "
+                   f"held-out BCE {summary.get('held_out_bce', float('nan')):.4f} "
+                   f"(prior only {summary.get('held_out_prior_bce', float('nan')):.4f})")
+    return summary
+
+
+def _epoch_row(model: SharcsClassifier, val: Encoded, epoch: int, step: int, losses: torch.Tensor,
+               hardness: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, progress: bool) -> dict[str, Any]:
+    """Validate at every width; the epoch's metrics row (printed when `progress`)."""
+    n_w = model.num_widths
+    report = model.validation_report(val, cfg.eval_batch_size)
+    row = {"epoch": epoch + 1, "step": step, "train_ce_per_width": (losses[:n_w] / losses[n_w]).tolist(),
+           "train_eval_accuracy_per_width": (hardness > 0.5).double().mean(1).tolist() if model.spec.num_labels == 2
+           else None,
+           "train_mean_confidence_per_width": hardness.double().mean(1).tolist(),
+           "val_score": report["score"], "val_width_accuracy": report["width_accuracy"]}
+    if progress:
+        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: val width accuracy {[round(a, 4) for a in report['width_accuracy']]}, "
+                   f"train CE per width {[round(x, 4) for x in row['train_ce_per_width']]}")
     return row
 
 

@@ -1,0 +1,1 @@
+.venv/bin/adaptinf convert /work/runs/acm/dense-e1 --method acm --set beta=0.25 --set budget_weight=1.0 --set distill_epochs=2 --set gate_epochs=1 --set distill_mode=residual --set label_rule=absolute --set eps=0.2 --set beta_anneal=0.34 --epochs 3 --lr 1e-4 --max-train-samples 3000 --threads 1 --no-progress --out /work/runs/acm/r1
