@@ -299,14 +299,23 @@ class RunConfig:
 def method_samples(ms: MethodSettings, n_train: int) -> int:
     """Training samples a method's recipe sees on `n_train` samples: its fine-tuning steps times the
     batch size, plus its own passes over the data (ACM's distillation and gate epochs, PLANER's router
-    epochs; SHARCS's epochs are its fine-tuning)."""
+    epochs, candidate distillations and router refits; SHARCS's epochs are its fine-tuning, its router
+    fit runs on cached features)."""
     from adaptinf.registry import get_method
 
     tc = ms.train.to_train_config(0)
     cfg = get_method(ms.name).Config.from_dict(dict(ms.set))
     passes = getattr(cfg, "distill_epochs", 0) + getattr(cfg, "gate_epochs", 0) + getattr(cfg, "router_epochs", 0)
-    tuned = tc.total_steps(n_train) * tc.batch_size if getattr(cfg, "finetune", True) else 0
-    return tuned + passes * n_train
+    finetune = getattr(cfg, "finetune", True)
+    tuned = tc.total_steps(n_train) * tc.batch_size if finetune else 0
+    extra = 0
+    if finetune and not getattr(cfg, "architecture", ()) and getattr(cfg, "candidates", 1) > 1:
+        # PLANER's short distillation of each searched candidate before picking (an upper bound: fewer
+        # candidates may fit the target)
+        extra += cfg.candidates * cfg.candidate_steps * tc.batch_size
+    if finetune:
+        extra += 2 * min(getattr(cfg, "router_refit_samples", 0), n_train)  # PLANER's two router refits on the student
+    return tuned + passes * n_train + extra
 
 
 def settings_hash(*parts) -> str:

@@ -22,6 +22,7 @@ from adaptinf.cli import main
 from adaptinf.data import Encoded
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.methods.planer import (
+    FRACTION,
     PlanerClassifier,
     PlanerConfig,
     attention_heads,
@@ -292,6 +293,12 @@ def test_knob_below_one_thins_dense_ffn_slots_too():
     ({"latency_target": 0}, "latency_target"),
     ({"latency_target": 1.5}, "latency_target"),
     ({"latency_target_ms": -3}, "latency_target_ms"),
+    ({"candidates": 0}, "candidates"),
+    ({"candidates": 6}, "candidates"),
+    ({"candidate_steps": -1}, "candidate_steps"),
+    ({"hidden_weight": -0.5}, "hidden_weight"),
+    ({"router_refit_samples": 1.5}, "router_refit_samples"),
+    ({"fine_widths": "yes"}, "fine_widths"),
     ({"architecture": ["full/moe9"]}, "architecture"),
     ({"architecture": ["most/dense"]}, "architecture"),
     ({"router_hidden": 0}, "router_hidden"),
@@ -401,11 +408,20 @@ def test_fit_searches_distils_measures_and_resumes(tmp_path, capsys):
     dense = tiny_dense()
     train, val = encoded(24, seed=12), encoded(12, seed=13)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, save_every=2)
-    kw = {"latency_target": 0.6, "latency_seq_len": 8, "latency_repeats": 1, "proxy_samples": 8}
+    kw = {"latency_target": 0.6, "latency_seq_len": 8, "latency_repeats": 1, "proxy_samples": 8, "candidate_steps": 2,
+          "router_refit_samples": 8}
     model = convert(dense, **kw)
     summary = recipe.fit(model, train, val, cfg, tmp_path, progress=False)
     assert summary["architecture"] == model.architecture == list(model.config.architecture)
     assert summary["steps"] == 3 and set(summary["routers"]) == {"0", "1"}
+    # the candidates, each distilled 2 steps, the best on validation picked
+    cands = summary["search"]["candidates"]
+    assert 1 <= len(cands) <= 3 and len({tuple(c["architecture"]) for c in cands}) == len(cands)
+    if len(cands) > 1:
+        rows, picked = summary["candidates"]["candidates"], summary["candidates"]["picked"]
+        assert [r["steps"] for r in rows] == [2] * len(cands)
+        assert rows[picked]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
+        assert rows[picked]["architecture"] == summary["architecture"]
     for key in ("estimated_ms", "measured_ms", "dense_measured_ms", "latency_target_ms"):
         assert summary[key] > 0
     # a relative target is checked against the dense model measured in the same interleaved run
@@ -442,7 +458,9 @@ def test_search_keeps_the_dense_architecture_when_it_meets_the_target():
 def test_a_measured_miss_tightens_the_aim_and_continues_the_search(monkeypatch):
     model = sharpen(convert(tiny_dense(), latency_target=0.6))
     table = fake_table(TABLE)
-    ratios = iter([0.75, 0.5])  # measured / dense: the first architecture misses 0.6, the second meets it
+    # measured / dense: the first architecture misses 0.6, the second meets it with headroom, the
+    # upgrade pass's architecture misses (so the second is kept)
+    ratios = iter([0.75, 0.5, 0.7])
 
     def fake_validate(model_, table_, archs, *a, **kw):
         r = next(ratios)
@@ -451,11 +469,26 @@ def test_a_measured_miss_tightens_the_aim_and_continues_the_search(monkeypatch):
     monkeypatch.setattr(latency, "validate", fake_validate)
     aim = 0.6 * table.dense_ms(2)
     found = recipe._search_measured(model, table, aim, encoded(6, seed=7), TrainConfig(eval_batch_size=4), progress=False)
-    first, second = found["rounds"]
+    first, second, upgrade = found["rounds"]
+    assert upgrade["step"] == "upgrade" and upgrade["estimated_ms"] > second["estimated_ms"]
     assert first["miss"] == pytest.approx(0.75 / 0.6) and second["miss"] == pytest.approx(0.5 / 0.6)
     assert second["aim_ms"] == pytest.approx(aim * 0.95 / first["miss"])
     assert found["architecture"] == second["architecture"] and found["estimated_ms"] <= second["aim_ms"]
     assert table.estimate(second["architecture"]) < table.estimate(first["architecture"])
+
+
+def test_the_upgrade_pass_spends_measured_headroom(monkeypatch):
+    model = sharpen(convert(tiny_dense(), latency_target=0.6))
+    table = fake_table(TABLE)
+    ratios = iter([0.3, 0.55])  # far under the target, then the upgraded architecture still within it
+    monkeypatch.setattr(latency, "validate", lambda *a, **kw: {"rows": [{"measured_ms": 10 * next(ratios)},
+                                                                        {"measured_ms": 10.0}]})
+    aim = 0.6 * table.dense_ms(2)
+    found = recipe._search_measured(model, table, aim, encoded(6, seed=7), TrainConfig(eval_batch_size=4), progress=False)
+    first, upgrade = found["rounds"]
+    assert upgrade["step"] == "upgrade" and upgrade["aim_ms"] == pytest.approx(first["estimated_ms"] / 0.5 * 0.975)
+    assert found["architecture"] == upgrade["architecture"] != first["architecture"]
+    assert found["estimated_ms"] > first["estimated_ms"]
 
 
 def test_routers_learn_the_expert_norms():
@@ -522,3 +555,121 @@ def test_grouped_experts_falls_back_to_the_loop_on_unaligned_widths():
         got = grouped_experts(x, sel, w_up, b_up, w_down)
         want = grouped_experts(x, sel, w_up, b_up, w_down, impl="loop")
     torch.testing.assert_close(got, want)
+
+
+# --- finer widths, hidden-state distillation, candidates, router refit -----------------------------------
+
+
+def test_finer_widths_run_their_share_of_heads_and_neurons_and_cost_it():
+    dense = tiny_dense(layers=3)
+    model = convert(dense, architecture=["quarter/3quarter", "half/quarter", "full/dense"])
+    batch = batch_of(5, seed=4)
+    L = flops.lengths_of(batch["attention_mask"]).double()
+    with torch.no_grad():
+        out = model(**batch)
+    hd = D // HEADS
+    expected = (flops.head(dense.spec.encoder, C) + flops.attention_block(L, D, 1 * hd) + flops.ffn_block(L, D, FF * 3 // 4)
+                + flops.attention_block(L, D, 2 * hd) + flops.ffn_block(L, D, FF // 4)
+                + flops.attention_block(L, D) + flops.ffn_block(L, D, FF))
+    torch.testing.assert_close(out.flops, expected, rtol=0, atol=0)
+    # the blocks are the backbone's on the first heads / neurons: zeroing the rest changes nothing
+    ref = convert(dense, architecture=["full/dense"] * 3)
+    with torch.no_grad():
+        for block in ref.encoder.blocks[:2]:
+            block.attention.v.weight[hd * (2 if block is ref.encoder.blocks[1] else 1):] = 0
+        for block, w in zip(ref.encoder.blocks[:2], (FF * 3 // 4, FF // 4)):
+            block.ffn.down.weight[:, w:] = 0
+        torch.testing.assert_close(ref(**batch).logits, out.logits, rtol=1e-5, atol=1e-5)
+    # offered to the search only with fine_widths
+    assert {"attn:quarter", "ffn:quarter", "ffn:3quarter"} <= set(model.block_choices())
+    coarse = convert(dense, fine_widths=False).block_choices()
+    assert not any(n.split(":")[1] in ("quarter", "3quarter") for n in coarse) and FRACTION["3quarter"] == 0.75
+
+
+def test_hidden_state_distillation_is_zero_at_the_dense_function_and_reaches_skipped_layers_inputs():
+    dense = tiny_dense(layers=3)
+    dense.dropout.p = 0.0
+    batch = batch_of(4, seed=2)
+    model = convert(dense, architecture=["full/dense"] * 3, hidden_weight=1.0).train()
+    model.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+    for block in model.encoder.blocks:
+        block.attention.attn_dropout = 0.0
+    assert float(model(**batch).aux_loss.detach()) == pytest.approx(0.0, abs=1e-6)
+    reduced = ["full/dense", "skip/skip", "half/quarter"]
+    model.set_architecture(reduced)
+    logits_only = convert(dense, architecture=reduced, hidden_weight=0.0).train()
+    with_hidden = convert(dense, architecture=reduced, hidden_weight=1.0).train()
+    for m in (logits_only, with_hidden):
+        m.apply(lambda x: setattr(x, "p", 0.0) if isinstance(x, torch.nn.Dropout) else None)
+        for block in m.encoder.blocks:
+            block.attention.attn_dropout = 0.0
+    a, b = logits_only(**batch).aux_loss, with_hidden(**batch).aux_loss
+    assert float(b) > float(a) >= 0
+    b.backward()
+    # layer 0's output is matched to the teacher's layer 0 (it runs the same blocks: no gradient
+    # from that term) and to layer 2's through the reduced layer 2: its weights get a gradient
+    assert with_hidden.encoder.blocks[0].ffn.up.weight.grad.abs().sum() > 0
+    assert not with_hidden.encoder.blocks[1].ffn.up.weight.requires_grad
+
+
+def test_router_refit_on_the_student_fits_its_own_ffn_inputs():
+    dense = tiny_dense(layers=2)
+    model = convert(dense, router_epochs=4, router_lr=1e-2, architecture=["skip/skip", "full/moe2"])
+    train = encoded(64, seed=3)
+    cfg = TrainConfig(batch_size=16)
+    recipe.train_routers(model, train, cfg)  # on the teacher's inputs: layer 1 saw layer 0's output
+    before = {k: v.clone() for k, v in model.routers.state_dict().items()}
+    stats = recipe.train_routers(model, train, cfg, on_student=True)
+    assert set(stats) == {"1"}  # layer 0's FFN is skipped: its router is left as it is
+    after = model.routers.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("0."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("1."))
+    assert not any(p.requires_grad for p in model.routers.parameters()) and not model.training
+    # the student's layer-1 FFN input is the embeddings' output (layer 0 skipped)
+    from adaptinf.backbone import attention_bias
+
+    b = next(iter(recipe.train_batches(train, 16, 0, 0, pad_id=0)))[0]
+    inputs = recipe._student_ffn_inputs(model, b.input_ids, b.attention_mask)
+    real = b.attention_mask.reshape(-1).nonzero().squeeze(1)
+    with torch.no_grad():
+        emb = model.encoder.embed(b.input_ids)
+        want = model.encoder.blocks[1].attention(emb, attention_bias(b.attention_mask)).reshape(-1, D)[real]
+    torch.testing.assert_close(inputs[1], want, rtol=1e-5, atol=1e-5)
+    assert set(inputs) == {1}
+
+
+def test_search_candidates_are_distinct_and_fit_the_aim(monkeypatch):
+    table = fake_table({**TABLE, "attn:quarter": 1.5, "ffn:quarter": 2.0, "ffn:3quarter": 4.5})
+    monkeypatch.setattr(latency, "validate", lambda model_, table_, archs, *a, **kw: {
+        "rows": [{"measured_ms": table_.estimate(archs[0])}, {"measured_ms": table_.dense_ms(2)}]})
+    model = sharpen(convert(tiny_dense(), latency_target=0.6, candidates=5))
+    aim = 0.55 * table.dense_ms(2)
+    found = recipe.search_candidates(model, table, aim, encoded(8, seed=7), TrainConfig(eval_batch_size=4))
+    cands = found["candidates"]
+    assert [c["variant"] for c in cands][0] == "greedy" and found["architecture"] == cands[0]["architecture"]
+    names = [n for n, _ in recipe.VARIANTS]
+    assert [names.index(c["variant"]) for c in cands] == sorted(names.index(c["variant"]) for c in cands)
+    assert len({tuple(c["architecture"]) for c in cands}) == len(cands) >= 2
+    # measured = estimated here, so the upgrade pass may spend the headroom up to 0.975 * the target
+    assert all(c["meets_target_estimate"] and c["estimated_ms"] <= 0.975 * 0.6 * table.dense_ms(2) + 1e-9 for c in cands)
+    for c in cands:
+        if c["variant"] in ("widths", "uniform"):
+            assert not any("skip" in slot for slot in c["architecture"])
+        if c["variant"] == "ffn_kept":
+            assert not any(slot.endswith("/skip") for slot in c["architecture"])
+        if c["variant"] == "uniform":
+            assert len(set(c["architecture"])) == 1
+    uniform = recipe.search_uniform(model, table, aim)
+    fits = [[f"{a}/{f}"] * 2 for a in ("full", "half", "quarter") for f in ("dense", "3quarter", "half", "quarter",
+                                                                           "moe1", "moe2", "moe4")]
+    best = max((a for a in fits if table.estimate(a) <= aim), key=table.estimate)
+    assert table.estimate(uniform["architecture"]) == table.estimate(best)
+
+
+def test_the_table_never_times_a_narrower_block_above_a_wider_one():
+    table = fake_table({"attn:full": 3.0, "attn:half": 3.4, "attn:quarter": 1.0, "ffn:dense": 2.4, "ffn:3quarter": 2.1,
+                        "ffn:half": 2.7, "ffn:quarter": 2.0, "ffn:moe1": 4.0})
+    fixed = recipe._monotone(table)
+    assert fixed.blocks["attn:half"] == 3.0 and fixed.blocks["attn:quarter"] == 1.0
+    assert fixed.blocks["ffn:half"] == 2.1 and fixed.blocks["ffn:quarter"] == 2.0 and fixed.blocks["ffn:moe1"] == 4.0
+    assert fixed.extra["raw_blocks"]["ffn:half"] == 2.7

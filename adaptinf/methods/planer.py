@@ -8,9 +8,11 @@ recipe that trains routers, searches the architecture under the latency target a
 
 Every layer holds two slots, each with a chosen block (the architecture, one "attn/ffn" string per
 layer, saved readable in the method config):
-- attention: "full" (all heads), "half" (the more important half of the heads), "skip";
-- FFN: "dense", "half" (the more important half of the intermediate neurons), "skip", or "moe<k>":
-  the FFN split into E experts, each token running the k experts its router ranks highest.
+- attention: "full" (all heads), "half" / "quarter" (the more important half / quarter of the
+  heads), "skip";
+- FFN: "dense", "3quarter" / "half" / "quarter" (the more important 3/4, 1/2, 1/4 of the intermediate
+  neurons), "skip", or "moe<k>": the FFN split into E experts, each token running the k experts its
+  router ranks highest.
 
 Conversion (`from_dense`, MoEfication style): each FFN's intermediate neurons are clustered into E
 equal-size experts by balanced k-means on the first projection's (normalised) rows, and reordered
@@ -36,14 +38,17 @@ contiguous slice after one host sync per layer (the per-expert counts). No loop 
 tokens run nothing. FFN down weights are stored column-major so an expert's weights are contiguous.
 
 Training (`adaptinf.recipes.planer.fit`): routers; the latency table (every candidate block timed
-on this machine at the deployment setting); a greedy search of the architecture under the target
-(additive estimate from the table, the result's real latency measured, the aim tightened while it
-misses); distillation from the dense model (the forward's `aux_loss` while training: distill_weight
-* T^2 * KL to the teacher's logits); the final model's measured latency, a missed target recorded.
+on this machine at the deployment setting); greedy searches of the architecture under the target
+(additive estimate from the table, each result's real latency measured, the aim tightened while it
+misses), whose distinct results are each distilled for a few steps and the best on validation kept;
+distillation from the dense model (the forward's `aux_loss` while training: distill_weight * T^2 *
+KL to the teacher's logits + hidden_weight * the relative squared error of every layer's output
+against the teacher's); routers refitted on the student's own FFN inputs; the final model's
+measured latency, a missed target recorded.
 
 Cost (adaptinf.flops convention), per sample at real length L: pooler + classifier, and per layer
-the attention block (all or half the heads; 0 when skipped), the FFN (full or half width; 0 when
-skipped), or for MoE L * router + (executed experts summed over the tokens) * one expert.
+the attention block (all, half or a quarter of the heads; 0 when skipped), the FFN (its width; 0
+when skipped), or for MoE L * router + (executed experts summed over the tokens) * one expert.
 """
 
 from __future__ import annotations
@@ -64,8 +69,11 @@ from adaptinf.backbone import Attention, Encoder, EncoderConfig, FeedForward, La
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec
 
-ATTN = ("full", "half", "skip")
-FFN = ("dense", "half", "skip")  # plus "moe<k>"
+ATTN = ("full", "half", "quarter", "skip")
+FFN = ("dense", "3quarter", "half", "quarter", "skip")  # plus "moe<k>"
+# the fraction of the heads / intermediate neurons each static block runs (the most important first)
+FRACTION = {"full": 1.0, "dense": 1.0, "3quarter": 0.75, "half": 0.5, "quarter": 0.25, "skip": 0.0}
+FINE = ("quarter", "3quarter")  # the finer widths, offered to the search when `fine_widths`
 KNOB_VALUES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
@@ -116,7 +124,18 @@ class PlanerConfig(MethodConfig):
     search_margin: the search aims at (1 - search_margin) * target: the additive estimate runs a few
         per cent under the measured latency (it misses interactions between blocks of a layer).
     proxy_samples: validation samples of the search's proxy (KL to the dense logits).
+    fine_widths: the search also offers a quarter of the heads and 1/4 and 3/4 of the FFN width.
+    candidates: distinct searched architectures (greedy over every block; then, in order, over widths
+        only, with every FFN kept, the best uniform one, with every attention kept: those that fit)
+        each distilled for `candidate_steps` steps before picking the best on validation (a trained
+        proxy); 1 = the greedy result alone, no candidate distillation.
+    candidate_steps: optimizer steps (batch size of the training settings) of each candidate's short
+        distillation; the picked candidate's final distillation continues from its weights.
     distill_weight, distill_temperature: fine-tuning loss = task loss + weight * T^2 * KL(dense || model) at T.
+    hidden_weight: + hidden_weight * the mean over the layers that run a block of the relative squared
+        error of the layer's output against the dense model's same layer (real tokens; 0 = logits only).
+    router_refit_samples: after the architecture is picked, and again after distillation, every
+        router is refitted on the student's own FFN inputs over this many training samples (0 = never).
     finetune: fine-tune (distil) the chosen architecture with the shared trainer after the search.
     """
 
@@ -137,8 +156,13 @@ class PlanerConfig(MethodConfig):
     # search and distillation
     search_margin: float = 0.05
     proxy_samples: int = 256
+    fine_widths: bool = True
+    candidates: int = 3
+    candidate_steps: int = 100
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
+    hidden_weight: float = 1.0
+    router_refit_samples: int = 2048
     finetune: bool = True
 
     def __post_init__(self) -> None:
@@ -157,7 +181,7 @@ class PlanerConfig(MethodConfig):
         for name in ("router_hidden", "latency_batch_size", "latency_seq_len", "latency_repeats", "proxy_samples"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"PlanerConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("kmeans_iters", "router_epochs"):
+        for name in ("kmeans_iters", "router_epochs", "candidate_steps", "router_refit_samples"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"PlanerConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not number(self.router_lr) or self.router_lr <= 0:
@@ -172,12 +196,17 @@ class PlanerConfig(MethodConfig):
             parse_slot(slot, self.num_experts)
         if not number(self.search_margin) or not 0 <= self.search_margin < 0.5:
             raise ValueError(f"PlanerConfig.search_margin must be in [0, 0.5), got {self.search_margin!r}")
-        if not number(self.distill_weight) or self.distill_weight < 0:
-            raise ValueError(f"PlanerConfig.distill_weight must be >= 0, got {self.distill_weight!r}")
+        if not is_int(self.candidates) or not 1 <= self.candidates <= 5:
+            raise ValueError(f"PlanerConfig.candidates must be an integer from 1 to 5 (the searches that propose "
+                             f"them: adaptinf.recipes.planer.VARIANTS), got {self.candidates!r}")
+        for name in ("distill_weight", "hidden_weight"):
+            if not number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"PlanerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if not number(self.distill_temperature) or self.distill_temperature <= 0:
             raise ValueError(f"PlanerConfig.distill_temperature must be > 0, got {self.distill_temperature!r}")
-        if not isinstance(self.finetune, bool):
-            raise ValueError(f"PlanerConfig.finetune must be true or false, got {self.finetune!r}")
+        for name in ("finetune", "fine_widths"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PlanerConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 # --- cost -------------------------------------------------------------------------------------------
@@ -194,7 +223,17 @@ def router_flops(d: int, hidden: int, experts: int) -> int:
 
 
 def half_heads(cfg: EncoderConfig) -> int:
-    return max(1, cfg.num_attention_heads // 2)
+    return heads_of(cfg, "half")
+
+
+def heads_of(cfg: EncoderConfig, attn: str) -> int:
+    """Heads an attention block runs ("full", "half", "quarter"; at least one)."""
+    return max(1, int(cfg.num_attention_heads * FRACTION[attn]))
+
+
+def width_of(cfg: EncoderConfig, ffn: str) -> int:
+    """Intermediate neurons a static FFN block runs ("dense", "3quarter", "half", "quarter"; at least one)."""
+    return max(1, int(cfg.intermediate_size * FRACTION[ffn]))
 
 
 # --- conversion helpers ------------------------------------------------------------------------------
@@ -385,6 +424,7 @@ class _Tokens:
     batch: int
     knob: float | None = None  # tau for this call
     experts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [T] experts run per token
+    ffn_inputs: dict[int, torch.Tensor] | None = None  # layer -> [T, d] FFN inputs, when capturing (router refit)
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -504,17 +544,19 @@ class PlanerClassifier(AdaptiveClassifier):
         # with a Layout `bias` (inference) every block runs on the real tokens only (`packed_run`)
         if a == "full":
             h = block.attention(h, bias)
-        elif a == "half":
+        elif a != "skip":
             p = block.attention.attn_dropout if self.training else 0.0
-            h = packed_run(lambda x, m: attention_heads(block.attention, x, m, half_heads(cfg), p), h, bias)
+            h = packed_run(lambda x, m: attention_heads(block.attention, x, m, heads_of(cfg, a), p), h, bias)
+        if ctx.ffn_inputs is not None and f != "skip":  # router refit: this layer's FFN input, real tokens
+            ctx.ffn_inputs[layer] = h.reshape(-1, h.shape[-1]).index_select(0, ctx.real) if h.dim() == 3 else h
         if f == "dense" and ctx.knob is not None and ctx.knob < 1:
             h = self._moe(layer, block.ffn, h, ctx, self.config.num_experts)  # the knob thins dense FFNs too
         elif f == "dense":
             h = packed_run(lambda x, _: block.ffn(x), h, bias)
-        elif f == "half":
-            h = packed_run(lambda x, _: ffn_width(block.ffn, x, cfg.intermediate_size // 2), h, bias)
         elif f == "moe":
             h = self._moe(layer, block.ffn, h, ctx, k)
+        elif f != "skip":
+            h = packed_run(lambda x, _: ffn_width(block.ffn, x, width_of(cfg, f)), h, bias)
         return h
 
     def _moe(self, layer: int, ffn: FeedForward, h: torch.Tensor, ctx: _Tokens, k: int) -> torch.Tensor:
@@ -530,8 +572,12 @@ class PlanerClassifier(AdaptiveClassifier):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
         h, bias, ctx = self.prepare(input_ids, attention_mask, token_type_ids, knob)
+        distil = self.training and bool(self._teacher) and (self.config.distill_weight > 0 or self.config.hidden_weight > 0)
+        states = []  # (layer, output [b, s, d]) of the layers that run a block, for hidden-state distillation
         for layer in range(len(self.encoder.blocks)):
             h = self.run_layer(layer, h, bias, ctx)
+            if distil and self._arch[layer][:2] != ("skip", "skip"):
+                states.append((layer, h))
         logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
         lengths = flops.lengths_of(attention_mask)
         executed = {l: torch.zeros(ctx.batch, dtype=torch.int64, device=h.device).index_add_(0, ctx.sample, n)
@@ -539,15 +585,35 @@ class PlanerClassifier(AdaptiveClassifier):
         cost = self.cost(lengths, executed)
         per_token = sum(executed.values(), torch.zeros(ctx.batch, dtype=torch.int64, device=h.device))
         extras = {"experts_per_token": per_token.double() / (lengths.clamp_min(1) * max(1, len(executed)))}
-        aux = None
-        if self.training and self._teacher and self.config.distill_weight > 0:
-            with torch.no_grad():
-                t_logits = self._teacher[0](input_ids, attention_mask, token_type_ids, knob=None).logits
-            T = self.config.distill_temperature
-            kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
-                          reduction="batchmean")
-            aux = self.config.distill_weight * T * T * kl
+        aux = self.distillation_loss(input_ids, token_type_ids, bias, ctx.real, logits, states) if distil else None
         return ClassifierOutput(logits=logits, flops=cost, aux_loss=aux, extras=extras)
+
+    def distillation_loss(self, input_ids, token_type_ids, bias, real: torch.Tensor, logits: torch.Tensor,
+                          states: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """distill_weight * T^2 * KL(dense || model) of the logits at T, plus hidden_weight * the mean
+        over `states` (layer, output [b, s, d]) of the relative squared error against the dense
+        model's output of the same layer, on the real tokens `real` [T] (flat positions; the teacher
+        runs padded with the same mask `bias`, as training does)."""
+        teacher, c = self._teacher[0], self.config
+        with torch.no_grad():
+            t = teacher.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
+            t_states = []
+            for block in teacher.encoder.blocks:
+                t = block(t, bias)
+                t_states.append(t)
+            t_logits = teacher.classifier(teacher.encoder.pool(t))  # [b, C] (the teacher is in eval mode)
+        T = c.distill_temperature
+        kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                      reduction="batchmean")
+        aux = c.distill_weight * T * T * kl
+        if c.hidden_weight > 0 and states:
+            err = 0.0
+            for layer, h in states:
+                s_h = h.reshape(-1, h.shape[-1]).index_select(0, real)  # [T, d]
+                t_h = t_states[layer].reshape(-1, h.shape[-1]).index_select(0, real)
+                err = err + (s_h - t_h).pow(2).sum() / t_h.pow(2).sum().clamp_min(1e-12)
+            aux = aux + c.hidden_weight * err / len(states)
+        return aux
 
     # --- cost -----------------------------------------------------------------------------------
     def cost(self, lengths: torch.Tensor, executed: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -558,20 +624,23 @@ class PlanerClassifier(AdaptiveClassifier):
         total = flops.embeddings(lengths, cfg) + flops.head(cfg, self.spec.num_labels)
         for layer, (a, f, _) in enumerate(self._arch):
             if a != "skip":
-                total = total + flops.attention_block(lengths, d, d if a == "full" else half_heads(cfg) * cfg.head_dim)
+                total = total + flops.attention_block(lengths, d, d if a == "full" else heads_of(cfg, a) * cfg.head_dim)
             if layer in executed:  # ran as MoE: "moe<k>", or "dense" at a knob below 1
                 total = total + lengths * router_flops(d, self.config.router_hidden, e)
                 total = total + executed[layer] * expert_flops(d, dff // e)
-            elif f in ("dense", "half"):
-                total = total + flops.ffn_block(lengths, d, dff if f == "dense" else dff // 2)
+            elif f not in ("skip", "moe"):
+                total = total + flops.ffn_block(lengths, d, width_of(cfg, f))
         return total.to(torch.float64)
 
     # --- latency table interface (adaptinf.recipes.latency_table) ---------------------------------
     def block_choices(self) -> list[str]:
-        """Every candidate block of a slot: "attn:<full|half|skip>", "ffn:<dense|half|skip|moe<k>>"."""
+        """Every candidate block of a slot: "attn:<full|half|skip>", "ffn:<dense|half|skip|moe<k>>", and
+        with `fine_widths` "attn:quarter", "ffn:quarter", "ffn:3quarter"."""
         e = self.config.num_experts
         ks = sorted({k for k in (1, 2, e // 4, e // 2, e) if 1 <= k <= e})
-        return [f"attn:{a}" for a in ATTN] + [f"ffn:{f}" for f in FFN] + [f"ffn:moe{k}" for k in ks]
+        keep = (lambda n: True) if self.config.fine_widths else (lambda n: n not in FINE)
+        return ([f"attn:{a}" for a in ATTN if keep(a)] + [f"ffn:{f}" for f in FFN if keep(f)]
+                + [f"ffn:moe{k}" for k in ks])
 
     def latency_shape(self) -> dict:
         cfg = self.spec.encoder

@@ -13,12 +13,26 @@
    representation on a few hundred validation samples. The result's latency is then measured
    (interleaved with the dense architecture); while it misses the target, the aim is tightened by the
    miss and the descent continues (up to 3 rounds, recorded in search.json; `_search_measured`).
-   Skipped when the config names the architecture;
-4. distillation (finetune/): the shared trainer, task loss + distill_weight * KL to the dense logits
-   (the model's forward adds the KL while training);
-5. real latency of the result, measured interleaved with the dense architecture at the table's
+   With `candidates` > 1 the same is done over widths only (no block skipped) and for the best
+   uniform architecture (`search_candidates`): distinct architectures that the zero-shot proxy
+   ranks poorly against each other (it favours dropping whole blocks, which distillation recovers
+   worst). Skipped when the config names the architecture;
+4. candidates (candidates.json, candidates/<key>-<i>/, a `Stage`): each candidate distilled for
+   `candidate_steps` steps, scored by accuracy on the whole validation split (the trained proxy),
+   the best kept with its weights (`_pick_candidate`);
+5. router refit (refit_search.json / .safetensors): every router refitted on the student's own FFN
+   inputs (`train_routers(on_student=True)`, `router_refit_samples` training samples);
+6. distillation (finetune/): the shared trainer, task loss + distill_weight * KL to the dense logits
+   + hidden_weight * the per-layer relative squared error to the dense model's hidden states (the
+   model's forward adds both while training), continuing from the picked candidate's weights; then
+   the routers refitted again (refit_final.json / .safetensors);
+7. real latency of the result, measured interleaved with the dense architecture at the table's
    settings; a missed target is printed and recorded in the summary and architecture.json (the
    architecture also stays readable in the saved config), never hidden.
+
+Training passes over the training split (what `adaptinf.preset.method_samples` must count):
+router_epochs + candidates * candidate_steps * batch_size / n_train + the distillation's steps +
+2 * min(router_refit_samples, n_train) / n_train (forward-only passes of the student).
 
 Under torchrun, rank 0 does the routers, table and search (the others read its files, so every rank
 has the same architecture), all ranks fine-tune, rank 0 measures.
@@ -26,6 +40,10 @@ has the same architecture), all ranks fine-tune, rank 0 measures.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -39,13 +57,15 @@ from tqdm.auto import tqdm
 
 from adaptinf.checkpoint import save_tensors_atomic, write_json_atomic
 from adaptinf.data import Encoded, eval_batches, steps_per_epoch, train_batches
-from adaptinf.methods.planer import ATTN, PlanerClassifier, PlanerConfig, parse_slot
+from adaptinf.methods.planer import PlanerClassifier, PlanerConfig, parse_slot
 from adaptinf.model import accuracy
 from adaptinf.recipes import latency_table as latency
-from adaptinf.recipes.finetune import Stage, barrier, capture_tokens, dist_info, finetune_then_load_best
+from adaptinf.recipes.finetune import Stage, barrier, capture_tokens, dist_info, finetune_then_load_best, load_best
 from adaptinf.settings import TrainConfig
 
-FILES = ("routers.safetensors", "routers.json", "latency_table.json", "search.json", "architecture.json")
+FILES = ("routers.safetensors", "routers.json", "latency_table.json", "search.json", "candidates.json",
+         "refit_search.json", "refit_search.safetensors", "refit_final.json", "refit_final.safetensors",
+         "architecture.json")
 
 
 # --- the recipe -------------------------------------------------------------------------------------
@@ -70,11 +90,15 @@ def fit(model: PlanerClassifier, train: Encoded, val: Encoded, cfg: TrainConfig,
     target_ms = c.latency_target_ms if c.latency_target_ms is not None else c.latency_target * dense_ms
     summary.update(latency_table=str(out / "latency_table.json"), latency_target_ms=target_ms, dense_estimated_ms=dense_ms)
     summary["search"] = _architecture(model, table, target_ms, val, cfg, out, routers, rank, progress)
+    if isinstance(summary["search"], dict) and len(summary["search"].get("candidates", [])) > 1 and c.finetune:
+        summary["candidates"] = _pick_candidate(model, summary["search"], train, val, cfg, out, rank, progress)
     estimated = table.estimate(model.architecture)
     if c.finetune:  # distillation from the dense model (the shared trainer, at knob None)
+        summary["router_refit_search"] = _refit(model, train, cfg, out, "refit_search", rank, progress)
         result = finetune_then_load_best(model, train, val, cfg, out / "finetune", progress=progress, restart=restart)
         summary.update(best_val_score=result.best_val_score, best_epoch=result.best_epoch, steps=result.steps,
                        best_step=result.best_step, stopped_early=result.stopped_early)
+        summary["router_refit_final"] = _refit(model, train, cfg, out, "refit_final", rank, progress)
     if rank != 0:
         return {}
     pad = model.spec.encoder.pad_token_id
@@ -113,10 +137,31 @@ def _latency_table(model: PlanerClassifier, path: Path, rank: int) -> latency.La
     c = model.config
     if rank == 0:
         table = latency.LatencyTable.load(path) if path.is_file() else None
-        if table is None or table.mismatches(c.latency_batch_size, c.latency_seq_len, model.latency_shape()):
-            latency.profile(model, c.latency_batch_size, c.latency_seq_len, c.latency_repeats).save(path)
+        if (table is None or table.mismatches(c.latency_batch_size, c.latency_seq_len, model.latency_shape())
+                or any(b not in table.blocks for b in model.block_choices() if not b.endswith(":skip"))):
+            _monotone(latency.profile(model, c.latency_batch_size, c.latency_seq_len, c.latency_repeats)).save(path)
     barrier()
     return latency.LatencyTable.load(path)
+
+
+NARROWING = {"attn": ("full", "half", "quarter"), "ffn": ("dense", "3quarter", "half", "quarter")}
+
+
+def _monotone(table: latency.LatencyTable) -> latency.LatencyTable:
+    """A static block that runs a subset of a wider one's heads or neurons is never timed above it:
+    on a loaded machine single timings invert (a half FFN above the dense one), which would send the
+    search's "next cheaper block" the wrong way. Each narrower block is capped at the wider one's
+    time; the raw times are kept in `extra["raw_blocks"]`."""
+    raw = dict(table.blocks)
+    for kind, names in NARROWING.items():
+        cap = None
+        for n in names:
+            key = f"{kind}:{n}"
+            if key in table.blocks:
+                cap = table.blocks[key] if cap is None else min(cap, table.blocks[key])
+                table.blocks[key] = cap
+    table.extra = {**table.extra, "raw_blocks": raw}
+    return table
 
 
 def _architecture(model: PlanerClassifier, table: latency.LatencyTable, target_ms: float, val: Encoded,
@@ -128,14 +173,112 @@ def _architecture(model: PlanerClassifier, table: latency.LatencyTable, target_m
         return "skipped: the config names the architecture"
     proxy = _subset(val, c.proxy_samples)
     aim = (1 - c.search_margin) * target_ms
-    stage = Stage(out, "search", {"aim_ms": aim, "table": table.created, "proxy_samples": len(proxy), "routers": routers})
+    settings = {"aim_ms": aim, "table": table.created, "proxy_samples": len(proxy), "routers": routers,
+                "candidates": c.candidates, "options": model.block_choices()}
+    stage = Stage(out, "search", settings)
     if rank == 0 and stage.result() is None:
-        stage.finish(_search_measured(model, table, aim, proxy, cfg, progress))
+        stage.finish(search_candidates(model, table, aim, proxy, cfg, progress))
     barrier()
     found = stage.result()
     model.config.architecture = tuple(found["architecture"])
     model.set_architecture(found["architecture"])
     return found
+
+
+VARIANTS = (  # the searches that propose candidates, in order: (name, the blocks they may use)
+    ("greedy", None),
+    ("widths", lambda b: not b.endswith(":skip")),  # no block skipped: every layer kept, narrowed
+    ("ffn_kept", lambda b: b != "ffn:skip"),  # attention may be skipped, FFNs kept (the paper's finding)
+    ("uniform", "uniform"),  # the same blocks in every layer
+    ("attn_kept", lambda b: b != "attn:skip"),
+)
+
+
+def search_candidates(model: PlanerClassifier, table: latency.LatencyTable, aim: float, proxy: Encoded,
+                      cfg: TrainConfig, progress: bool = False) -> dict:
+    """Up to `candidates` distinct architectures under `aim`, each checked on measured latency
+    (`_search_measured`), from the searches of `VARIANTS` in order: the greedy search over every
+    block (the result when there is one candidate), then greedy searches over restricted blocks and
+    the costliest uniform architecture that fits. Searches that cannot meet the aim are left out.
+    Returns the first one's record with "candidates": every kept record."""
+    c = model.config
+    kept: list[dict] = []
+    for name, only in VARIANTS:
+        if len(kept) >= c.candidates:
+            break
+        found = _search_measured(model, table, aim, proxy, cfg, progress, only=only)
+        if kept and not found["meets_target_estimate"]:
+            continue
+        if any(k["architecture"] == found["architecture"] for k in kept):
+            continue
+        kept.append({**found, "variant": name})
+    return {**kept[0], "candidates": kept}
+
+
+def _pick_candidate(model: PlanerClassifier, found: dict, train: Encoded, val: Encoded, cfg: TrainConfig, out: Path,
+                    rank: int, progress: bool) -> dict:
+    """The trained proxy: each candidate architecture distilled for `candidate_steps` steps from the
+    converted weights (its own folder under candidates/, resumable), scored by validation accuracy
+    (every validation sample); the best is kept with its distilled weights, set on the model and its
+    config. The record: every candidate's architecture, estimate and score, and the pick."""
+    c = model.config
+    cands = found["candidates"]
+    steps = c.candidate_steps
+    ccfg = dataclasses.replace(cfg, epochs=1, min_steps=steps, max_steps=steps, eval_every=0, patience=0)
+    key = {"candidates": [k["architecture"] for k in cands], "steps": steps, "n_train": len(train),
+           "hidden_weight": c.hidden_weight, "distill_weight": c.distill_weight,
+           "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "min_steps", "max_steps",
+                                                                                    "eval_every", "patience")}}
+    stage = Stage(out, "candidates", key)
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if stage.result() is None:
+        rows = []
+        for i, k in enumerate(cands):
+            model.load_state_dict(base)
+            model.set_architecture(k["architecture"])
+            result = finetune_then_load_best(model, train, val, ccfg, out / "candidates" / f"{tag}-{i}", progress=progress)
+            rows.append({"variant": k.get("variant"), "architecture": k["architecture"],
+                         "estimated_ms": k["estimated_ms"], "measured_vs_dense": k["rounds"][-1]["measured_vs_dense"],
+                         "zero_shot_proxy": k["proxy"], "val_accuracy": result.best_val_score, "steps": result.steps})
+            if progress:
+                print(f"planer candidate {i} ({k.get('variant')}): {k['architecture']} -> val {result.best_val_score:.4f} "
+                      f"after {result.steps} steps")
+        barrier()
+        picked = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -i))
+        record = {"candidates": rows, "picked": picked}
+        if rank == 0:
+            stage.finish(record)
+        barrier()
+    record = stage.result()
+    arch = record["candidates"][record["picked"]]["architecture"]
+    model.load_state_dict(base)
+    model.config.architecture = tuple(arch)
+    model.set_architecture(arch)
+    load_best(model, out / "candidates" / f"{tag}-{record['picked']}")
+    return record
+
+
+def _refit(model: PlanerClassifier, train: Encoded, cfg: TrainConfig, out: Path, name: str, rank: int,
+           progress: bool) -> dict | None:
+    """Refit every router on the student's own FFN inputs (its current architecture and weights) over
+    `router_refit_samples` training samples (rank 0; a `Stage` with the weights in <name>.safetensors);
+    None when router_refit_samples is 0 or the architecture has no MoE or dense FFN slot."""
+    c = model.config
+    if not c.router_refit_samples or not any(f in ("moe", "dense") for _, f, _ in model._arch):
+        return None
+    digest = hashlib.sha256(b"".join(t.detach().float().flatten()[:1024].numpy().tobytes()
+                                     for t in model.state_dict().values())).hexdigest()[:16]
+    stage = Stage(out, name, {"architecture": model.architecture, "samples": c.router_refit_samples,
+                              "router_lr": c.router_lr, "weights": digest, "n_train": len(train), "seed": cfg.seed})
+    weights = out / f"{name}.safetensors"
+    if rank == 0 and (stage.result() is None or not weights.is_file()):
+        stats = train_routers(model, _subset(train, c.router_refit_samples), cfg, progress, on_student=True)
+        save_tensors_atomic(dict(model.routers.state_dict()), weights)
+        stage.finish(stats)
+    barrier()
+    model.routers.load_state_dict(load_file(str(weights)))
+    return stage.result()
 
 
 def _final_latency(model: PlanerClassifier, table: latency.LatencyTable, estimated: float, target_ms: float,
@@ -177,41 +320,64 @@ def _subset(enc: Encoded, n: int) -> Encoded:
 # --- routers ----------------------------------------------------------------------------------------
 
 
-def train_routers(model: PlanerClassifier, train: Encoded, cfg: TrainConfig, progress: bool = False) -> dict:
+def train_routers(model: PlanerClassifier, train: Encoded, cfg: TrainConfig, progress: bool = False,
+                  on_student: bool = False) -> dict:
     """Fit every layer's router to the norms of its experts' outputs (relative to the token's mean
-    norm, `PlanerClassifier.expert_norms`) on the dense model's FFN inputs, captured by forward hooks
-    on the frozen teacher, real tokens only. MSE, Adam, one optimizer per layer.
+    norm, `PlanerClassifier.expert_norms`) on FFN inputs, real tokens only: the dense model's,
+    captured by forward hooks on the frozen teacher, or with `on_student` the model's own at its
+    current architecture (eval mode, as at inference; layers whose FFN is skipped are left as they
+    are), starting from the current routers. MSE, Adam, one optimizer per layer.
 
-    Returns, per layer (last epoch): the MSE over the variance of the targets across experts
+    Returns, per layer trained (last epoch): the MSE over the variance of the targets across experts
     ("unexplained_variance", 1 = no better than predicting every expert alike) and how often the
     router's top expert is the true top expert ("top1_agreement")."""
     c = model.config
-    if not model._teacher:
+    if not on_student and not model._teacher:
         raise ValueError("router training needs the dense model: build this model with PlanerClassifier.from_dense")
-    teacher = model._teacher[0]
     layers = len(model.encoder.blocks)
-    points = {str(i): (teacher.encoder.blocks[i].ffn, "input") for i in range(layers)}  # FFN inputs [T, d]
     model.routers.requires_grad_(True)
     opts = [torch.optim.Adam(r.parameters(), lr=c.router_lr) for r in model.routers]
     sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
-    total = steps_per_epoch(len(train), cfg.batch_size) * c.router_epochs
-    bar = tqdm(total=total, desc="planer routers", disable=not progress, unit="step")
+    epochs = 1 if on_student else c.router_epochs
+    total = steps_per_epoch(len(train), cfg.batch_size) * epochs
+    bar = tqdm(total=total, desc="planer routers" + (" (student)" if on_student else ""), disable=not progress, unit="step")
+    was_training = model.training
+    pad = model.spec.encoder.pad_token_id
     try:
-        with capture_tokens(points) as captured:
-            for epoch in range(c.router_epochs):
+        with contextlib.ExitStack() as stack:
+            if not on_student:
+                teacher = model._teacher[0]
+                points = {str(i): (teacher.encoder.blocks[i].ffn, "input") for i in range(layers)}  # FFN inputs [T, d]
+                captured = stack.enter_context(capture_tokens(points))
+            model.eval()
+            for epoch in range(epochs):
                 sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)]
-                for batch, _, _ in train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id=model.spec.encoder.pad_token_id):
-                    captured.select(batch.attention_mask)
+                for batch, _, _ in train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id=pad):
                     with torch.no_grad():
-                        teacher(batch.input_ids, batch.attention_mask)
-                    for i in range(layers):
-                        _router_step(model, i, captured[str(i)], opts[i], sums[i])
+                        if on_student:
+                            inputs = _student_ffn_inputs(model, batch.input_ids, batch.attention_mask)
+                        else:
+                            captured.select(batch.attention_mask)
+                            teacher(batch.input_ids, batch.attention_mask)
+                            inputs = {i: captured[str(i)] for i in range(layers)}
+                    for i, x in inputs.items():
+                        _router_step(model, i, x, opts[i], sums[i])
                     bar.update(1)
     finally:
         bar.close()
+        model.train(was_training)
         model.routers.requires_grad_(False)
     return {str(i): {"unexplained_variance": s[0] / max(s[1], 1e-30), "top1_agreement": s[2] / max(s[3], 1)}
-            for i, s in enumerate(sums)}
+            for i, s in enumerate(sums) if s[3]}
+
+
+def _student_ffn_inputs(model: PlanerClassifier, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """layer -> the model's own FFN inputs [T, d] on the real tokens, at its architecture (knob None)."""
+    h, bias, ctx = model.prepare(input_ids, attention_mask, knob=None)
+    ctx.ffn_inputs = {}
+    for layer in range(len(model.encoder.blocks)):
+        h = model.run_layer(layer, h, bias, ctx)
+    return ctx.ffn_inputs
 
 
 def _router_step(model: PlanerClassifier, layer: int, x: torch.Tensor, opt: torch.optim.Optimizer, sums: list) -> None:
@@ -238,29 +404,49 @@ def _router_step(model: PlanerClassifier, layer: int, x: torch.Tensor, opt: torc
 
 
 def _search_measured(model: PlanerClassifier, table: latency.LatencyTable, aim: float, proxy: Encoded,
-                     cfg: TrainConfig, progress: bool, rounds: int = 3) -> dict:
+                     cfg: TrainConfig, progress: bool, rounds: int = 3, only=None) -> dict:
     """Search under `aim` (ms, table estimate), then measure the result against the dense
     architecture (interleaved, the table's settings); while it misses the target, tighten the aim
-    by the miss and continue the descent from it (at most `rounds` searches). The table's absolute
+    by the miss and continue the descent from it (at most `rounds` searches). Then one upgrade pass on
+    the measured headroom (the result measured under (1 - search_margin) * target: aim at the
+    estimate scaled by it, refine from the result; kept if it measures within the target). `only`: None (every
+    block), a filter of block names, or "uniform" (`search_uniform`). The table's absolute
     times drift with the machine's load, so the target is checked as the measured ratio to dense
     (a relative target, so drift cancels) or as measured milliseconds (a target in ms)."""
     c, layers = model.config, model.spec.encoder.num_hidden_layers
     dense_est = table.dense_ms(layers)
     arch, rounds_log, found = None, [], {}
-    for _ in range(rounds):
-        found = search(model, table, aim, proxy, cfg.eval_batch_size, progress, start=arch)
-        arch = found["architecture"]
-        rows = latency.validate(model, table, [arch, ["full/dense"] * layers])["rows"]
+
+    def run(aim_ms: float, start: list[str] | None) -> tuple[dict, float]:
+        if only == "uniform":
+            got = search_uniform(model, table, aim_ms)
+        else:
+            got = search(model, table, aim_ms, proxy, cfg.eval_batch_size, progress, start=start, only=only)
+        rows = latency.validate(model, table, [got["architecture"], ["full/dense"] * layers])["rows"]
         measured, dense = rows[0]["measured_ms"], rows[1]["measured_ms"]
         # > 1: the measured latency misses the target by this factor
         miss = measured / c.latency_target_ms if c.latency_target_ms is not None else measured / dense / c.latency_target
-        rounds_log.append({"aim_ms": aim, "architecture": arch, "estimated_ms": found["estimated_ms"],
-                           "estimated_vs_dense": found["estimated_ms"] / dense_est, "measured_ms": measured,
+        rounds_log.append({"aim_ms": aim_ms, "architecture": got["architecture"], "estimated_ms": got["estimated_ms"],
+                           "estimated_vs_dense": got["estimated_ms"] / dense_est, "measured_ms": measured,
                            "measured_vs_dense": measured / dense, "miss": miss})
-        # accepted with half the margin as headroom: repeated measurements on a shared machine vary
-        if miss <= 1 - c.search_margin / 2 or not found["meets_target_estimate"]:
+        return got, miss
+
+    ok = 1 - c.search_margin / 2  # accepted with half the margin as headroom: measurements on a shared machine vary
+    for _ in range(rounds):
+        found, miss = run(aim, arch)
+        arch = found["architecture"]
+        if miss <= ok or not found["meets_target_estimate"]:
             break
         aim *= (1 - c.search_margin) / miss
+    # the upgrade pass on measured latency: when the result measures well under the target (the
+    # additive estimate runs high, or the last descent step overshot), aim at the measured headroom
+    # and take the upgrades that fit it; kept only if it still measures within the target
+    if found["meets_target_estimate"] and miss < 1 - c.search_margin:
+        up_aim = found["estimated_ms"] / miss * ok
+        up, up_miss = run(up_aim, arch)
+        rounds_log[-1]["step"] = "upgrade"
+        if up["architecture"] != arch and up_miss <= ok and up["meets_target_estimate"]:
+            found = up
     return {**found, "rounds": rounds_log}
 
 
@@ -314,6 +500,26 @@ class _Proxy:
         """`arch` evaluated from `base`'s states (which agree with it below layer `start`)."""
         states = self.states(arch, start, base.states)
         return _Point(arch, states, self.score(states[-1]))
+
+
+def _options(model: PlanerClassifier, table: latency.LatencyTable, only=None) -> dict[str, list[str]]:
+    """The blocks a search may choose per slot kind: the model's choices that the table has (skips
+    always), filtered by `only` (a predicate on block names) when given."""
+    names = [n for n in model.block_choices() if (n.endswith(":skip") or n in table.blocks) and (only is None or only(n))]
+    return {kind: [n for n in names if n.startswith(kind + ":")] for kind in ("attn", "ffn")}
+
+
+def search_uniform(model: PlanerClassifier, table: latency.LatencyTable, target_ms: float) -> dict:
+    """The uniform architecture (the same attention and FFN block in every layer, neither skipped) with
+    the highest estimate that meets `target_ms`; the cheapest one when none does. No proxy."""
+    options = _options(model, table, lambda b: not b.endswith(":skip"))
+    layers = model.spec.encoder.num_hidden_layers
+    archs = [[f"{a.split(':')[1]}/{f.split(':')[1]}"] * layers for a in options["attn"] for f in options["ffn"]]
+    fits = [a for a in archs if table.estimate(a) <= target_ms]
+    arch = max(fits, key=table.estimate) if fits else min(archs, key=table.estimate)
+    est = table.estimate(arch)
+    return {"architecture": arch, "estimated_ms": est, "proxy": None, "meets_target_estimate": est <= target_ms,
+            "path": []}
 
 
 def _with_slot(arch: list[str], layer: int, block: str) -> list[str]:
@@ -385,7 +591,7 @@ def _refine(ev: _Proxy, cur: _Point, table, target_ms: float, options: dict, bar
 
 @torch.no_grad()
 def search(model: PlanerClassifier, table: latency.LatencyTable, target_ms: float, proxy: Encoded,
-           batch_size: int = 64, progress: bool = False, start: list[str] | None = None) -> dict:
+           batch_size: int = 64, progress: bool = False, start: list[str] | None = None, only=None) -> dict:
     """Greedy search under `target_ms` (the table's additive estimate), from the dense architecture.
 
     Descent: repeatedly take the one-slot downgrade (to the next cheaper block of that slot, by the
@@ -393,11 +599,12 @@ def search(model: PlanerClassifier, table: latency.LatencyTable, target_ms: floa
     target. Refinement: the last step usually overshoots, so while some one-slot upgrade (to any
     dearer block) still fits the target and lowers the proxy, take the best one. Proxy: `_Proxy`, on
     `proxy`. `start` continues the descent from that architecture instead of the dense one. The
-    model's architecture, knob and mode are left as they are. Returns the architecture and the path.
+    blocks are the model's `block_choices()` (those the table has, and that `only` keeps when given).
+    The model's architecture, knob and mode are left as they are. Returns the architecture and the path.
     """
     was_training = model.training
     model.eval()
-    options = {"attn": [f"attn:{a}" for a in ATTN], "ffn": [n for n in model.block_choices() if n.startswith("ffn:")]}
+    options = _options(model, table, only)
     bar = tqdm(desc="planer search", disable=not progress, unit="candidate")
     path: list[dict] = []
     try:
