@@ -299,15 +299,25 @@ def _exit_accuracy_table(points: list[OperatingPoint]) -> list[str]:
             seen.setdefault((p.method, p.model), p)
     if not seen:
         return []
-    n = max(len(p.extras["exit_accuracy"]) for p in seen.values())
-    header = ["method", "model", "exit layers", *[f"exit {i + 1} (%)" for i in range(n)], "95% CI per exit (%)"]
+    def layers_of(p: OperatingPoint) -> list[int] | None:
+        layers = p.extras.get("exit_layers")
+        ok = isinstance(layers, list) and len(layers) == len(p.extras["exit_accuracy"])
+        return [int(x) for x in layers] if ok else None
+
+    by_layer = all(layers_of(p) for p in seen.values())  # models with other exits line up layer by layer
+    if by_layer:
+        columns = sorted({x for p in seen.values() for x in layers_of(p)})
+        header = ["method", "model", "exit layers", *[f"layer {x} (%)" for x in columns], "95% CI per exit (%)"]
+    else:
+        columns = list(range(max(len(p.extras["exit_accuracy"]) for p in seen.values())))
+        header = ["method", "model", "exit layers", *[f"exit {i + 1} (%)" for i in columns], "95% CI per exit (%)"]
     rows = []
     for p in seen.values():
-        acc = [f"{100 * a:.2f}" for a in p.extras["exit_accuracy"]]
-        cis = " ".join(interval_cell(p, a) for a in p.extras["exit_accuracy"])
-        layers = p.extras.get("exit_layers")
-        rows.append([p.method, p.model, ",".join(map(str, layers)) if layers else "-", *acc, *[""] * (n - len(acc)),
-                     cis])
+        accs, layers = p.extras["exit_accuracy"], layers_of(p)
+        at = dict(zip(layers, accs)) if by_layer else dict(enumerate(accs))
+        cells = [f"{100 * at[c]:.2f}" if c in at else "" for c in columns]
+        cis = " ".join(interval_cell(p, a) for a in accs)
+        rows.append([p.method, p.model, ",".join(map(str, layers)) if layers else "-", *cells, cis])
     return ["## Accuracy of each exit on its own", "", *markdown_table(header, rows), ""]
 
 

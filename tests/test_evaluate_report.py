@@ -293,7 +293,12 @@ def test_report_tables_for_early_exit(tmp_path):
     row = [line for line in drop.splitlines() if line.startswith("| ee |")]
     assert len(row) == 1 and "| threshold=0.8 |" in row[0] and "| 79.10 | 79.00 | +3.00 |" in row[0] and "| 1.60× |" in row[0]
     exits = md.split("## Accuracy of each exit on its own")[1]
-    assert "| ee | ee (tiny) | 3,6 | 60.00 | 79.00 |" in exits
+    assert "| layer 3 (%) | layer 6 (%) |" in exits and "| ee | ee (tiny) | 3,6 | 60.00 | 79.00 |" in exits
+    # models with other exits line up layer by layer (another model with exits 1, 3 beside 3, 6)
+    points[9].extras = {"exit_accuracy": [0.5, 0.7], "exit_layers": [1, 3]}
+    exits = write_report(points, tmp_path / "r2")["report"].read_text().split("## Accuracy of each exit on its own")[1]
+    assert "| layer 1 (%) | layer 3 (%) | layer 6 (%) |" in exits
+    assert "| ee | ee (tiny) | 3,6 |  | 60.00 | 79.00 |" in exits and "| ee | other | 1,3 | 50.00 | 70.00 |  |" in exits
 
 
 def test_summary_json_names_each_methods_cheapest_point_within_the_drop(tmp_path):
