@@ -22,7 +22,7 @@ from adaptinf.methods.dense import DenseClassifier
 from adaptinf.methods.sharcs import ALL_FULL, ALL_SMALLEST, SharcsClassifier, SharcsConfig
 from adaptinf.model import ModelSpec
 from adaptinf.recipes import sharcs as recipe
-from adaptinf.recipes.sharcs import ordinal_labels
+from adaptinf.recipes.sharcs import importance, ordinal_labels, reorder, train_router
 from adaptinf.settings import TrainConfig
 
 VOCAB, D, HEADS, FF, C, LAYERS = 60, 32, 4, 64, 3, 3
@@ -185,7 +185,7 @@ def test_reordering_keeps_the_full_width_model_and_sorts_importance(shrink):
     with torch.no_grad():
         before = model(**batch).logits
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    summary = model.reorder(data, batch_size=8)
+    summary = reorder(model, data, batch_size=8)
     with torch.no_grad():
         after = model(**batch).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
@@ -193,7 +193,7 @@ def test_reordering_keeps_the_full_width_model_and_sorts_importance(shrink):
     assert any(".attention.q." in k for k in moved) and any(".ffn.up." in k for k in moved)
     assert any("embeddings.word" in k for k in moved) == shrink  # the residual is reordered only when it shrinks
     # scored again, the leading slice now holds the most important heads, neurons and dimensions
-    again = model.importance(data, batch_size=8)
+    again = importance(model, data, batch_size=8)
     for key in ("heads", "neurons") + (("hidden",) if shrink else ()):
         s = again[key]
         torch.testing.assert_close(s, s.sort(dim=-1, descending=True).values, rtol=1e-6, atol=1e-9)
@@ -417,18 +417,18 @@ def test_fit_router_learns_a_separable_rule_and_leaves_the_rest_alone():
     x = torch.randn(256, D, generator=g)
     y = torch.stack([x[:, 0] > 0.5, x[:, 0] > -0.5, torch.ones(256, dtype=torch.bool)], dim=1)  # monotone
     others = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("router.")}
-    losses = model.fit_router(x, y, epochs=30, lr=1e-2, batch_size=32)["fit"]
+    losses = train_router(model, x, y, epochs=30, lr=1e-2, batch_size=32)["fit"]
     assert losses[-1] < 0.5 * losses[0]
     with torch.no_grad():
         routed = model.route(model.router(x), 0.5)
     truth = 2 - y[:, :2].int().sum(1)  # the smallest allowed width
     assert (routed == truth).double().mean() > 0.9
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in others.items())
-    assert model.fit_router(x, y, epochs=30, lr=1e-2, batch_size=32)["fit"] == losses  # a seeded fresh start
+    assert train_router(model, x, y, epochs=30, lr=1e-2, batch_size=32)["fit"] == losses  # a seeded fresh start
     # early stopping: noisy held-out labels; the kept router is the epoch with the lowest held-out BCE
     hx = torch.randn(64, D, generator=g)
     hy = torch.stack([torch.rand(64, generator=g) > 0.5, hx[:, 0] > -0.5, torch.ones(64, dtype=torch.bool)], dim=1)
-    h = model.fit_router(x, y, epochs=12, lr=1e-2, batch_size=32, held_out=(hx, hy))
+    h = train_router(model, x, y, epochs=12, lr=1e-2, batch_size=32, held_out=(hx, hy))
     assert len(h["held_out"]) == 12 and min(h["held_out"]) < h["held_out"][-1]  # it overfits, then the best is kept
     with torch.no_grad():
         kept = F.binary_cross_entropy_with_logits(model.router(hx)[:, :-1], hy[:, :-1].float())
@@ -469,7 +469,7 @@ def test_offline_sweep_equals_the_real_forward():
 
 def test_save_and_reload_at_any_knob(tmp_path):
     model = perturb_private_norms(decisive_router(convert()))
-    model.reorder(encoded(16, seed=15), batch_size=8)
+    reorder(model, encoded(16, seed=15), batch_size=8)
     perturb_private_norms(model, seed=3)
     model.set_knob(0.5)
     save_model(model, tmp_path / "m")

@@ -16,9 +16,10 @@ Where things happen:
   longest real length and run as dense matmuls on the sliced weights; one host sync per forward);
 - a width's layers: `sliced_block`;
 - cost: `SharcsClassifier.cost`;
-- importance reordering (model surgery): `SharcsClassifier.reorder`;
+- importance reordering (model surgery): `SharcsClassifier.permute`, scored and applied by the
+  recipe (`adaptinf.recipes.sharcs.reorder`);
 - the training loss (every width on the batch, narrow widths distilled from the full one):
-  `SharcsClassifier.loss`; the router fit on cached features: `SharcsClassifier.fit_router`;
+  `SharcsClassifier.loss`; the router fit on cached features: `adaptinf.recipes.sharcs.train_router`;
 - training (the loop, the per-epoch hardness scores, ordinal labels, resume): `adaptinf/recipes/sharcs.py`.
 
 Knob ("threshold" t, inference-time; ordinal routing): the router gives, per sample, a logit z_i
@@ -47,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptinf import flops
-from adaptinf.backbone import Attention, Encoder, FeedForward, attend, attention_bias, linear_slice, packed_run
+from adaptinf.backbone import Attention, Encoder, FeedForward, attend, linear_slice, packed_run
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
@@ -297,7 +298,7 @@ class SharcsClassifier(AdaptiveClassifier):
     - eval mode, no width: batched routing with the knob.
     - training mode: `aux_loss` = router_weight * BCE(router logits, router_targets [b, n_w]);
       without targets the label "the largest width only" (the recipe fits the router after training,
-      on cached features: `fit_router`).
+      on cached features: `adaptinf.recipes.sharcs.train_router`).
     extras: "width_pct" [b] (the width each sample ran at, in percent), "router_logits" [b, n_w].
     """
 
@@ -358,7 +359,7 @@ class SharcsClassifier(AdaptiveClassifier):
     def from_dense(cls, dense: AdaptiveClassifier, config: SharcsConfig | None = None) -> SharcsClassifier:
         """Encoder and classifier from the dense model (so width 1.0 is the dense model), a fresh
         router, private norms from slices of the dense norms. Importance reordering needs data: it
-        is the first step of the recipe (`adaptinf.recipes.sharcs.fit`), or call `reorder`."""
+        is the first step of the recipe (`adaptinf.recipes.sharcs.fit`, `reorder` there)."""
         if not isinstance(dense, DenseClassifier):
             raise ValueError(f"conversion needs a dense model, got method {dense.method!r}")
         model = cls(dense.spec, config or SharcsConfig())
@@ -536,59 +537,6 @@ class SharcsClassifier(AdaptiveClassifier):
             loss = loss + (out.aux_loss * labels.shape[0] if reduction == "sum" else out.aux_loss)
         return loss
 
-    @torch.enable_grad()
-    def importance(self, enc: Encoded, batch_size: int = 32) -> dict[str, torch.Tensor]:
-        """Gradient x activation importance on labelled data (DynaBERT / Michel et al.), from the
-        full-width model in eval mode:
-
-        - "heads" [L - k, heads]: sum over batches of |sum over tokens and head dims of a * dL/da|,
-          a the attention output before the output projection;
-        - "neurons" [L - k, d_ff]: the same for the FFN's GELU outputs;
-        - "hidden" [d]: the same for the residual stream, summed over the states from layer k's
-          output on (where the residual is sliced).
-        """
-        was_training = self.training
-        self.eval()
-        blocks = self.adaptive_blocks
-        cfg = self.spec.encoder
-        heads = torch.zeros(len(blocks), cfg.num_attention_heads, dtype=torch.float64)
-        neurons = torch.zeros(len(blocks), cfg.intermediate_size, dtype=torch.float64)
-        hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
-        acts: dict[str, list] = {}
-
-        def keep_input(kind: str, j: int):
-            def hook(module, args):
-                acts[kind][j] = args[0]
-            return hook
-
-        def keep_output(module, args, out):
-            acts["hidden"].append(out)
-
-        hooks = [self.encoder.blocks[self.router_layer - 1].register_forward_hook(keep_output)]
-        for j, block in enumerate(blocks):
-            hooks.append(block.attention.out.register_forward_pre_hook(keep_input("heads", j)))
-            hooks.append(block.ffn.down.register_forward_pre_hook(keep_input("neurons", j)))
-            hooks.append(block.register_forward_hook(keep_output))
-        try:
-            for batch in eval_batches(enc, batch_size, self.spec.encoder.pad_token_id):
-                acts.update(heads=[None] * len(blocks), neurons=[None] * len(blocks), hidden=[])
-                h = self.encoder.embed(batch.input_ids)
-                h = self.encoder.run_blocks(h, attention_bias(batch.attention_mask, h.dtype))
-                loss = F.cross_entropy(self.classifier(self.encoder.pool(h)), batch.labels, reduction="sum")
-                flat = acts["heads"] + acts["neurons"] + acts["hidden"]
-                # a * dL/da summed over the batch's tokens, per feature ([b, s, f] -> [f]); pads have zero gradient
-                score = [(a.detach() * g).sum(dim=(0, 1)).double() for a, g in zip(flat, torch.autograd.grad(loss, flat))]
-                n = len(blocks)
-                for j in range(n):
-                    heads[j] += score[j].view(cfg.num_attention_heads, cfg.head_dim).sum(dim=1).abs()
-                    neurons[j] += score[n + j].abs()
-                hidden += sum(x.abs() for x in score[2 * n :])
-        finally:
-            for hook in hooks:
-                hook.remove()
-            self.train(was_training)
-        return {"heads": heads, "neurons": neurons, "hidden": hidden}
-
     @torch.no_grad()
     def permute(self, heads: torch.Tensor, neurons: torch.Tensor, hidden: torch.Tensor | None) -> None:
         """Reorder heads [L - k, nh] and FFN neurons [L - k, d_ff] of every adaptive layer (index
@@ -626,31 +574,6 @@ class SharcsClassifier(AdaptiveClassifier):
             for lin in (self.encoder.pooler.dense, self.router[0]):
                 lin.weight.copy_(lin.weight[:, hidden])
         self.init_private_norms()
-
-    def reorder(self, enc: Encoded, batch_size: int = 32) -> dict[str, Any]:
-        """Score on `enc` (`importance`) and sort heads, neurons and (when the residual shrinks)
-        residual dimensions most important first (`permute`). Returns a JSON-ready summary."""
-        scores = self.importance(enc, batch_size)
-        heads = scores["heads"].argsort(dim=1, descending=True, stable=True)
-        neurons = scores["neurons"].argsort(dim=1, descending=True, stable=True)
-        hidden = scores["hidden"].argsort(descending=True, stable=True) if self.config.shrink_residual else None
-        self.permute(heads, neurons, hidden)
-
-        def kept_share(s: torch.Tensor, order: torch.Tensor, n: int) -> float:
-            return float(s.gather(-1, order[..., :n]).sum() / s.sum().clamp_min(1e-30))
-
-        return {
-            "importance_samples": len(enc),
-            # share of the total importance that each width's slice keeps, after reordering
-            "kept_importance": {
-                str(sh.width): {
-                    "heads": kept_share(scores["heads"], heads, sh.heads),
-                    "neurons": kept_share(scores["neurons"], neurons, sh.ffn),
-                    **({"hidden": kept_share(scores["hidden"], hidden, sh.hidden)} if hidden is not None else {}),
-                }
-                for sh in self.shapes
-            },
-        }
 
     # --- evaluation -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -692,52 +615,6 @@ class SharcsClassifier(AdaptiveClassifier):
         from one eval-mode pass (`width_pass`)."""
         p = self.width_pass(enc, batch_size, progress)
         return p["router"], p["logits"], p["lengths"]
-
-    def fit_router(self, features: torch.Tensor, targets: torch.Tensor, epochs: int | None = None,
-                   lr: float | None = None, batch_size: int = 64, seed: int = 0,
-                   held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, list[float]]:
-        """Fit the router alone, from a fresh seeded start, on cached features [n, d] (`width_pass`)
-        against multi-hot targets [n, n_w] (BCE, AdamW, shuffled batches); the layers below it are
-        unchanged. With `held_out` (features, targets), the epoch with the lowest BCE on it is kept
-        (early stopping; the largest width's label, always 1, is left out of that BCE). Returns the
-        mean training BCE of each epoch ("fit") and the held-out BCE after each ("held_out").
-        Defaults: config.router_fit_epochs, config.router_lr."""
-        epochs = self.config.router_fit_epochs if epochs is None else epochs
-        lr = self.config.router_lr if lr is None else lr
-        x, y = features.detach().clone().float(), targets.detach().clone().float()  # out of inference mode
-        if held_out is not None:
-            hx, hy = held_out[0].detach().clone().float(), held_out[1].detach().clone().float()
-        was_training = self.router.training
-        self.router.train()
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():  # a fresh start (as __init__), so refitting gives the same router
-            for lin in (self.router[0], self.router[2]):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.02)
-                lin.bias.zero_()
-        opt = torch.optim.AdamW(self.router.parameters(), lr=lr, weight_decay=0.01)
-        history: dict[str, list[float]] = {"fit": [], "held_out": []}
-        best, best_state = float("inf"), None
-        with torch.enable_grad():
-            for _ in range(epochs):
-                order, total = torch.randperm(len(x), generator=gen), 0.0
-                for j in range(0, len(x), batch_size):
-                    rows = order[j : j + batch_size]
-                    loss = F.binary_cross_entropy_with_logits(self.router(x[rows]), y[rows])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(rows)
-                history["fit"].append(total / len(x))
-                if held_out is not None:
-                    with torch.no_grad():
-                        bce = float(F.binary_cross_entropy_with_logits(self.router(hx)[:, :-1], hy[:, :-1]))
-                    history["held_out"].append(bce)
-                    if bce < best:
-                        best, best_state = bce, {k: v.clone() for k, v in self.router.state_dict().items()}
-        if best_state is not None:
-            self.router.load_state_dict(best_state)
-        self.router.train(was_training)
-        return history
 
     def validation_report(self, val: Encoded, batch_size: int = 64) -> dict[str, Any]:
         """Per-width accuracy, accuracy and width shares at the router's own routing (threshold 0.5), and

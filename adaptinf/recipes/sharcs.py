@@ -12,7 +12,7 @@ subset (`SharcsClassifier.reorder`), then:
   stops after that many epochs without a better score);
 - fits the router on the kept epoch's model: ordinal labels (`ordinal_labels`) from the last
   `window` scores up to that epoch, against the cached router inputs (layer k's mask-aware mean;
-  `SharcsClassifier.fit_router`). A seeded tenth of the training samples is held out of the router
+  `train_router`). A seeded tenth of the training samples is held out of the router
   fit: the router epoch with the lowest BCE on it is kept, and that BCE is reported next to a
   prior-only router's (does the router predict hardness at all?).
 
@@ -42,7 +42,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from adaptinf.checkpoint import save_model, save_tensors_atomic, write_json_atomic
-from adaptinf.data import Encoded, collate
+from adaptinf.backbone import attention_bias
+from adaptinf.data import Encoded, collate, eval_batches
 from adaptinf.methods.sharcs import SharcsClassifier
 from adaptinf.recipes.finetune import (
     dist_info,
@@ -58,6 +59,139 @@ from adaptinf.recipes.finetune import (
 from adaptinf.settings import TrainConfig
 
 ROUTER_HELD_OUT = 0.1  # share of the training samples kept out of the router fit, to measure it
+
+# --- importance reordering (before training) ----------------------------------------------------------
+
+
+@torch.enable_grad()
+def importance(model: SharcsClassifier, enc: Encoded, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Gradient x activation importance on labelled data (DynaBERT / Michel et al.), from the
+    full-width model in eval mode:
+
+    - "heads" [L - k, heads]: sum over batches of |sum over tokens and head dims of a * dL/da|,
+      a the attention output before the output projection;
+    - "neurons" [L - k, d_ff]: the same for the FFN's GELU outputs;
+    - "hidden" [d]: the same for the residual stream, summed over the states from layer k's
+      output on (where the residual is sliced).
+    """
+    was_training = model.training
+    model.eval()
+    blocks = model.adaptive_blocks
+    cfg = model.spec.encoder
+    heads = torch.zeros(len(blocks), cfg.num_attention_heads, dtype=torch.float64)
+    neurons = torch.zeros(len(blocks), cfg.intermediate_size, dtype=torch.float64)
+    hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
+    acts: dict[str, list] = {}
+
+    def keep_input(kind: str, j: int):
+        def hook(module, args):
+            acts[kind][j] = args[0]
+        return hook
+
+    def keep_output(module, args, out):
+        acts["hidden"].append(out)
+
+    hooks = [model.encoder.blocks[model.router_layer - 1].register_forward_hook(keep_output)]
+    for j, block in enumerate(blocks):
+        hooks.append(block.attention.out.register_forward_pre_hook(keep_input("heads", j)))
+        hooks.append(block.ffn.down.register_forward_pre_hook(keep_input("neurons", j)))
+        hooks.append(block.register_forward_hook(keep_output))
+    try:
+        for batch in eval_batches(enc, batch_size, model.spec.encoder.pad_token_id):
+            acts.update(heads=[None] * len(blocks), neurons=[None] * len(blocks), hidden=[])
+            h = model.encoder.embed(batch.input_ids)
+            h = model.encoder.run_blocks(h, attention_bias(batch.attention_mask, h.dtype))
+            loss = F.cross_entropy(model.classifier(model.encoder.pool(h)), batch.labels, reduction="sum")
+            flat = acts["heads"] + acts["neurons"] + acts["hidden"]
+            # a * dL/da summed over the batch's tokens, per feature ([b, s, f] -> [f]); pads have zero gradient
+            score = [(a.detach() * g).sum(dim=(0, 1)).double() for a, g in zip(flat, torch.autograd.grad(loss, flat))]
+            n = len(blocks)
+            for j in range(n):
+                heads[j] += score[j].view(cfg.num_attention_heads, cfg.head_dim).sum(dim=1).abs()
+                neurons[j] += score[n + j].abs()
+            hidden += sum(x.abs() for x in score[2 * n :])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return {"heads": heads, "neurons": neurons, "hidden": hidden}
+
+
+def reorder(model: SharcsClassifier, enc: Encoded, batch_size: int = 32) -> dict[str, Any]:
+    """Score on `enc` (`importance`) and sort heads, neurons and (when the residual shrinks)
+    residual dimensions most important first (`SharcsClassifier.permute`). Returns a JSON-ready summary."""
+    scores = importance(model, enc, batch_size)
+    heads = scores["heads"].argsort(dim=1, descending=True, stable=True)
+    neurons = scores["neurons"].argsort(dim=1, descending=True, stable=True)
+    hidden = scores["hidden"].argsort(descending=True, stable=True) if model.config.shrink_residual else None
+    model.permute(heads, neurons, hidden)
+
+    def kept_share(s: torch.Tensor, order: torch.Tensor, n: int) -> float:
+        return float(s.gather(-1, order[..., :n]).sum() / s.sum().clamp_min(1e-30))
+
+    return {
+        "importance_samples": len(enc),
+        # share of the total importance that each width's slice keeps, after reordering
+        "kept_importance": {
+            str(sh.width): {
+                "heads": kept_share(scores["heads"], heads, sh.heads),
+                "neurons": kept_share(scores["neurons"], neurons, sh.ffn),
+                **({"hidden": kept_share(scores["hidden"], hidden, sh.hidden)} if hidden is not None else {}),
+            }
+            for sh in model.shapes
+        },
+    }
+
+
+# --- the router fit (after training, on cached features) ----------------------------------------------
+
+
+def train_router(model: SharcsClassifier, features: torch.Tensor, targets: torch.Tensor, epochs: int | None = None,
+               lr: float | None = None, batch_size: int = 64, seed: int = 0,
+               held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, list[float]]:
+    """Fit the router alone, from a fresh seeded start, on cached features [n, d] (`width_pass`)
+    against multi-hot targets [n, n_w] (BCE, AdamW, shuffled batches); the layers below it are
+    unchanged. With `held_out` (features, targets), the epoch with the lowest BCE on it is kept
+    (early stopping; the largest width's label, always 1, is left out of that BCE). Returns the
+    mean training BCE of each epoch ("fit") and the held-out BCE after each ("held_out").
+    Defaults: config.router_fit_epochs, config.router_lr."""
+    epochs = model.config.router_fit_epochs if epochs is None else epochs
+    lr = model.config.router_lr if lr is None else lr
+    x, y = features.detach().clone().float(), targets.detach().clone().float()  # out of inference mode
+    if held_out is not None:
+        hx, hy = held_out[0].detach().clone().float(), held_out[1].detach().clone().float()
+    was_training = model.router.training
+    model.router.train()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a fresh start (as __init__), so refitting gives the same router
+        for lin in (model.router[0], model.router[2]):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.02)
+            lin.bias.zero_()
+    opt = torch.optim.AdamW(model.router.parameters(), lr=lr, weight_decay=0.01)
+    history: dict[str, list[float]] = {"fit": [], "held_out": []}
+    best, best_state = float("inf"), None
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order, total = torch.randperm(len(x), generator=gen), 0.0
+            for j in range(0, len(x), batch_size):
+                rows = order[j : j + batch_size]
+                loss = F.binary_cross_entropy_with_logits(model.router(x[rows]), y[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(rows)
+            history["fit"].append(total / len(x))
+            if held_out is not None:
+                with torch.no_grad():
+                    bce = float(F.binary_cross_entropy_with_logits(model.router(hx)[:, :-1], hy[:, :-1]))
+                history["held_out"].append(bce)
+                if bce < best:
+                    best, best_state = bce, {k: v.clone() for k, v in model.router.state_dict().items()}
+    if best_state is not None:
+        model.router.load_state_dict(best_state)
+    model.router.train(was_training)
+    return history
+
 
 # --- hardness labels ---------------------------------------------------------------------------------
 
@@ -115,7 +249,7 @@ def _reorder(model: SharcsClassifier, train: Encoded, cfg: TrainConfig, out: Pat
     g = torch.Generator().manual_seed(cfg.seed)
     keep = torch.randperm(len(train), generator=g)[: model.config.importance_samples].sort().values
     subset = Encoded([train.ids[i] for i in keep.tolist()], train.labels[keep])
-    summary = model.reorder(subset, batch_size=cfg.eval_batch_size)
+    summary = reorder(model, subset, batch_size=cfg.eval_batch_size)
     path.write_text(json.dumps(summary) + "\n")
     return summary
 
@@ -228,7 +362,7 @@ def fit_router(model: SharcsClassifier, train: Encoded, history: torch.Tensor, c
     held = perm[: int(round(ROUTER_HELD_OUT * n))] if n >= 20 else perm[:0]
     fit_rows = perm[len(held) :]
     held_out = (features[held], targets[held]) if len(held) else None
-    losses = model.fit_router(features[fit_rows], targets[fit_rows], seed=cfg.seed, held_out=held_out)
+    losses = train_router(model, features[fit_rows], targets[fit_rows], seed=cfg.seed, held_out=held_out)
     summary: dict[str, Any] = {"window_epochs": len(window), "label_share": targets.float().mean(0).tolist(),
                                "fit_bce": losses["fit"][-1] if losses["fit"] else None}
     if len(held):

@@ -14,7 +14,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from adaptinf.recipes.sharcs import ROUTER_HELD_OUT, ordinal_labels, prior_bce
+from adaptinf.recipes.sharcs import ROUTER_HELD_OUT, ordinal_labels, prior_bce, train_router
 from adaptinf.registry import load_model
 from adaptinf.settings import TaskSettings
 from adaptinf.steps import encode_split, load_task
@@ -83,7 +83,7 @@ def main():
             y = ordinal_labels(hist[-w:], intervals)
             perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(7))
             held, fit = perm[: int(round(ROUTER_HELD_OUT * len(train)))], perm[int(round(ROUTER_HELD_OUT * len(train))):]
-            model.fit_router(fitted[fit], y[fit], held_out=(fitted[held], y[held]))
+            train_router(model, fitted[fit], y[fit], held_out=(fitted[held], y[held]))
             with torch.no_grad():
                 z = model.router(fitted[held])
             extra = {"label_share": y.float().mean(0).tolist(),
