@@ -21,6 +21,17 @@ Weight layout, chosen so methods can slice and split it:
 Step-wise execution: `embed` -> `run_blocks(h, mask, start, end)` -> `pool`, so early exit and
 routing can stop, compact or branch between any two blocks.
 
+Vision (ViT): an `EncoderConfig` with `image_size` > 0 describes a ViT. Its inputs are uint8
+"input_ids" [b, 1 + P, C*p*p] (`patchify`: row 0 the CLS slot, all zeros, rows 1..P the raw pixel
+bytes of the P patches in raster order, each flattened in (channel, row, column) order), which
+`PatchEmbeddings` normalises per channel, projects (the patch Conv2d as a Linear), prefixes with
+the CLS token and adds learned positions to. An image is a fixed-length sequence with no padding,
+so masks, lengths, packing and per-token FLOPs work as for text. `pre_norm` gives pre-LayerNorm
+blocks and a final LayerNorm (`Encoder.final_norm`) before pooling; `pooler` False pools the
+(normalised) CLS row itself, as `ViTForImageClassification` does. Methods never write a residual
+themselves: `Attention.inp` / `.residual` and `FeedForward.inp` / `.residual` put the LayerNorm
+where the block's family has it.
+
 Padding-free execution: pass a `Layout` (`token_layout(attention_mask)`) where a bias tensor is
 expected and the blocks compute on the real tokens only. `run_blocks` packs h [b, s, d] into the
 real rows [T, d] once, runs every token-wise layer (projections, FFN, LayerNorms) on them, and
@@ -32,6 +43,7 @@ path's (tests/test_packed.py). Attention is a small share of a block at these le
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -40,8 +52,10 @@ from torch import nn
 
 
 # fields added after BERT's; `to_dict` leaves them out at their defaults, so a BERT config is written as before
-FAMILY_FIELDS = ("position_offset", "embedding_size")
-_NON_NEGATIVE = ("pad_token_id", "type_vocab_size", "position_offset")
+FAMILY_FIELDS = ("position_offset", "embedding_size", "pre_norm", "image_size", "patch_size", "num_channels",
+                 "image_mean", "image_std", "pooler")
+_NON_NEGATIVE = ("pad_token_id", "type_vocab_size", "position_offset", "image_size", "patch_size", "num_channels")
+_VISION_INTS = ("image_size", "patch_size", "num_channels")
 
 
 @dataclass(frozen=True)
@@ -66,8 +80,25 @@ class EncoderConfig:
     pad_token_id: int = 0
     position_offset: int = 0
     embedding_size: int | None = None
+    pre_norm: bool = False
+    image_size: int = 0
+    patch_size: int = 0
+    num_channels: int = 0
+    image_mean: tuple[float, ...] = ()
+    image_std: tuple[float, ...] = ()
+    pooler: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("pre_norm", "pooler"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EncoderConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+            ):
+                raise ValueError(f"EncoderConfig.{name} must be a list of finite numbers (one per channel), got {v!r}")
+            object.__setattr__(self, name, tuple(float(x) for x in v))  # JSON gives lists; keep it hashable
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type in ("int",) or (f.name == "embedding_size" and v is not None):
@@ -94,6 +125,50 @@ class EncoderConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"EncoderConfig.{name} must be in [0, 1)")
+        self._check_vision()
+
+    def _check_vision(self) -> None:
+        names = (*_VISION_INTS, "image_mean", "image_std")
+        given = [n for n in names if getattr(self, n)]
+        if not given:
+            return
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ValueError(
+                f"EncoderConfig: a vision encoder needs image_size, patch_size, num_channels, image_mean and "
+                f"image_std all set; {', '.join(given)} set but {', '.join(missing)} not (or leave all unset for text)"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"EncoderConfig.image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
+            )
+        for name in ("image_mean", "image_std"):
+            if len(getattr(self, name)) != self.num_channels:
+                raise ValueError(
+                    f"EncoderConfig.{name} has {len(getattr(self, name))} values; give one per channel "
+                    f"(num_channels={self.num_channels})"
+                )
+        if any(x <= 0 for x in self.image_std):
+            raise ValueError(f"EncoderConfig.image_std must be positive, got {self.image_std}")
+        if self.position_offset or self.embedding_size is not None:
+            raise ValueError(
+                "EncoderConfig: a vision encoder has no position_offset or embedding_size (leave them at 0 / None)"
+            )
+
+    @property
+    def is_vision(self) -> bool:
+        """A ViT (image inputs), not a text encoder."""
+        return self.image_size > 0
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (0 for a text encoder)."""
+        return (self.image_size // self.patch_size) ** 2 if self.is_vision else 0
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch token, C * p * p (0 for a text encoder)."""
+        return self.num_channels * self.patch_size**2
 
     @property
     def head_dim(self) -> int:
@@ -106,13 +181,17 @@ class EncoderConfig:
 
     @property
     def max_positions(self) -> int:
-        """The longest input the position table covers (max_position_embeddings less the offset)."""
+        """The longest input the position table covers (max_position_embeddings less the offset; a
+        vision encoder: 1 + num_patches, the length of every input)."""
+        if self.is_vision:
+            return 1 + self.num_patches
         return self.max_position_embeddings - self.position_offset
 
     def to_dict(self) -> dict:
         d = asdict(self)
         defaults = {f.name: f.default for f in fields(self)}
-        return {k: v for k, v in d.items() if k not in FAMILY_FIELDS or v != defaults[k]}
+        out = {k: v for k, v in d.items() if k not in FAMILY_FIELDS or v != defaults[k]}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}  # as JSON writes them
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
@@ -256,6 +335,66 @@ def packed_run(fn, h: torch.Tensor, mask: torch.Tensor | Layout) -> torch.Tensor
     return fn(h, mask)
 
 
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """uint8 images [N, C, H, W] (H = W) -> the vision encoder's input [N, 1 + P, C*p*p] (uint8).
+
+    Row 0 is the CLS slot (all zeros); rows 1..P are the patches in raster order over the patch grid,
+    each flattened in (channel, row-in-patch, column-in-patch) order, the order of
+    `Conv2d(C, d, p, stride=p).weight.view(d, -1)`."""
+    if images.dim() != 4:
+        raise ValueError(f"patchify takes images [N, C, H, W], got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"patchify takes uint8 pixel bytes (0..255), got dtype {images.dtype}")
+    n, c, hgt, wid = images.shape
+    p = patch_size
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1 or hgt % p or wid % p:
+        raise ValueError(f"patch_size {p!r} must be a positive int dividing the image size {hgt}x{wid}")
+    gh, gw = hgt // p, wid // p
+    x = images.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * p * p)
+    return torch.cat([x.new_zeros(n, 1, c * p * p), x], dim=1)
+
+
+class PatchEmbeddings(nn.Module):
+    """ViT embeddings of `patchify`d uint8 input [b, 1 + P, C*p*p] -> [b, 1 + P, d].
+
+    Bytes / 255, normalised per channel ((x - mean) / std; `mean` / `std` are buffers of length
+    C*p*p, derived from the config and not saved), the patch projection (`projection`, HF's Conv2d
+    weight viewed [d, C*p*p]) on rows 1..P, the CLS token (`cls` [d]) in row 0, plus the learned
+    position embeddings (`position` [1 + P, d]), then dropout.
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+        self.cfg_shape = (1 + cfg.num_patches, cfg.patch_dim)
+        self.projection = nn.Linear(cfg.patch_dim, d)
+        self.cls = nn.Parameter(torch.zeros(d))
+        self.position = nn.Parameter(torch.zeros(1 + cfg.num_patches, d))
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        per_value = lambda v: torch.tensor(v, dtype=torch.float32).repeat_interleave(p * p)  # noqa: E731
+        self.register_buffer("mean", per_value(cfg.image_mean), persistent=False)  # [C*p*p]
+        self.register_buffer("std", per_value(cfg.image_std), persistent=False)
+        self.num_channels, self.patch_size = c, p
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if token_type_ids is not None:
+            raise ValueError("a vision encoder has no token types; pass token_type_ids=None")
+        if input_ids.dim() != 3 or tuple(input_ids.shape[1:]) != self.cfg_shape:
+            n, v = self.cfg_shape
+            raise ValueError(
+                f"this vision encoder takes patchified images [batch, {n}, {v}] (1 + patches, channels x "
+                f"{self.patch_size} x {self.patch_size}; adaptinf.backbone.patchify), "
+                f"got shape {tuple(input_ids.shape)}"
+            )
+        if input_ids.dtype != torch.uint8:
+            raise ValueError(f"a vision encoder takes uint8 pixel bytes (0..255), got dtype {input_ids.dtype}")
+        b = input_ids.shape[0]
+        x = input_ids[:, 1:].to(self.position.dtype).div_(255).sub_(self.mean).div_(self.std)  # [b, P, C*p*p]
+        e = self.projection(x)  # [b, P, d]
+        h = torch.cat([self.cls.to(e.dtype).expand(b, 1, -1), e], dim=1) + self.position  # [b, 1 + P, d]
+        return self.dropout(h)
+
+
 class Embeddings(nn.Module):
     """Token + position (+ token type) embeddings, LayerNorm, dropout, and (ELECTRA) a projection to d.
 
@@ -293,8 +432,22 @@ class Embeddings(nn.Module):
         return h if self.project is None else self.project(h)  # [b, s, d]
 
 
+def _sublayer_input(module: nn.Module, h: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    if not module.pre_norm:
+        return h
+    return (module.norm if norm is None else norm)(h)
+
+
+def _sublayer_residual(module: nn.Module, h: torch.Tensor, delta: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    if module.pre_norm:
+        return h + module.dropout(delta)
+    return (module.norm if norm is None else norm)(h + module.dropout(delta))
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a post-LayerNorm residual."""
+    """Multi-head self-attention with a residual: post-LayerNorm (BERT: norm(h + out(attend(h)))) or
+    pre-LayerNorm (ViT: h + out(attend(norm(h)))). `inp` / `residual` place the norm, so code that
+    runs a block in pieces (the methods) works for both."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -308,6 +461,16 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.attn_dropout = cfg.attention_probs_dropout_prob
+        self.pre_norm = cfg.pre_norm
+
+    def inp(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The input q/k/v are computed from: pre-LN (norm or self.norm)(h); post-LN h itself."""
+        return _sublayer_input(self, h, norm)
+
+    def residual(self, h: torch.Tensor, delta: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The block's output from its input h and the output projection's result `delta`:
+        post-LN (norm or self.norm)(h + dropout(delta)); pre-LN h + dropout(delta)."""
+        return _sublayer_residual(self, h, delta, norm)
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor | Layout) -> torch.Tensor:
         """h [b, s, d] with a bias [b, 1, 1, s] or a Layout (then computed on real tokens only), or
@@ -316,12 +479,14 @@ class Attention(nn.Module):
 
     def _forward(self, h: torch.Tensor, bias: torch.Tensor | Layout) -> torch.Tensor:
         p = self.attn_dropout if self.training else 0.0
-        a = attend(self.q(h), self.k(h), self.v(h), bias, self.n_heads, p)
-        return self.norm(h + self.dropout(self.out(a)))
+        x = self.inp(h)
+        a = attend(self.q(x), self.k(x), self.v(x), bias, self.n_heads, p)
+        return self.residual(h, self.out(a))
 
 
 class FeedForward(nn.Module):
-    """d -> intermediate (GELU, erf form) -> d, post-LayerNorm residual."""
+    """d -> intermediate (GELU, erf form) -> d with a post-LayerNorm (BERT) or pre-LayerNorm (ViT)
+    residual; `inp` / `residual` as in `Attention`."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -329,9 +494,18 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.pre_norm = cfg.pre_norm
+
+    def inp(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The input `up` is applied to: pre-LN (norm or self.norm)(h); post-LN h itself."""
+        return _sublayer_input(self, h, norm)
+
+    def residual(self, h: torch.Tensor, delta: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """post-LN (norm or self.norm)(h + dropout(delta)); pre-LN h + dropout(delta)."""
+        return _sublayer_residual(self, h, delta, norm)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h + self.dropout(self.down(F.gelu(self.up(h)))))
+        return self.residual(h, self.down(F.gelu(self.up(self.inp(h)))))
 
 
 class Block(nn.Module):
@@ -359,15 +533,35 @@ class Pooler(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Embeddings, a stack of blocks and the pooler, runnable block by block."""
+    """Embeddings, a stack of blocks and the pooler, runnable block by block.
+
+    Text (BERT family): `Embeddings`, post-LN blocks, `Pooler`. Vision (cfg.image_size > 0):
+    `PatchEmbeddings`; with cfg.pre_norm a `final_norm` LayerNorm (else None); `pooler` is None when
+    cfg.pooler is False."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.embeddings = Embeddings(cfg)
+        self.embeddings = PatchEmbeddings(cfg) if cfg.is_vision else Embeddings(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.pooler = Pooler(cfg)
-        self.apply(self._init_weights)
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
+        self.pooler = Pooler(cfg) if cfg.pooler else None
+        self.apply(self._init_vit_weights if cfg.is_vision else self._init_weights)
+
+    @staticmethod
+    def _init_vit_weights(m: nn.Module) -> None:
+        # ViT's initialisation (as transformers' ViTModel): truncated normal std 0.02 for the Linears,
+        # the CLS token and the positions; zero biases; LayerNorms 1 / 0
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbeddings):
+            nn.init.trunc_normal_(m.cls, std=0.02)
+            nn.init.trunc_normal_(m.position, std=0.02)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -387,6 +581,7 @@ class Encoder(nn.Module):
         return len(self.blocks)
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [b, s] (text) or patchified uint8 images [b, 1 + P, C*p*p] (vision) -> h [b, s, d]."""
         return self.embeddings(input_ids, token_type_ids)
 
     def run_blocks(self, h: torch.Tensor, bias: torch.Tensor | Layout, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -406,7 +601,17 @@ class Encoder(nn.Module):
         return packed_run(blocks, h, bias)
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
-        return self.pooler(h)
+        """h [b, s, d] (the blocks' output) -> [b, d]: the first (CLS) row, after the final LayerNorm
+        (pre-LN), through the pooler (cfg.pooler; BERT's tanh(Linear)) or as it is."""
+        if self.final_norm is None and self.cfg.pooler:
+            return self.pooler(h)
+        x = h[:, 0] if self.final_norm is None else self.final_norm(h[:, 0])
+        return torch.tanh(self.pooler.dense(x)) if self.cfg.pooler else x
+
+    def last_state(self, h: torch.Tensor) -> torch.Tensor:
+        """The encoder's last hidden state from the blocks' output: final_norm(h) (pre-LN, as
+        transformers' ViTModel returns it), else h."""
+        return h if self.final_norm is None else self.final_norm(h)
 
     def forward(
         self,
@@ -418,16 +623,17 @@ class Encoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Returns (last hidden state [b, s, d], pooled [b, d], hidden states per layer incl. embeddings).
 
-        `packed` computes on real tokens only (pad rows of the returned states are then 0, not the
-        padded path's values, which nothing reads)."""
+        Pre-LN: the last hidden state is after the final LayerNorm, the per-layer states before it
+        (as transformers' ViTModel). `packed` computes on real tokens only (pad rows of the returned
+        states are then 0, not the padded path's values, which nothing reads)."""
         h = self.embed(input_ids, token_type_ids)
         bias = (token_layout if packed else attention_bias)(attention_mask, h.dtype)
         if not output_hidden_states:  # packed: one pack and one unpack for the whole stack
             h = self.run_blocks(h, bias)
-            return h, self.pool(h), []
+            return self.last_state(h), self.pool(h), []
         states = [h]
         for block in self.blocks:
             h = block(h, bias)
             states.append(h)
-        return h, self.pool(h), states
+        return self.last_state(h), self.pool(h), states
 

@@ -1,4 +1,6 @@
-"""Saved models: a directory with `config.json` (versioned), `model.safetensors` and the tokenizer.
+"""Saved models: a directory with `config.json` (versioned), `model.safetensors` and the tokenizer
+(a text model: Hugging Face's tokenizer files) or the image processor (a vision model:
+`preprocessor_config.json`, `adaptinf.images.ImageProcessor`).
 
 Never pickle. This module is the on-disk format only (it knows no method): `save_model`,
 `read_config` and `load_weights` validate the format, version and every tensor's shape, and fail with
@@ -16,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from adaptinf.images import PROCESSOR_FILE, ImageProcessor
 from adaptinf.model import AdaptiveClassifier
 from adaptinf.version import __version__
 
@@ -48,7 +51,7 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: 
 
 
 def save_model(model: AdaptiveClassifier, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write `model` (and its tokenizer, if attached) to `directory`; returns the directory."""
+    """Write `model` (and its tokenizer or image processor, if attached) to `directory`; returns the directory."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items()}
@@ -56,9 +59,11 @@ def save_model(model: AdaptiveClassifier, directory: str | os.PathLike, extra: d
     save_tensors_atomic({k: v.clone() for k, v in state.items()}, out / WEIGHTS_FILE, metadata={"format": FORMAT})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(out)
-    else:  # a tokenizer left from an earlier save would be attached to this model on load
-        for name in TOKENIZER_FILES:
-            (out / name).unlink(missing_ok=True)
+    # a tokenizer or processor left from an earlier save would be attached to this model on load
+    vision = isinstance(model.tokenizer, ImageProcessor)
+    stale = (TOKENIZER_FILES if model.tokenizer is None or vision else ()) + (() if vision else (PROCESSOR_FILE,))
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
     write_json_atomic(
         out / CONFIG_FILE,
         {

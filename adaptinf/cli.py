@@ -18,7 +18,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings, TrainConfig
+from adaptinf.settings import (DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_VISION_MODEL, IMAGE_TASKS, TaskSettings, TrainConfig,
+                               default_model, is_image_data)
 
 
 # --- shared helpers -----------------------------------------------------------------------------------
@@ -38,7 +39,9 @@ def _add_data_args(p: argparse.ArgumentParser, default_data: str | None = DEFAUL
     """--data and its columns and seed; without `default_data` they default to the task recorded in `recorded_in`."""
     task = TaskSettings()
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=default_data, help=f"built-in task name ({DEFAULT_DATA}) or a .csv/.tsv/.jsonl file"
+    g.add_argument("--data", "--task", dest="data", default=default_data,
+                   help=f"built-in task name ({DEFAULT_DATA}, {', '.join(IMAGE_TASKS)}), a .csv/.tsv/.jsonl file, or a "
+                   "folder of images with one sub-folder per class (DIR/<class>/*.png); --task is the same flag"
                    + ("" if default_data else f" (default: the task recorded in {recorded_in})"))
     g.add_argument("--text-column", default=None, help=f"text column of a user file (default: {task.text_column})")
     g.add_argument("--label-column", default=None, help=f"label column of a user file (default: {task.label_column})")
@@ -62,10 +65,11 @@ def _recorded_task(model_dir: str) -> dict | None:
     return recorded_task(model_dir)
 
 
-def _load_task(settings: TaskSettings, labels=None):
-    from adaptinf.steps import load_task
+def _load_task(settings: TaskSettings, labels=None, model=None):
+    """The task; an image folder's images at `model`'s image size when given."""
+    from adaptinf.steps import load_task, model_image_size
 
-    return load_task(settings, labels=labels)
+    return load_task(settings, labels=labels, image_size=None if model is None else model_image_size(model))
 
 
 def _encode_split(model, task, split: str, max_samples: int | None, seed: int):
@@ -162,15 +166,17 @@ def cmd_finetune(args) -> int:
     """fine-tune the dense baseline on a task
 
     Fine-tune a Hugging Face BERT-family checkpoint (or the built-in MiniLM-L6) on a classification
-    task. Resumable: rerun the same command after an interruption. Runs unchanged under `torchrun
-    --nproc_per_node=N` (DDP, gloo on CPU).
+    task, or a vision model (a Hugging Face ViT, or the built-in vit-tiny, trained from scratch) on an
+    image task. Resumable: rerun the same command after an interruption. Runs unchanged under
+    `torchrun --nproc_per_node=N` (DDP, gloo on CPU).
     """
     from adaptinf.steps import finetune_dense
 
-    _check_pretrained(args.model, "finetune")
-    _set_threads(args.threads)
     settings = _task_settings(args)
-    finetune_dense(args.model, settings, _train_config(args, settings.seed), args.out, max_length=args.max_length,
+    model = args.model or default_model(settings.data)
+    _check_pretrained(model, "finetune")
+    _set_threads(args.threads)
+    finetune_dense(model, settings, _train_config(args, settings.seed), args.out, max_length=args.max_length,
                    max_train_samples=args.max_train_samples, classifier_dropout=args.classifier_dropout,
                    progress=not args.no_progress, restart=args.restart)
     return 0
@@ -270,7 +276,7 @@ def cmd_evaluate(args) -> int:
     splits = ["validation", "test"] if args.split == "both" else [args.split]
     first = models[0][1]
     settings = _task_settings(args, _recorded_task(models[0][0]))
-    task = _load_task(settings, labels=first.spec.labels)
+    task = _load_task(settings, labels=first.spec.labels, model=first)
     points = []
     for d, model in models:
         if model.spec.labels != first.spec.labels:
@@ -340,7 +346,7 @@ def cmd_bench(args) -> int:
     models = [(d, load_model(d)) for d, _ in specs]
     ref_dir, ref = models[0]
     settings = _task_settings(args, _recorded_task(ref_dir))
-    task = _load_task(settings, labels=ref.spec.labels)
+    task = _load_task(settings, labels=ref.spec.labels, model=ref)
     enc = _encode_split(ref, task, "test", None, settings.seed)
     batches = {b: make_batches(enc, b, max(1, args.samples // b), settings.seed) for b in sizes}
     cases = {}
@@ -427,10 +433,14 @@ def cmd_run(args) -> int:
     if args.model is not None:
         _check_pretrained(args.model, "run")
     _set_threads(args.threads)
-    cfg = resolve(args.preset, methods=args.methods, model=args.model, data=args.data, text_column=args.text_column,
+    kwargs = dict(methods=args.methods, data=args.data, text_column=args.text_column,
                   label_column=args.label_column, group_column=args.group_column, seed=args.seed,
                   max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
                   epochs=args.epochs)
+    cfg = resolve(args.preset, model=args.model, **kwargs)
+    if args.model is None and cfg.model == DEFAULT_MODEL and is_image_data(cfg.task.data):
+        # an image task with the preset's default text model: the default vision model instead
+        cfg = resolve(args.preset, model=DEFAULT_VISION_MODEL, **kwargs)
     result = run(cfg, args.out, progress=not args.no_progress, restart=args.restart)
     print(f"report: {result.report}")
     if result.failed:
@@ -462,12 +472,16 @@ def cmd_select(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    """predict a file of texts with a saved model (streaming, JSON lines out)
+    """predict a file of texts (or images) with a saved model (streaming, JSON lines out)
 
     Read a .txt (one text per line), .csv/.tsv or .jsonl file in chunks and write one JSON line per row
     to --output (line, label, label_id, confidence, gflops, compute, truncated, error), flushed after
     every chunk. Empty texts, bytes that are not UTF-8 and bad JSON rows get an error record; texts
-    longer than the model's max length are truncated and flagged.
+    longer than the model's max length are truncated and flagged. A vision model predicts images:
+    --input is an image file, a folder of images (every image under it, sorted by path) or a file
+    listing image paths (.txt one per line, or --image-column of a .csv/.jsonl; relative paths from
+    the list's folder); records also carry "image" (the path), and an unreadable image gets an error
+    record.
     """
     import warnings
 
@@ -478,6 +492,10 @@ def cmd_predict(args) -> int:
     model = load_model(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files (tokenizer.json); re-save it with adaptinf")
+    from adaptinf.predict import is_vision
+
+    if not is_vision(model) and args.image_column is not None:
+        raise ValueError(f"--image-column is for vision models; {args.model} is a text model (use --text-column)")
     if args.quantize != "none":
         from adaptinf.quantize import quantize
 
@@ -486,7 +504,7 @@ def cmd_predict(args) -> int:
         warnings.simplefilter("always")
         counts = predict_file(model, args.input, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
                               text_column=args.text_column, id_column=args.id_column, progress=not args.no_progress,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, image_column=args.image_column or "image")
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"{counts['written']} records written to {counts['output']}: {counts['predicted']} predictions, "
@@ -530,10 +548,11 @@ def _add_train_args(p, title: str, max_length: str):
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in model name or HF checkpoint directory (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"built-in model name or HF checkpoint directory (default: {DEFAULT_MODEL}; "
+                   f"{DEFAULT_VISION_MODEL} for an image task)")
     _add_data_args(p)
     g = _add_train_args(p, "training (rerun the same command to resume)",
-                        max_length="tokens per text; longer texts are truncated")
+                        max_length="tokens per text; longer texts are truncated (an image model takes its patch count + 1)")
     g.add_argument("--classifier-dropout", type=float, default=0.1, help="dropout before the classifier")
     _add_common_args(p, out="output directory (best/, last/, metrics.csv, summary.json)",
                      restart="discard a previous run in --out instead of resuming it")
@@ -651,11 +670,14 @@ def _select_args(p: argparse.ArgumentParser) -> None:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_DIR", help="a saved model directory (e.g. from `adaptinf select`)")
-    p.add_argument("--input", required=True, help="input file: .txt, .csv, .tsv or .jsonl")
+    p.add_argument("--input", required=True, help="input file: .txt, .csv, .tsv or .jsonl; for a vision model an "
+                   "image file, a folder of images, or such a file listing image paths")
     p.add_argument("--output", required=True, help="output .jsonl file")
     p.add_argument("--text-column", default="text", help="text column (.csv/.tsv) or field (.jsonl)")
+    p.add_argument("--image-column", default=None,
+                   help="vision models: the image path column (.csv/.tsv) or field (.jsonl) of a list file (default: image)")
     p.add_argument("--id-column", default=None, help="a column/field copied into each record as id")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--batch-size", type=int, default=32, help="texts (or images) per forward pass")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows read, predicted and written at a time")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     _quantize_arg(p, "serve the model quantised: int8 (dynamic int8 Linear) or bf16 (where the CPU has it)")

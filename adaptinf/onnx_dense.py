@@ -98,27 +98,38 @@ def _quiet(logger: str, drop: str | None = None) -> Iterator[None]:
 def export_dense(model: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Path:
     """Export a dense classifier (a `DenseClassifier`, fp32) to one .onnx file at `path`; returns it.
 
-    Inputs `input_ids`, `attention_mask` int64 [batch, seq] with both axes dynamic (seq 1 up to the
+    A vision encoder's graph takes uint8 `input_ids` [batch, 1 + P, C*p*p] and an int64 mask
+    [batch, 1 + P], batch dynamic. Text: inputs `input_ids`, `attention_mask` int64 [batch, seq] with both axes dynamic (seq 1 up to the
     encoder's position table), output `logits` [batch, num_labels]; the weights are stored in the
     file (no external data). Traced in eval mode on the padded path; the model's mode and `packed`
     flags are left as they were.
     """
     path = Path(path)
     enc = model.spec.encoder
-    s = min(8, enc.max_positions)  # example shape: not 0 or 1, which torch.export would specialise
-    if s < 2:
-        raise ValueError(f"cannot export an encoder of {enc.max_positions} positions: dynamic axes need at least 2")
     dev = next(model.parameters()).device
-    ids = torch.arange(1, 1 + 2 * s, device=dev).remainder(enc.vocab_size).view(2, s)
-    mask = torch.ones(2, s, dtype=torch.int64, device=dev)
-    mask[1, s // 2 :] = 0
-    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=enc.max_positions)}
+    if enc.is_vision:  # patchified uint8 images [batch, 1 + P, C*p*p]: only the batch axis varies
+        s = enc.max_positions
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 256, (2, s, enc.patch_dim), generator=g, dtype=torch.uint8).to(dev)
+        ids[:, 0] = 0
+        mask = torch.ones(2, s, dtype=torch.int64, device=dev)
+        batch = torch.export.Dim("batch")
+        shapes = {"input_ids": {0: batch}, "attention_mask": {0: batch}}
+    else:
+        s = min(8, enc.max_positions)  # example shape: not 0 or 1, which torch.export would specialise
+        if s < 2:
+            raise ValueError(f"cannot export an encoder of {enc.max_positions} positions: dynamic axes need at least 2")
+        ids = torch.arange(1, 1 + 2 * s, device=dev).remainder(enc.vocab_size).view(2, s)
+        mask = torch.ones(2, s, dtype=torch.int64, device=dev)
+        mask[1, s // 2 :] = 0
+        axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=enc.max_positions)}
+        shapes = {name: axes for name in INPUTS}
     path.parent.mkdir(parents=True, exist_ok=True)
     with _padded_eval(model), torch.no_grad(), warnings.catch_warnings(), \
             _quiet("torch.onnx._internal.exporter._registration"):  # 'torchvision is not installed'
         warnings.simplefilter("ignore")  # exporter chatter: deprecations, axis renames
         program = torch.onnx.export(_Logits(model), (ids, mask), input_names=list(INPUTS), output_names=[OUTPUT],
-                                    dynamic_shapes={name: axes for name in INPUTS}, opset_version=opset,
+                                    dynamic_shapes=shapes, opset_version=opset,
                                     dynamo=True, verbose=False)
     program.save(str(path), external_data=False)
     return path
@@ -178,8 +189,10 @@ class OrtDense:
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [b, num_labels] (float32, on the CPU) for token ids and mask [b, s]."""
-        feed = {name: np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.int64)
-                for name, t in zip(INPUTS, (input_ids, attention_mask))}
+        # token ids int64; a vision model's patchified pixels stay uint8 (the graph's input type)
+        ids_type = np.uint8 if input_ids.dtype == torch.uint8 else np.int64
+        feed = {name: np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dt)
+                for name, t, dt in zip(INPUTS, (input_ids, attention_mask), (ids_type, np.int64))}
         return torch.from_numpy(self.session.run([OUTPUT], feed)[0])
 
     def __call__(self, batch: Batch) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """Predictions from a saved model: label, confidence and the compute each sample spent.
 
 `predict_texts(model, texts)` (also `adaptinf.load(path).predict(texts)`) returns one `Prediction`
-per text, in order. The compute a sample spent comes from the forward's per-sample extras (early
+per text, in order; `predict_images(model, paths)` the same for a vision model's image files (or
+a uint8 image tensor [N, C, H, W]). The compute a sample spent comes from the forward's per-sample extras (early
 exit: `exit` position and `exit_layer`; SHARCS: `width_pct`; ACM: `executed_fraction` and
 `mean_k`, the learners per token; any method: every per-sample tensor it returns) and its analytic
 GFLOPs. A model saved by `adaptinf select` runs at its fixed knob.
 
-`predict_file` streams a .txt (one text per line), .csv/.tsv or .jsonl file in chunks and writes one
+`predict_file` streams a .txt (one text per line), .csv/.tsv or .jsonl file in chunks (for a vision
+model: an image file, a folder of images, or such a file listing image paths) and writes one
 JSON line per input row as it goes (one write and flush per chunk), so an interruption keeps everything
 written so far. Rows that cannot be predicted (empty text, bytes that are not UTF-8, bad JSON, a
 missing field) get an error record instead of stopping the run; texts longer than the model's
@@ -91,17 +93,25 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def is_vision(model) -> bool:
+    """Whether the model takes images (its tokenizer is an `adaptinf.images.ImageProcessor`)."""
+    from adaptinf.images import ImageProcessor
+
+    return isinstance(model.tokenizer, ImageProcessor)
+
+
 def predict_texts(model, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> list[Prediction]:
     """Predict every text (in order). Empty or non-string entries get a Prediction with `error` set."""
-    from tqdm.auto import tqdm
-
-    from adaptinf.data import Encoded, eval_batches
+    from adaptinf.data import Encoded
 
     if isinstance(texts, str):
         raise ValueError("predict takes a list of texts; wrap a single text in a list")
     _check_positive("batch_size", batch_size)
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer attached (load it with adaptinf.load from a saved directory)")
+    if is_vision(model):
+        raise ValueError("the model is a vision model: it predicts images, not texts (predict_images with image "
+                         "files; `adaptinf predict MODEL --input IMAGE|FOLDER|LIST.txt`)")
     texts = list(texts)
     results: list[Prediction | None] = [None] * len(texts)
     todo, todo_texts, cut = [], [], []
@@ -121,29 +131,74 @@ def predict_texts(model, texts: Sequence[str], batch_size: int = 32, progress: b
         ids = [x if len(x) <= max_len else x[: max_len - 1] + [x[-1]] for x in full]  # keep [SEP]
         truncated = [c or len(x) > max_len for c, x in zip(cut, full)]
         enc = Encoded(ids, torch.full((len(ids),), -1, dtype=torch.int64))
-        pad_id = model.spec.encoder.pad_token_id
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                batches = eval_batches(enc, batch_size, pad_id=pad_id, sort_by_length=True)
-                for batch in tqdm(batches, total=math.ceil(len(enc) / batch_size), desc="predict", disable=not progress,
-                                  leave=False):
-                    out = model(batch.input_ids.to(device), batch.attention_mask.to(device))
-                    probs = out.logits.float().softmax(dim=-1).cpu()  # [b, C]
-                    conf, pred = probs.max(dim=-1)
-                    b = batch.index.shape[0]
-                    comp = _per_sample_compute(model, out.extras, b, batch.attention_mask)
-                    gflops = (out.flops.detach().to(torch.float64).cpu() / 1e9).tolist()
-                    for r, j in enumerate(batch.index.tolist()):
-                        k = int(pred[r])
-                        results[todo[j]] = Prediction(
-                            label=model.spec.labels[k], label_id=k, confidence=round(float(conf[r]), 6),
-                            gflops=round(gflops[r], 6), compute={key: vals[r] for key, vals in comp.items()},
-                            truncated=truncated[j])
-        finally:
-            model.train(was_training)
+        for j, p in enumerate(_predict_encoded(model, enc, batch_size, progress)):
+            p.truncated = truncated[j]
+            results[todo[j]] = p
+    return results  # type: ignore[return-value]
+
+
+def predict_images(model, images: Sequence[str | os.PathLike] | torch.Tensor, batch_size: int = 32,
+                   progress: bool = False) -> list[Prediction]:
+    """Predict every image (in order): image files (an unreadable one gets a Prediction with `error`
+    set) or a uint8 tensor [N, C, H, W]; converted and resized to the model's images."""
+    from adaptinf.data import Encoded
+
+    if isinstance(images, (str, os.PathLike)):
+        raise ValueError("predict_images takes a list of image paths; wrap a single path in a list")
+    _check_positive("batch_size", batch_size)
+    if not is_vision(model):
+        raise ValueError("the model is a text model: it predicts texts, not images (fine-tune a vision model, e.g. "
+                         "--model vit-tiny, on an image task)")
+    processor = model.tokenizer
+    if isinstance(images, torch.Tensor):
+        pixels, results, todo = processor.conform(images), [None] * len(images), list(range(len(images)))
+    else:
+        results, todo, loaded = [None] * len(images), [], []
+        for i, path in enumerate(images):
+            try:
+                if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+                    raise ValueError(f"not an image path ({path!r})")
+                loaded.append(processor.load_image(path))
+                todo.append(i)
+            except ValueError as e:
+                results[i] = Prediction(None, None, None, None, error=str(e))
+        pixels = torch.stack(loaded) if loaded else None
+    if todo:
+        enc = Encoded(processor.encode(pixels), torch.full((len(todo),), -1, dtype=torch.int64))
+        for j, p in enumerate(_predict_encoded(model, enc, batch_size, progress)):
+            results[todo[j]] = p
+    return results  # type: ignore[return-value]
+
+
+def _predict_encoded(model, enc, batch_size: int, progress: bool) -> list[Prediction]:
+    """One Prediction per sample of `enc`, in order (batched by length; the model in eval mode)."""
+    from tqdm.auto import tqdm
+
+    from adaptinf.data import eval_batches
+
+    results: list[Prediction | None] = [None] * len(enc)
+    pad_id = model.spec.encoder.pad_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            batches = eval_batches(enc, batch_size, pad_id=pad_id, sort_by_length=True)
+            for batch in tqdm(batches, total=math.ceil(len(enc) / batch_size), desc="predict", disable=not progress,
+                              leave=False):
+                out = model(batch.input_ids.to(device), batch.attention_mask.to(device))
+                probs = out.logits.float().softmax(dim=-1).cpu()  # [b, C]
+                conf, pred = probs.max(dim=-1)
+                b = batch.index.shape[0]
+                comp = _per_sample_compute(model, out.extras, b, batch.attention_mask)
+                gflops = (out.flops.detach().to(torch.float64).cpu() / 1e9).tolist()
+                for r, j in enumerate(batch.index.tolist()):
+                    k = int(pred[r])
+                    results[j] = Prediction(
+                        label=model.spec.labels[k], label_id=k, confidence=round(float(conf[r]), 6),
+                        gflops=round(gflops[r], 6), compute={key: vals[r] for key, vals in comp.items()})
+    finally:
+        model.train(was_training)
     return results  # type: ignore[return-value]
 
 
@@ -266,6 +321,65 @@ def _csv_rows(p: Path, text_column: str, id_column: str | None, delimiter: str) 
             yield Row(n, text, rid)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    from adaptinf.settings import IMAGE_SUFFIXES
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    if not files:
+        raise ValueError(f"{folder} holds no image files (.png, .jpg, .jpeg, .bmp, .gif, .webp)")
+    return files
+
+
+def read_image_rows(path: str | Path, image_column: str = "image", id_column: str | None = None) -> Iterator[Row]:
+    """The images a vision model predicts, one Row per image (its path as `text`): an image file, every
+    image under a folder (sorted by path), or a .txt (one path per line) / .csv / .tsv / .jsonl
+    (`image_column`) file listing paths, relative paths taken from the list file's folder."""
+    from adaptinf.settings import IMAGE_SUFFIXES
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"input {p} does not exist")
+    if p.is_dir():
+        yield from (Row(n, str(f)) for n, f in enumerate(_image_files(p), 1))
+        return
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        yield Row(1, str(p))
+        return
+    for n, row in enumerate(read_rows(p, image_column, id_column)):
+        if row.error is None and row.text.strip():
+            raw = row.text.strip()
+            row.text = str(p.parent / raw)  # an absolute path stays as it is
+            if n == 0 and not Path(row.text).exists() and Path(raw).suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"the model is a vision model and {p} lists texts, not image paths (line {row.line}: "
+                                 f"{raw[:40]!r}); give an image, a folder of images, or a file of image paths")
+        yield row
+
+
+def _scan_images(p: Path) -> tuple[int, dict]:
+    """An image folder's or image file's count and what identifies its content (the relative paths,
+    sizes and modification times of its images)."""
+    files = _image_files(p) if p.is_dir() else [p]
+    h, size = hashlib.sha256(), 0
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        size += st.st_size
+    return len(files), {"path": str(p.resolve()), "size": size, "sha256": h.hexdigest()}
+
+
+def _input_source(model, inp: Path, text_column: str, image_column: str, id_column: str | None):
+    """(a function giving the input's rows, the resume settings particular to the model's kind)."""
+    from adaptinf.settings import IMAGE_SUFFIXES
+
+    if is_vision(model):
+        return (lambda: read_image_rows(inp, image_column, id_column)), {"image_column": image_column}
+    if inp.is_dir() or inp.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"the model is a text model and --input {inp} is {'a folder' if inp.is_dir() else 'an image'}; "
+                         "give a .txt, .csv, .tsv or .jsonl file of texts")
+    return (lambda: read_rows(inp, text_column, id_column)), {}
+
+
 # --- predict_file: safe output, resume ----------------------------------------------------------------
 
 STATE_SUFFIX = ".partial.json"  # <output>.partial.json: the resume state, present while the output is partial
@@ -354,6 +468,12 @@ def _write_state(p: Path, job: dict) -> None:
         raise ValueError(f"cannot write {p}, the resume state of the output ({e.strerror or e})") from None
 
 
+def _image_suffixes() -> tuple[str, ...]:
+    from adaptinf.settings import IMAGE_SUFFIXES
+
+    return IMAGE_SUFFIXES
+
+
 def _check_paths(inp: Path, outp: Path) -> None:
     """The output (and its resume state) is not the input, not a folder, and its folder can be made."""
     for p in (outp, state_path(outp)):
@@ -432,15 +552,18 @@ def _chunks(rows: Iterator[Row], size: int, skip: int) -> Iterator[tuple[int, li
 
 
 def _chunk_records(model, chunk: list[Row], batch_size: int, id_column: str | None) -> list[dict]:
-    """One output record per row of the chunk, in order."""
+    """One output record per row of the chunk, in order (a vision model's records name their image)."""
     ok = [r for r in chunk if r.error is None]
-    preds = iter(predict_texts(model, [r.text for r in ok], batch_size=batch_size) if ok else [])
+    vision = is_vision(model)
+    predict = predict_images if vision else predict_texts
+    preds = iter(predict(model, [r.text for r in ok], batch_size=batch_size) if ok else [])
     records = []
     for r in chunk:
         p = next(preds) if r.error is None else Prediction(None, None, None, None, error=r.error)
         if p.error and r.error is None:  # e.g. an empty text
             p.error = f"line {r.line}: {p.error}"
-        records.append({"line": r.line, **({"id": r.id} if id_column else {}), **p.to_dict()})
+        image = {"image": r.text} if vision else {}
+        records.append({"line": r.line, **image, **({"id": r.id} if id_column else {}), **p.to_dict()})
     return records
 
 
@@ -477,9 +600,11 @@ def predict_file(
     progress: bool = True,
     overwrite: bool = False,
     model_dir: str | Path | None = None,
+    image_column: str = "image",
 ) -> dict:
     """Predict every row of `input_path` into `output_path` (JSON lines, one per input row, in order),
-    chunk by chunk, flushing after each chunk. While the output is partial, `<output>.partial.json`
+    chunk by chunk, flushing after each chunk. For a vision model the input is an image file, a folder
+    of images or a file listing image paths (`read_image_rows`; `image_column` in a .csv/.jsonl). While the output is partial, `<output>.partial.json`
     says which job it belongs to; rerunning the same job resumes it, to the output one uninterrupted
     run writes. Returns counts (written, predicted, errors, truncated; resumed: records kept from before).
     `model_dir` is only recorded in the resume state (the model is identified by its weights)."""
@@ -488,15 +613,18 @@ def predict_file(
     inp, outp = Path(input_path), Path(output_path)
     _check_positive("batch_size", batch_size)
     _check_positive("chunk_size", chunk_size)
-    rows = read_rows(inp, text_column, id_column)
+    reader, kind_settings = _input_source(model, inp, text_column, image_column, id_column)
+    rows = reader()
     first = next(rows, None)  # a missing file, a compressed one or a CSV without the column fails before any output
     _check_paths(inp, outp)
     if outp.exists() and not state_path(outp).exists() and not overwrite:
         raise ValueError(f"{outp} exists; pass --overwrite to replace it, or choose another --output")
-    lines, input_id = _scan_input(inp)
-    settings = {"batch_size": batch_size, "chunk_size": chunk_size, "text_column": text_column, "id_column": id_column}
+    images = is_vision(model) and (inp.is_dir() or inp.suffix.lower() in _image_suffixes())
+    lines, input_id = _scan_images(inp) if images else _scan_input(inp)
+    settings = {"batch_size": batch_size, "chunk_size": chunk_size, "text_column": text_column, "id_column": id_column,
+                **kind_settings}
     job = _job(model, model_dir, input_id, settings)
-    counts = _start_output(outp, job, overwrite, lambda: read_rows(inp, text_column, id_column))
+    counts = _start_output(outp, job, overwrite, reader)
     done = counts["written"]
     total = max(0, lines - (1 if inp.suffix.lower() in (".csv", ".tsv") else 0))
     bar = tqdm(total=total, initial=done, desc=f"predict {inp.name}", unit="row", disable=not progress)

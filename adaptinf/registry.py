@@ -75,7 +75,9 @@ def needs_training(name: str) -> bool:
 
 
 def load_model(directory: str | os.PathLike, expect_method: str | None = None, with_tokenizer: bool = True) -> AdaptiveClassifier:
-    """Rebuild a saved model without re-running conversion; the tokenizer is attached when present."""
+    """Rebuild a saved model without re-running conversion; the tokenizer is attached when present.
+    A vision model gets its image processor (`preprocessor_config.json`, checked against the model's
+    image and patch size and channels; made from them when the file is absent)."""
     d = Path(directory)
     cfg = read_config(d)
     if expect_method is not None and cfg["method"] != expect_method:
@@ -85,8 +87,26 @@ def load_model(directory: str | os.PathLike, expect_method: str | None = None, w
     load_weights(model, d, cfg["method"])
     model.set_knob(cfg.get("knob"))
     model.eval()
-    if with_tokenizer and (d / "tokenizer.json").is_file():
+    if not with_tokenizer:
+        return model
+    if getattr(model.spec.encoder, "image_size", 0):  # a vision model: never a stale text tokenizer
+        model.tokenizer = _image_processor(d, model.spec.encoder)
+    elif (d / "tokenizer.json").is_file():
         from adaptinf.hf import load_tokenizer
 
         model.tokenizer = load_tokenizer(d)
     return model
+
+
+def _image_processor(d: Path, cfg):
+    """The processor saved in `d`, which must fit the encoder config `cfg`; made from `cfg` when absent."""
+    from adaptinf.images import PROCESSOR_FILE, ImageProcessor
+
+    want = ImageProcessor.for_encoder(cfg)
+    if not (d / PROCESSOR_FILE).is_file():
+        return want
+    saved = ImageProcessor.from_pretrained(d)
+    if saved != want:
+        raise ValueError(f"{d / PROCESSOR_FILE} ({saved.describe()}) does not fit the model ({want.describe()}); "
+                         f"the checkpoint is inconsistent: delete {PROCESSOR_FILE} or re-save the model")
+    return saved

@@ -196,13 +196,24 @@ class _Job:
         return output, info
 
 
+def _folder_image_size(cfg: RunConfig) -> int | None:
+    """The size an image folder's images are resized to: the model's image size (None otherwise)."""
+    from adaptinf.settings import BUILTIN_TASK_NAMES, is_image_data
+
+    if cfg.task.data in BUILTIN_TASK_NAMES or not is_image_data(cfg.task.data):
+        return None
+    from adaptinf.hf import load_encoder
+
+    return load_encoder(cfg.model)[0].cfg.image_size or None
+
+
 def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = False) -> RunResult:
     """Run (or resume) the whole job for `cfg` into `out`; see the module docstring."""
     from adaptinf.evaluate import add_reductions, read_points
     from adaptinf.steps import load_task
 
     out = _prepare(cfg, out)
-    task = load_task(cfg.task)  # bad files, columns and labels fail here, before any training
+    task = load_task(cfg.task, image_size=_folder_image_size(cfg))  # bad files, columns and labels fail here
     _say(f"{task.summary()}; preset {cfg.preset!r}; methods: {', '.join(m.name for m in cfg.methods) or 'none'}")
     job = _Job(cfg, out, progress, restart, task)
     dense_key = _dense_stage(job)

@@ -10,9 +10,54 @@ import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 DEFAULT_MODEL = "minilm-l6"
 DEFAULT_DATA = "rotten-tomatoes"
+DEFAULT_VISION_MODEL = "vit-tiny"  # the default model of an image task
+IMAGE_TASKS = ("fashion-mnist",)  # built-in image tasks (adaptinf.data.BUILTIN_TASKS has every built-in task)
+BUILTIN_TASK_NAMES = (DEFAULT_DATA, *IMAGE_TASKS)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test
+
+
+def check_fractions(fractions) -> None:
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split fractions must be three positive numbers summing to 1, got {list(fractions)}")
+
+
+def is_image_data(data: str) -> bool:
+    """Whether a task (its --data) is made of images: a built-in image task or a folder."""
+    return data in IMAGE_TASKS or (data not in BUILTIN_TASK_NAMES and os.path.isdir(data))
+
+
+def default_model(data: str) -> str:
+    """The model a task is fine-tuned from when none is given: vit-tiny for images, else MiniLM-L6."""
+    return DEFAULT_VISION_MODEL if is_image_data(data) else DEFAULT_MODEL
+
+
+def image_folder_files(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """(class name, file) of every image of a folder `DIR/<class name>/*.png|jpg|...`, classes sorted
+    by name and files by name within each; hidden entries are skipped. ValueError for a folder that
+    is not one, has no class sub-folders or only one, or a class folder without images."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        loose = any(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir())
+        raise ValueError(f"{root} has no class sub-folders" + (" (its images lie at the top)" if loose else "")
+                         + f"; an image task is a folder with one sub-folder of images per class: {root}/<class>/*.png")
+    if len(classes) < 2:
+        raise ValueError(f"{root} has one class sub-folder ({classes[0].name!r}); classification needs at least two")
+    out = []
+    for d in classes:
+        files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")
+                       and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"class folder {d} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        out += [(d.name, f) for f in files]
+    return out
 
 
 @dataclass
@@ -33,20 +78,28 @@ class TaskSettings:
             raise ValueError(f"TaskSettings.group_column must be a string or None, got {self.group_column!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TaskSettings.seed must be an integer, got {self.seed!r}")
-        if self.data != DEFAULT_DATA and os.path.exists(self.data):
-            # a file is recorded by its absolute path, so a model evaluated from another folder reads
-            # the same file, not one of the same name there
+        if self.data not in BUILTIN_TASK_NAMES and os.path.exists(self.data):
+            # a file (or image folder) is recorded by its absolute path, so a model evaluated from
+            # another folder reads the same data, not one of the same name there
             self.data = os.path.abspath(self.data)
 
     def data_digest(self) -> str:
         """What the data is, by content: the sha256 of the data file (a file edited in place under the
-        same name gets another digest), or the built-in task's name."""
+        same name gets another digest); of an image folder, the sha256 over its images' relative paths
+        and contents, in the loader's order (a renamed, added, removed or edited image changes it; a
+        copy or a touched file does not); else the built-in task's name."""
+        if self.data in BUILTIN_TASK_NAMES:
+            return self.data
+        if os.path.isdir(self.data):
+            h = hashlib.sha256()
+            for _, f in image_folder_files(self.data):
+                h.update(f"{f.relative_to(self.data).as_posix()}\0{f.stat().st_size}\0".encode())
+                _hash_file(h, f)
+            return "sha256:" + h.hexdigest()
         if not os.path.isfile(self.data):
             return self.data
         h = hashlib.sha256()
-        with open(self.data, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        _hash_file(h, self.data)
         return "sha256:" + h.hexdigest()
 
     def to_dict(self) -> dict:
@@ -56,6 +109,12 @@ class TaskSettings:
     def from_dict(cls, d: dict) -> TaskSettings:
         known = {k: d[k] for k in ("data", "text_column", "label_column", "group_column", "seed") if d.get(k) is not None}
         return cls(**known)
+
+
+def _hash_file(h, path) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
 
 
 def _flag(default, help: str):

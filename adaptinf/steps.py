@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings  # noqa: F401  (re-exported)
+from adaptinf.settings import DEFAULT_DATA, DEFAULT_MODEL, TaskSettings, is_image_data  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from adaptinf.data import Encoded, TaskData
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from adaptinf.settings import TrainConfig
 
 
-def load_task(settings: TaskSettings, labels=None) -> TaskData:
+def load_task(settings: TaskSettings, labels=None, image_size: int | None = None) -> TaskData:
+    """The task of `settings`; an image folder's images are resized to `image_size` (the model's) when given."""
     from adaptinf.data import load_task as _load
 
     data = settings.data
@@ -32,7 +33,25 @@ def load_task(settings: TaskSettings, labels=None) -> TaskData:
         raise ValueError(f"the model at {data.model_dir} was trained on {data}, which does not exist here; "
                          "pass --data FILE")
     return _load(data, settings.text_column, settings.label_column, settings.group_column, settings.seed,
-                 labels=labels)
+                 labels=labels, image_size=image_size)
+
+
+def task_labels(settings: TaskSettings) -> tuple[str, ...]:
+    """The task's label names; an image task's without reading its images."""
+    if settings.data == "fashion-mnist":
+        from adaptinf.images import FASHION_MNIST_LABELS
+
+        return FASHION_MNIST_LABELS
+    if is_image_data(settings.data):
+        from adaptinf.images import folder_labels
+
+        return folder_labels(settings.data)
+    return load_task(settings).labels
+
+
+def model_image_size(model: AdaptiveClassifier) -> int | None:
+    """A vision model's image size (what an image folder is resized to); None for a text model."""
+    return getattr(model.spec.encoder, "image_size", 0) or None
 
 
 def recorded_settings(settings: TaskSettings) -> dict:
@@ -45,6 +64,7 @@ def encode_split(model: AdaptiveClassifier, task: TaskData, split: str, max_samp
 
     if model.tokenizer is None:
         raise ValueError("the model directory has no tokenizer files (tokenizer.json); re-save it with adaptinf")
+    # (a vision model's tokenizer is its ImageProcessor: `encode` takes the split's images then)
     texts, labels = subsample(task.split(split), max_samples, seed)
     return encode(texts, labels, model.tokenizer, model.spec.max_length)
 
@@ -89,7 +109,8 @@ def is_model_dir(path: str | Path) -> bool:
 
 def dense_from_pretrained(model_name: str, labels, max_length: int, classifier_dropout: float, seed: int):
     """A dense classifier with the pretrained encoder of `model_name` (built-in name or HF checkpoint
-    directory), a freshly initialised (seeded) head and its tokenizer: (model, checkpoint path)."""
+    directory), a freshly initialised (seeded) head and its tokenizer: (model, checkpoint path).
+    A vision encoder's input length is its patch count + 1 (`max_length` is not used)."""
     import torch
 
     from adaptinf.hf import load_encoder, load_tokenizer
@@ -99,6 +120,8 @@ def dense_from_pretrained(model_name: str, labels, max_length: int, classifier_d
     if max_length < 2:
         raise ValueError(f"--max-length must be at least 2 ([CLS] and [SEP]), got {max_length}")
     encoder, path = load_encoder(model_name)
+    if getattr(encoder.cfg, "image_size", 0):
+        max_length = encoder.cfg.max_positions  # 1 + patches: every image is that long
     spec = ModelSpec(encoder.cfg, labels, max_length, base_model=str(model_name))
     torch.manual_seed(seed)
     model = DenseClassifier(spec, DenseConfig(classifier_dropout=classifier_dropout))
@@ -120,8 +143,7 @@ def load_source(source: str, task: TaskSettings | None, max_length: int, seed: i
         return dense, recorded_task(source)
     if task is None:
         raise ValueError(f"{source} is a pretrained model: the task must be given")
-    labels = load_task(task).labels
-    dense, _ = dense_from_pretrained(source, labels, max_length, 0.1, seed)
+    dense, _ = dense_from_pretrained(source, task_labels(task), max_length, 0.1, seed)
     return dense, None
 
 
@@ -148,14 +170,17 @@ def finetune_dense(
     from adaptinf.recipes.finetune import dist_info, finetune
 
     rank, _ = dist_info()
-    task = task or load_task(task_settings)
+    if task is None and not is_image_data(task_settings.data):
+        task = load_task(task_settings)
     recorded = recorded_settings(task_settings)  # the digest of the data as read now, before training
-    model, path = dense_from_pretrained(model_name, task.labels, max_length, classifier_dropout, task_settings.seed)
+    labels = task.labels if task is not None else task_labels(task_settings)
+    model, path = dense_from_pretrained(model_name, labels, max_length, classifier_dropout, task_settings.seed)
+    task = task or load_task(task_settings, image_size=model_image_size(model))  # images at the model's size
     tokenizer = model.tokenizer
     train = encode(*subsample(task.train, max_train_samples, task_settings.seed), tokenizer, max_length)
     val = encode(*task.validation, tokenizer, max_length)
     if rank == 0:
-        print(f"{task.summary()}; training on {len(train)} samples; model {model_name} ({path})")
+        print(f"{task.summary()}; training on {len(train)} samples; model {model_name} ({path or 'built-in, initialised from a seed'})")
     # the task is recorded in the saved model so evaluate/bench find the same split
     result = finetune(model, train, val, cfg, out, progress=progress, restart=restart,
                       save_extra={"task": recorded})
@@ -212,7 +237,7 @@ def convert_method(
         if task_settings is None or cfg is None:
             raise ValueError(f"method {method!r} trains after conversion: it needs the task and training settings")
         rank, _ = dist_info()
-        task = task or load_task(task_settings, labels=model.spec.labels)
+        task = task or load_task(task_settings, labels=model.spec.labels, image_size=model_image_size(model))
         train = encode_split(model, task, "train", max_train_samples, task_settings.seed)
         val = encode_split(model, task, "validation", None, task_settings.seed)
         state = Path(train_dir) if train_dir is not None else Path(out) / "train"

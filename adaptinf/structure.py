@@ -32,7 +32,8 @@ Rules (L layers, H heads, d hidden size, d_ff intermediate size):
   divisor gives such experts, the nearest divisor), and an `architecture`'s moe<k> above it
   becomes moe<E>. A named
   architecture with another number of layers than L is dropped (the recipe searches one under the
-  latency target instead); `latency_seq_len` above the model's positions becomes that maximum.
+  latency target instead); `latency_seq_len` above the model's positions becomes that maximum (a
+  vision encoder: any other value than 1 + P, the length of every image, becomes 1 + P).
   Latency targets stay.
 
 Notes read "<method>: <field> <old> -> <new> (<why>)", e.g.
@@ -187,7 +188,10 @@ def _planer(method: str, sets: dict, enc: EncoderConfig, out: dict, notes: list[
         _change(method, out, notes, "num_experts", cfg.num_experts, experts,
                 why + ("" if aligned else f"; no divisor gives experts of a multiple of {EXPERT_ALIGN} neurons"))
     _planer_architecture(method, cfg, experts, enc, out, notes)
-    if cfg.latency_seq_len > enc.max_positions:
+    if enc.is_vision and cfg.latency_seq_len != enc.max_positions:  # every image is 1 + P tokens long
+        _change(method, out, notes, "latency_seq_len", cfg.latency_seq_len, enc.max_positions,
+                f"every image is {enc.max_positions} tokens long (1 + {enc.num_patches} patches)")
+    elif cfg.latency_seq_len > enc.max_positions:
         _change(method, out, notes, "latency_seq_len", cfg.latency_seq_len, enc.max_positions,
                 f"the model has {enc.max_positions} positions")
 

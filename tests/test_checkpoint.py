@@ -203,7 +203,7 @@ def tiny_hf_checkpoint(directory: Path) -> Path:
 
 
 def test_resolve_model_path_errors(tmp_path):
-    with pytest.raises(ValueError, match="neither a built-in model \\(minilm-l6\\) nor an existing directory"):
+    with pytest.raises(ValueError, match="neither a built-in model \\(minilm-l6, vit-tiny\\) nor an existing directory"):
         hf.resolve_model_path(tmp_path / "nope")
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="is a file; pass the checkpoint directory"):

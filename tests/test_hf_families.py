@@ -154,7 +154,7 @@ def test_unknown_model_types_are_one_line_errors(tmp_path, model_type):
     with pytest.raises(ValueError) as e:
         hf.load_encoder(tmp_path)
     assert str(e.value) == (f"unsupported model_type {model_type!r}; "
-                            "adaptinf loads bert, roberta, xlm-roberta, distilbert, electra checkpoints")
+                            "adaptinf loads bert, roberta, xlm-roberta, distilbert, electra, vit checkpoints")
 
 
 @pytest.mark.parametrize("family,option,match", [

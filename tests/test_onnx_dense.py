@@ -135,3 +135,25 @@ def test_missing_onnxruntime_gives_a_hint(monkeypatch):
     with pytest.raises(ImportError, match="^adaptinf.onnx_dense needs onnxruntime: pip install onnxruntime") as e:
         importlib.import_module("adaptinf.onnx_dense")
     assert "\n" not in str(e.value)
+
+
+def test_vision_dense_exports_and_matches(tmp_path):
+    """A ViT dense model exports with uint8 patch inputs (batch axis dynamic) and ORT gives its logits."""
+    from adaptinf.backbone import EncoderConfig, patchify
+    from adaptinf.methods.dense import DenseClassifier, DenseConfig
+    from adaptinf.model import ModelSpec
+
+    cfg = EncoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        pre_norm=True, image_size=8, patch_size=4, num_channels=1, image_mean=(0.5,),
+                        image_std=(0.5,), pooler=False, vocab_size=1, max_position_embeddings=5,
+                        type_vocab_size=0, pad_token_id=0, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    m = DenseClassifier(ModelSpec(cfg, ("a", "b", "c"), 5), DenseConfig()).eval()
+    cases = ort_dense_cases(m, tmp_path, threads=1)
+    for n in (1, 6):  # batch 1 and a larger batch through one graph
+        images = torch.randint(0, 256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+        ids, mask = patchify(images, 4), torch.ones(n, 5, dtype=torch.int64)
+        out = cases["onnxruntime fp32"](Batch(ids, mask, torch.zeros(n, dtype=torch.int64), torch.arange(n)))
+        with torch.no_grad():
+            ref = m(ids, mask).logits
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

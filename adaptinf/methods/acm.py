@@ -5,6 +5,8 @@ N learners, small 2-layer MLPs d -> w -> d whose N together cost what the module
 that runs k learners gets the sum of the first k learners' outputs (k = 0 gives zero, allowed for
 the FFN, which sits under a residual; attention projections run at least one). A small gate per
 module (MLP d -> g -> g -> choices, ~1 % of the model's cost per token) picks k for every token.
+Learners and gate read the replaced module's input (in a pre-LN block, ViT, after its LayerNorm:
+`Attention.inp` / `FeedForward.inp`); the block's own residual adds their output (`.residual`).
 
 Conversion (`from_dense`): the learners start as an exact split of the dense module. FFN: the
 intermediate neurons, ordered by importance (|up row| * |down column|, so the first learners hold
@@ -506,7 +508,7 @@ class AcmClassifier(AdaptiveClassifier):
         """`knob`: the gate bias of this call (see `run_knob`); `learners`: None (the gates pick k)
         or k, run by every real token with no gate (attention projections at least one; eval mode)."""
         knob, learners = self.run_knob(knob), self.check_learners(learners)
-        b, s = input_ids.shape
+        b, s = attention_mask.shape  # (input_ids of a vision encoder are [b, s, C*p*p])
         h = self.encoder.embed(input_ids, token_type_ids)  # [b, s, d]
         bias = self.token_mask(attention_mask, h.dtype)  # a Layout at inference: the stack runs padding-free
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
@@ -517,15 +519,13 @@ class AcmClassifier(AdaptiveClassifier):
             x = bias.pack(h)  # [T, d]
             for block, mods in zip(self.encoder.blocks, self.acm):
                 x = self._attention(block.attention, mods, x, bias, ctx, self._run) if "q" in mods else block.attention(x, bias)
-                x = block.ffn.norm(x + self._run(mods["ffn"], x, ctx)) if "ffn" in mods else block.ffn(x)
+                x = block.ffn.residual(x, self._run(mods["ffn"], block.ffn.inp(x), ctx)) if "ffn" in mods else block.ffn(x)
             h = bias.unpack(x)
         else:  # padded [b, s, d] (training, or `set_packed(False)`): each module gathers the real tokens
             for block, mods in zip(self.encoder.blocks, self.acm):
                 h = self._attention(block.attention, mods, h, bias, ctx, self._padded) if "q" in mods else block.attention(h, bias)
-                if "ffn" in mods:
-                    h = block.ffn.norm(h + block.ffn.dropout(self._padded(mods["ffn"], h, ctx)))
-                else:
-                    h = block.ffn(h)
+                ffn = block.ffn
+                h = ffn.residual(h, self._padded(mods["ffn"], ffn.inp(h), ctx)) if "ffn" in mods else ffn(h)
         logits = self.classifier(self.dropout(self.encoder.pool(h)))  # [b, C]
         lengths = flops.lengths_of(attention_mask)
         m = len(self.names)
@@ -547,11 +547,13 @@ class AcmClassifier(AdaptiveClassifier):
 
     def _attention(self, attn, mods, h, bias, ctx, run) -> torch.Tensor:
         """The backbone's attention with the projections run by their ACMs (`run`: `_run` on packed
-        h [T, d], `_padded` on h [b, s, d])."""
-        q, k, v = (run(mods[name], h, ctx) for name in ("q", "k", "v"))
+        h [T, d], `_padded` on h [b, s, d]); the q/k/v learners and gates read the sub-layer's input
+        (`Attention.inp`: normalised in a pre-LN block)."""
+        x = attn.inp(h)
+        q, k, v = (run(mods[name], x, ctx) for name in ("q", "k", "v"))
         p = attn.attn_dropout if self.training else 0.0
         a = attend(q, k, v, bias, attn.n_heads, p)  # [b, s, d] or [T, d]
-        return attn.norm(h + attn.dropout(run(mods["out"], a, ctx)))
+        return attn.residual(h, run(mods["out"], a, ctx))
 
     def _padded(self, mod: AdaptiveModule, x: torch.Tensor, ctx: _Routing) -> torch.Tensor:
         """`_run` on the real tokens of x [b, s, d_in] -> [b, s, d_out]; padding rows get zeros."""

@@ -1,4 +1,4 @@
-"""The dense baseline: the whole encoder, pooler and a linear classifier, for every sample."""
+"""The dense baseline: the whole encoder, its pooling and a linear classifier, for every sample."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ class DenseConfig(MethodConfig):
 
 
 class DenseClassifier(AdaptiveClassifier):
-    """BERT-style sequence classifier: encoder -> pooler -> dropout -> Linear."""
+    """Sequence classifier: encoder -> `Encoder.pool` -> dropout -> Linear. Pooling as the encoder's
+    family does: BERT's tanh pooler on the CLS row; a ViT's final LayerNorm on it (and no pooler)."""
 
     method = "dense"
     Config = DenseConfig

@@ -35,9 +35,10 @@ adds w * t^2 * KL(softmax(z_last / t) || softmax(z_i / t)) to its cross-entropy,
 prediction detached (a target only), so in SWEET each segment is still trained only by its own exit.
 
 Cost (adaptinf.flops convention): a sample that stops at exit i paid for the blocks it ran at its
-real length plus every exit head evaluated for it (pooler d x d + classifier d x C each, plus one
-add per token state element with mean pooling); for the cascade, the layers and head of every
-model it went through.
+real length plus every exit head evaluated for it (`flops.head`: pooler d x d where the encoder has
+one + classifier d x C, plus one add per token state element with mean pooling); for the cascade,
+the layers and head of every model it went through. Pre-LN encoders (ViT): every head applies its
+own copy of the final LayerNorm to what it pools (the CLS row, or the mean of the token states).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptinf import flops
-from adaptinf.backbone import Encoder, bias_of
+from adaptinf.backbone import Encoder, EncoderConfig, bias_of
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier, DenseConfig
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
@@ -143,10 +144,8 @@ class EarlyExitConfig(MethodConfig):
         elif any(e < 1 for e in self.exits):
             raise ValueError(f"EarlyExitConfig.exits are 1-based layer numbers (>= 1), got {list(self.exits)}")
         elif list(self.exits) != sorted(set(self.exits)):
-            raise ValueError(
-                f"EarlyExitConfig.exits must be increasing without repeats, got {list(self.exits)}; "
-                f"did you mean {sorted(set(self.exits))}?"
-            )
+            raise ValueError(f"EarlyExitConfig.exits must be increasing without repeats, got {list(self.exits)}; "
+                             f"did you mean {sorted(set(self.exits))}?")
         if self.policy not in POLICIES:
             raise ValueError(f"EarlyExitConfig.policy must be one of {list(POLICIES)}, got {self.policy!r}")
         if not 0.0 <= self.classifier_dropout < 1.0:
@@ -185,9 +184,7 @@ def resolve_exits(exits: tuple[int, ...] | str, num_layers: int, auto: str = "ev
     if not exits or exits == "every":
         return tuple(range(1, num_layers + 1))
     if exits[-1] > num_layers:
-        raise ValueError(
-            f"EarlyExitConfig.exits {list(exits)} name layer {exits[-1]}, but the model has {num_layers} layers"
-        )
+        raise ValueError(f"EarlyExitConfig.exits {list(exits)} name layer {exits[-1]}, but the model has {num_layers} layers")
     if exits[-1] != num_layers:
         raise ValueError(
             f"EarlyExitConfig.exits {list(exits)} must include the last layer ({num_layers}) so that every "
@@ -209,25 +206,34 @@ def summarise(h: torch.Tensor, bias: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 class ExitHead(nn.Module):
-    """BERT's classification head: tanh(Linear d->d) on the pooled tokens, dropout, Linear d->C."""
+    """An exit's copy of the dense model's head (`Encoder.pool` on the summarised tokens, then the
+    classifier): the final LayerNorm of a pre-LN encoder (`norm`), BERT's tanh(Linear d->d) where
+    the encoder has a pooler (`pooler`), dropout, Linear d->C."""
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.0, pooling: str = "cls"):
+    def __init__(self, cfg: EncoderConfig, num_labels: int, dropout: float = 0.0, pooling: str = "cls"):
         super().__init__()
+        d = cfg.hidden_size
         self.pooling = pooling
-        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
+        self.pooler = nn.Linear(d, d) if cfg.pooler else None
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden_size, num_labels)
+        self.classifier = nn.Linear(d, num_labels)
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """h [b, s, d], additive attention bias [b, 1, 1, s] -> logits [b, C]."""
-        return self.classifier(self.dropout(torch.tanh(self.pooler(summarise(h, bias, self.pooling)))))
+        """h [b, s, d] (a block's output), additive attention bias [b, 1, 1, s] -> logits [b, C]."""
+        x = summarise(h, bias, self.pooling)  # [b, d]
+        x = x if self.norm is None else self.norm(x)
+        x = x if self.pooler is None else torch.tanh(self.pooler(x))
+        return self.classifier(self.dropout(x))
 
     @torch.no_grad()
-    def copy_from(self, pooler: nn.Linear, classifier: nn.Linear) -> None:
-        """Take the weights of a dense model's pooler and classifier."""
-        for dst, src in ((self.pooler, pooler), (self.classifier, classifier)):
-            dst.weight.copy_(src.weight)
-            dst.bias.copy_(src.bias)
+    def copy_from(self, encoder: Encoder, classifier: nn.Linear) -> None:
+        """Take the weights of a dense model's final norm, pooler and classifier (those it has)."""
+        self.classifier.load_state_dict(classifier.state_dict())
+        if self.norm is not None:
+            self.norm.load_state_dict(encoder.final_norm.state_dict())
+        if self.pooler is not None:
+            self.pooler.load_state_dict(encoder.pooler.dense.state_dict())
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
@@ -580,11 +586,11 @@ class EarlyExitClassifier(MultiExitClassifier):
 
     def __init__(self, spec: ModelSpec, config: EarlyExitConfig | None = None):
         super().__init__(spec, config)
-        d, c = spec.encoder.hidden_size, spec.num_labels
+        c = spec.num_labels
         self.encoder = Encoder(spec.encoder)
-        # every exit has its own pooler in its head; the encoder's would be an untrained, unused copy
-        self.encoder.pooler = None
-        self.heads = nn.ModuleList(ExitHead(d, c, self.config.classifier_dropout, self.config.pooling)
+        # every exit has its own final norm and pooler in its head; the encoder's would be unused copies
+        self.encoder.pooler = self.encoder.final_norm = None
+        self.heads = nn.ModuleList(ExitHead(spec.encoder, c, self.config.classifier_dropout, self.config.pooling)
                                    for _ in self.exit_layers)
 
     @classmethod
@@ -594,10 +600,10 @@ class EarlyExitClassifier(MultiExitClassifier):
         if not isinstance(dense, DenseClassifier):
             raise ValueError(f"conversion needs a dense model, got method {dense.method!r}")
         model = cls(dense.spec, config or EarlyExitConfig())
-        state = {k: v for k, v in dense.encoder.state_dict().items() if not k.startswith("pooler.")}
+        state = {k: v for k, v in dense.encoder.state_dict().items() if not k.startswith(("pooler.", "final_norm."))}
         model.encoder.load_state_dict(state)
         for head in model.heads:
-            head.copy_from(dense.encoder.pooler.dense, dense.classifier)
+            head.copy_from(dense.encoder, dense.classifier)
         return model
 
     def _start(self, input_ids, attention_mask, token_type_ids):
@@ -678,7 +684,7 @@ class MultiModelClassifier(MultiExitClassifier):
         h = sub.encoder.embed(input_ids, token_type_ids)  # [m, s, d]
         bias = sub.token_mask(attention_mask, h.dtype)
         h = sub.encoder.run_blocks(h, bias)
-        pooled = torch.tanh(sub.encoder.pooler.dense(summarise(h, bias, self.config.pooling)))  # the dense pooler with "cls"
+        pooled = sub.encoder.pool(summarise(h, bias, self.config.pooling)[:, None])  # [m, d]; "cls": the dense one
         return sub.classifier(sub.dropout(pooled)), state
 
     def _compact(self, state, rows, length):

@@ -23,8 +23,9 @@ FFN (tests/test_planer.py). Experts are not weighted by the router: their output
 dense FFN's neurons do.
 
 Router (one per layer, d -> router_hidden -> E, softplus): trained by the recipe on the dense
-model's FFN inputs (forward hooks, training data) to predict the norm of each expert's output for
-the token (`PlanerClassifier.expert_norms`).
+model's FFN inputs (forward hooks, training data; the experts' input, `FeedForward.inp`: after the
+block's LayerNorm in a pre-LN block) to predict the norm of each expert's output for the token
+(`PlanerClassifier.expert_norms`).
 Inference, for a "moe<k>" slot: the top-k experts by predicted contribution, and among those only
 the ones with prediction >= (1 - tau) * max (dynamic-k). tau is the inference-time knob: 1 (or None)
 runs the searched architecture as it is, 0 only each token's top expert. Below 1 the knob also runs
@@ -401,18 +402,19 @@ def attention_heads(attn: Attention, h: torch.Tensor, bias, heads: int, dropout_
     """The backbone's attention block with only its first `heads` heads (h padded [b, s, d] with a
     bias or Layout, or packed [T, d] with a Layout)."""
     w = heads * attn.head_dim
+    x = attn.inp(h)
 
     def proj(lin: nn.Linear) -> torch.Tensor:
-        return linear_slice(lin, h, w)  # [b, s, w] or [T, w]
+        return linear_slice(lin, x, w)  # [b, s, w] or [T, w]
 
     a = attend(proj(attn.q), proj(attn.k), proj(attn.v), bias, heads, dropout_p)
-    return attn.norm(h + attn.dropout(linear_slice(attn.out, a, None, w)))
+    return attn.residual(h, linear_slice(attn.out, a, None, w))
 
 
 def ffn_width(ffn: FeedForward, h: torch.Tensor, width: int) -> torch.Tensor:
     """The backbone's FFN block with only its first `width` intermediate neurons."""
-    a = F.gelu(linear_slice(ffn.up, h, width))
-    return ffn.norm(h + ffn.dropout(linear_slice(ffn.down, a, None, width)))
+    a = F.gelu(linear_slice(ffn.up, ffn.inp(h), width))
+    return ffn.residual(h, linear_slice(ffn.down, a, None, width))
 
 
 @dataclass
@@ -526,7 +528,7 @@ class PlanerClassifier(AdaptiveClassifier):
     # --- forward --------------------------------------------------------------------------------
     def prepare(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> tuple[torch.Tensor, torch.Tensor, _Tokens]:
         """Embeddings [b, s, d], the SDPA mask and the real-token context of a batch (with the knob)."""
-        b, s = input_ids.shape
+        b, s = attention_mask.shape  # (input_ids of a vision encoder are [b, s, C*p*p])
         h = self.encoder.embed(input_ids, token_type_ids)
         real = attention_mask.reshape(-1).nonzero().squeeze(1)  # [T] (one host sync per forward)
         mask = self.token_mask(attention_mask, h.dtype)
@@ -547,8 +549,9 @@ class PlanerClassifier(AdaptiveClassifier):
         elif a != "skip":
             p = block.attention.attn_dropout if self.training else 0.0
             h = packed_run(lambda x, m: attention_heads(block.attention, x, m, heads_of(cfg, a), p), h, bias)
-        if ctx.ffn_inputs is not None and f != "skip":  # router refit: this layer's FFN input, real tokens
-            ctx.ffn_inputs[layer] = h.reshape(-1, h.shape[-1]).index_select(0, ctx.real) if h.dim() == 3 else h
+        if ctx.ffn_inputs is not None and f != "skip":  # router refit: this layer's experts' input, real tokens
+            x = h.reshape(-1, h.shape[-1]).index_select(0, ctx.real) if h.dim() == 3 else h
+            ctx.ffn_inputs[layer] = block.ffn.inp(x)
         if f == "dense" and ctx.knob is not None and ctx.knob < 1:
             h = self._moe(layer, block.ffn, h, ctx, self.config.num_experts)  # the knob thins dense FFNs too
         elif f == "dense":
@@ -562,13 +565,13 @@ class PlanerClassifier(AdaptiveClassifier):
     def _moe(self, layer: int, ffn: FeedForward, h: torch.Tensor, ctx: _Tokens, k: int) -> torch.Tensor:
         b, s, d = h.shape
         flat = h.reshape(b * s, d)
-        x = flat.index_select(0, ctx.real)  # [T, d]
+        x = ffn.inp(flat.index_select(0, ctx.real))  # [T, d] the experts' (and router's) input
         with torch.no_grad():
             sel = select_experts(self.routers[layer](x), k, ctx.knob)  # [T, E]
         y = grouped_experts(x, sel, ffn.up.weight, ffn.up.bias, ffn.down.weight) + ffn.down.bias  # [T, d]
         ctx.experts[layer] = sel.sum(dim=1)
         out = flat.new_zeros(b * s, d).index_copy(0, ctx.real, y)  # padding rows: 0
-        return ffn.norm(h + ffn.dropout(out.view(b, s, d)))
+        return ffn.residual(h, out.view(b, s, d))
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, knob=AT_DEFAULT) -> ClassifierOutput:
         h, bias, ctx = self.prepare(input_ids, attention_mask, token_type_ids, knob)
@@ -650,7 +653,8 @@ class PlanerClassifier(AdaptiveClassifier):
 
     # --- the router's target (trained by adaptinf.recipes.planer.train_routers) ------------------
     def expert_norms(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The norm of every expert's output (no bias) for tokens x [T, d] -> [T, E]: the router's target."""
+        """The norm of every expert's output (no bias) for FFN inputs x [T, d] (`FeedForward.inp`:
+        after the LayerNorm in a pre-LN block) -> [T, E]: the router's target."""
         ffn, e = self.encoder.blocks[layer].ffn, self.config.num_experts
         a = F.gelu(F.linear(x, ffn.up.weight, ffn.up.bias)).view(x.shape[0], e, -1)  # [T, E, m]
         w = ffn.down.weight.view(ffn.down.weight.shape[0], e, -1)  # [d, E, m]

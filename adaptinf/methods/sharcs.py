@@ -7,8 +7,9 @@ residual) residual dimensions are first sorted by importance (`reorder`, DynaBER
 gradient x activation on training data). Width w keeps round(w * heads) heads and round(w * d_ff)
 FFN neurons; in the paper's version (`shrink_residual`, the default) the residual stream shrinks
 too, to the kept heads' size: the router step slices the hidden state and normalises it with a
-LayerNorm private to w, and every later LayerNorm has a private copy per width. Width 1.0 uses the
-dense model's own weights and norms, so it is exactly the dense model.
+LayerNorm private to w, and every later LayerNorm has a private copy per width (a pre-LN encoder, ViT:
+no norm at the router step, and the final LayerNorm before pooling gets a private copy per width too).
+Width 1.0 uses the dense model's own weights and norms, so it is exactly the dense model.
 
 Where things happen:
 - the routing decision: `SharcsClassifier.route` (router logits + the knob -> width per sample);
@@ -48,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptinf import flops
-from adaptinf.backbone import Attention, Encoder, FeedForward, attend, linear_slice, packed_run
+from adaptinf.backbone import Attention, Encoder, FeedForward, PatchEmbeddings, attend, linear_slice, packed_run
 from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
@@ -239,27 +240,29 @@ def masked_mean(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
 
 def sliced_attention(att: Attention, h: torch.Tensor, bias: torch.Tensor, heads: int, norm: nn.LayerNorm) -> torch.Tensor:
     """`Attention.forward` on the leading `heads` heads and the first h.shape[-1] residual dims
-    (h padded [b, s, w] with a bias or a Layout, or packed [T, w] with a Layout).
+    (h padded [b, s, w] with a bias or a Layout, or packed [T, w] with a Layout), with `norm` in
+    place of the block's LayerNorm (where the block has it: `Attention.inp` / `.residual`).
 
     Weight slices are views (no copy), run as ordinary dense matmuls; with every head and the full
     residual this is the same computation as the module's own forward.
     """
     d = h.shape[-1]
     da = heads * att.head_dim
+    x = att.inp(h, norm)
 
     def project(lin: nn.Linear) -> torch.Tensor:
-        return linear_slice(lin, h, da, d)  # [b, s, da] or packed [T, da]
+        return linear_slice(lin, x, da, d)  # [b, s, da] or packed [T, da]
 
     p = att.attn_dropout if att.training else 0.0
     a = attend(project(att.q), project(att.k), project(att.v), bias, heads, p)
-    return norm(h + att.dropout(linear_slice(att.out, a, d, da)))
+    return att.residual(h, linear_slice(att.out, a, d, da), norm)
 
 
 def sliced_ffn(ffn: FeedForward, h: torch.Tensor, neurons: int, norm: nn.LayerNorm) -> torch.Tensor:
     """`FeedForward.forward` on the first `neurons` intermediate neurons and h.shape[-1] residual dims."""
     d = h.shape[-1]
-    u = F.gelu(linear_slice(ffn.up, h, neurons, d))  # [b, s, neurons]
-    return norm(h + ffn.dropout(linear_slice(ffn.down, u, d, neurons)))
+    u = F.gelu(linear_slice(ffn.up, ffn.inp(h, norm), neurons, d))  # [b, s, neurons]
+    return ffn.residual(h, linear_slice(ffn.down, u, d, neurons), norm)
 
 
 def sliced_block(block, h, bias, shape: WidthShape, attn_norm: nn.LayerNorm, ffn_norm: nn.LayerNorm) -> torch.Tensor:
@@ -269,13 +272,34 @@ def sliced_block(block, h, bias, shape: WidthShape, attn_norm: nn.LayerNorm, ffn
 
 
 class WidthNorms(nn.Module):
-    """The LayerNorms private to one reduced width: the router step's and two per adaptive layer."""
+    """The LayerNorms private to one reduced width: two per adaptive layer, and the router step's
+    (`reduce`, post-LN: the sliced stream is normalised again) or the final one (`final`, pre-LN:
+    the sliced stream goes on un-normalised, the final LayerNorm before pooling is at width d_w)."""
 
-    def __init__(self, hidden: int, layers: int, eps: float):
+    def __init__(self, hidden: int, layers: int, eps: float, pre_norm: bool = False):
         super().__init__()
-        self.reduce = nn.LayerNorm(hidden, eps=eps)
+        self.reduce = None if pre_norm else nn.LayerNorm(hidden, eps=eps)
         self.attn = nn.ModuleList(nn.LayerNorm(hidden, eps=eps) for _ in range(layers))
         self.ffn = nn.ModuleList(nn.LayerNorm(hidden, eps=eps) for _ in range(layers))
+        self.final = nn.LayerNorm(hidden, eps=eps) if pre_norm else None
+
+
+@torch.no_grad()
+def _permute_embeddings(emb: nn.Module, hidden: torch.Tensor) -> list[nn.LayerNorm]:
+    """Reorder the residual dimensions [d] the embeddings write (new position -> old index); returns
+    the LayerNorms over d among them, for the caller to reorder with the rest."""
+    if isinstance(emb, PatchEmbeddings):  # ViT: patch projection rows, CLS token, positions
+        for t in (emb.projection.weight, emb.projection.bias, emb.cls):
+            t.copy_(t[hidden])
+        emb.position.copy_(emb.position[:, hidden])
+        return []
+    if emb.project is not None:  # ELECTRA: the projection to d writes the residual
+        emb.project.weight.copy_(emb.project.weight[hidden])
+        emb.project.bias.copy_(emb.project.bias[hidden])
+        return []
+    for e in (emb.word, emb.position, emb.token_type):
+        e.weight.copy_(e.weight[:, hidden])
+    return [emb.norm]
 
 
 @torch.no_grad()
@@ -331,7 +355,7 @@ class SharcsClassifier(AdaptiveClassifier):
         adaptive = layers - self.router_layer
         # private norms for the reduced widths (width 1.0 keeps the dense model's own norms)
         self.width_norms = nn.ModuleList(
-            WidthNorms(s.hidden, adaptive, cfg.layer_norm_eps) for s in self.shapes[:-1]
+            WidthNorms(s.hidden, adaptive, cfg.layer_norm_eps, cfg.pre_norm) for s in self.shapes[:-1]
         ) if c.shrink_residual else nn.ModuleList()
         self.init_private_norms()
         pct = torch.tensor([round(100 * s.width) for s in self.shapes])
@@ -350,7 +374,10 @@ class SharcsClassifier(AdaptiveClassifier):
         """Each private LayerNorm starts as the leading slice of the shared one it replaces (the router
         step's from layer k's output norm)."""
         for norms in self.width_norms:
-            _copy_slice(norms.reduce, self.encoder.blocks[self.router_layer - 1].ffn.norm)
+            if norms.reduce is not None:
+                _copy_slice(norms.reduce, self.encoder.blocks[self.router_layer - 1].ffn.norm)
+            if norms.final is not None:
+                _copy_slice(norms.final, self.encoder.final_norm)
             for j, block in enumerate(self.adaptive_blocks):
                 _copy_slice(norms.attn[j], block.attention.norm)
                 _copy_slice(norms.ffn[j], block.ffn.norm)
@@ -414,7 +441,8 @@ class SharcsClassifier(AdaptiveClassifier):
         out = []
         for s in self.shapes:
             block = flops.attention_block(lengths, s.hidden, s.attn) + flops.ffn_block(lengths, s.hidden, s.ffn)
-            head = flops.linear(1, s.hidden, cfg.hidden_size) + flops.linear(1, cfg.hidden_size, self.spec.num_labels)
+            pooler = flops.linear(1, s.hidden, cfg.hidden_size) if cfg.pooler else 0
+            head = pooler + flops.linear(1, cfg.hidden_size if cfg.pooler else s.hidden, self.spec.num_labels)
             out.append(adaptive * block + head)
         return torch.stack(out)
 
@@ -437,8 +465,8 @@ class SharcsClassifier(AdaptiveClassifier):
         private = self.width_norms[i] if self.config.shrink_residual and i < self.num_widths - 1 else None
 
         def blocks(x: torch.Tensor, mask) -> torch.Tensor:  # padded [m, s, d] or packed [T, d]
-            if private is not None:
-                x = private.reduce(x[..., : shape.hidden])  # the router step: slice, private norm
+            if private is not None:  # the router step: slice (post-LN: and the private norm)
+                x = x[..., : shape.hidden] if private.reduce is None else private.reduce(x[..., : shape.hidden])
             for j, block in enumerate(self.adaptive_blocks):
                 attn_norm = private.attn[j] if private is not None else block.attention.norm
                 ffn_norm = private.ffn[j] if private is not None else block.ffn.norm
@@ -446,9 +474,18 @@ class SharcsClassifier(AdaptiveClassifier):
             return x
 
         h = packed_run(blocks, h, bias)  # with a Layout: on the real tokens only
-        pooler = self.encoder.pooler.dense
-        pooled = torch.tanh(linear_slice(pooler, h[:, 0], None, shape.hidden))  # [m, d]
-        return self.classifier(self.dropout(pooled))
+        pooled = self._pool(h, shape.hidden, private)  # [m, d] (pooler) or [m, d_w]
+        return linear_slice(self.classifier, self.dropout(pooled), None, pooled.shape[-1])
+
+    def _pool(self, h: torch.Tensor, hidden: int, private: WidthNorms | None) -> torch.Tensor:
+        """`Encoder.pool` at residual width `hidden`: the first row of h [m, s, hidden], the final
+        LayerNorm (pre-LN; the width's private copy when the residual shrank), then the pooler on its
+        first `hidden` input columns (tanh, d outputs) where the encoder has one."""
+        x = h[:, 0]
+        if self.encoder.final_norm is not None:
+            x = (self.encoder.final_norm if private is None else private.final)(x)
+        pooler = self.encoder.pooler
+        return x if pooler is None else torch.tanh(linear_slice(pooler.dense, x, None, hidden))
 
     def _routed(self, h, bias, lengths, width_index) -> torch.Tensor:
         """Batched inference: logits [b, C] with every sample run at its width.
@@ -556,10 +593,8 @@ class SharcsClassifier(AdaptiveClassifier):
             ffn.up.bias.copy_(ffn.up.bias[neurons[j]])
             ffn.down.weight.copy_(ffn.down.weight[:, neurons[j]])
         if hidden is not None:
-            emb = self.encoder.embeddings
-            for e in (emb.word, emb.position, emb.token_type):
-                e.weight.copy_(e.weight[:, hidden])
-            norms = [emb.norm]
+            norms = _permute_embeddings(self.encoder.embeddings, hidden)
+            norms += [] if self.encoder.final_norm is None else [self.encoder.final_norm]
             for block in self.encoder.blocks:
                 att, ffn = block.attention, block.ffn
                 for lin in (att.q, att.k, att.v, ffn.up):  # read the residual
@@ -571,7 +606,9 @@ class SharcsClassifier(AdaptiveClassifier):
             for norm in norms:
                 norm.weight.copy_(norm.weight[hidden])
                 norm.bias.copy_(norm.bias[hidden])
-            for lin in (self.encoder.pooler.dense, self.router[0]):
+            # the pooler reads the residual (its d outputs are not permuted); without one, the classifier does
+            reader = self.classifier if self.encoder.pooler is None else self.encoder.pooler.dense
+            for lin in (reader, self.router[0]):
                 lin.weight.copy_(lin.weight[:, hidden])
         self.init_private_norms()
 

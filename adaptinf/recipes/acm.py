@@ -3,8 +3,10 @@ forward, knob and cost: `adaptinf.methods.acm`).
 
 1. `distill/`: module-wise distillation from the frozen dense model (`AcmClassifier.teacher`).
    Forward hooks (`capture_tokens`) on the dense model capture each replaced module's input and
-   output on the training data's real tokens; each module's learners are trained to match the
-   output for every k = 1..N (MSE averaged over k), with their own Adam and their own gradient
+   output on the training data's real tokens (those of its Linears: the sub-layer's input, after
+   the block's LayerNorm in a pre-LN block, and the delta the residual adds, before a post-LN
+   block's norm: what the learners replace in either); each module's learners are trained to match
+   the output for every k = 1..N (MSE averaged over k), with their own Adam and their own gradient
    clipping, so modules are independent: each process of `torchrun --nproc_per_node=P` (or each of
    `workers` processes spawned on one machine) trains every P-th module, writes it to
    distill/<module>.safetensors (and its statistics, last, to distill/<module>.json: the module is

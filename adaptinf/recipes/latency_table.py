@@ -50,11 +50,19 @@ SKIP = 0.0  # a skipped block's latency
 MIN_SAMPLE_MS = 2.0  # a timing sample lasts at least this long (sub-millisecond stacks are not timer noise)
 
 
-def random_inputs(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids [b, s] (random ids, first token 101 like [CLS]) and an all-ones mask: every token real."""
+def random_inputs(cfg, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [b, s] (random ids, first token 101 like [CLS]; a vision encoder: random pixel bytes
+    [b, 1 + P, C*p*p], CLS slot zero) and an all-ones mask: every token real. `cfg`: the EncoderConfig."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)
-    ids[:, 0] = min(101, vocab_size - 1)
+    if cfg.is_vision:  # every image is 1 + P tokens
+        if seq_len != cfg.max_positions:
+            raise ValueError(f"a vision encoder's inputs are {cfg.max_positions} tokens long (1 + patches), "
+                             f"got seq_len {seq_len}")
+        ids = torch.randint(0, 256, (batch_size, seq_len, cfg.patch_dim), generator=g, dtype=torch.uint8)
+        ids[:, 0] = 0
+        return ids, torch.ones(batch_size, seq_len, dtype=torch.int64)
+    ids = torch.randint(1, cfg.vocab_size, (batch_size, seq_len), generator=g)
+    ids[:, 0] = min(101, cfg.vocab_size - 1)
     return ids, torch.ones(batch_size, seq_len, dtype=torch.int64)
 
 
@@ -152,7 +160,7 @@ def measure_architectures(model, architectures: dict[str, list[str] | None], bat
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     was_training = model.training
     model.eval()
-    ids, mask = random_inputs(model.spec.encoder.vocab_size, batch_size, seq_len, seed)
+    ids, mask = random_inputs(model.spec.encoder, batch_size, seq_len, seed)
     archs = {name: list(arch or model.architecture) for name, arch in architectures.items()}
 
     def run(arch: list[str]) -> None:

@@ -347,7 +347,8 @@ def train_routers(model: PlanerClassifier, train: Encoded, cfg: TrainConfig, pro
         with contextlib.ExitStack() as stack:
             if not on_student:
                 teacher = model._teacher[0]
-                points = {str(i): (teacher.encoder.blocks[i].ffn, "input") for i in range(layers)}  # FFN inputs [T, d]
+                # the experts' input [T, d]: up's input, `FeedForward.inp` (after the LayerNorm in a pre-LN block)
+                points = {str(i): (teacher.encoder.blocks[i].ffn.up, "input") for i in range(layers)}
                 captured = stack.enter_context(capture_tokens(points))
             model.eval()
             for epoch in range(epochs):
