@@ -364,6 +364,12 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self) -> torch.Tensor:
+        """Tokens per sample [n] (int64): an image is 1 + P tokens, all real."""
+        if self.is_image:
+            return torch.full((len(self.ids),), self.ids.shape[1], dtype=torch.int64)
+        return torch.tensor([len(x) for x in self.ids], dtype=torch.int64)
+
     def subset(self, index: Sequence[int] | torch.Tensor) -> Encoded:
         """The samples at `index`, in that order."""
         idx = torch.as_tensor(index, dtype=torch.int64)

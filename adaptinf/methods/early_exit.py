@@ -501,7 +501,7 @@ class MultiExitClassifier(AdaptiveClassifier):
         self.eval()
         device = next(self.parameters()).device
         out = torch.empty(self.num_exits, len(enc), self.spec.num_labels, dtype=torch.float32)
-        lengths = torch.tensor([len(x) for x in enc.ids], dtype=torch.int64)
+        lengths = enc.lengths()
         batches = eval_batches(enc, batch_size, pad_id=self.spec.encoder.pad_token_id, sort_by_length=True)
         try:
             for batch in tqdm(batches, total=math.ceil(len(enc) / batch_size), desc=f"{self.method} exits",

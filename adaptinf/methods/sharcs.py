@@ -628,7 +628,7 @@ class SharcsClassifier(AdaptiveClassifier):
         features = torch.empty(n, d)
         router = torch.empty(n, self.num_widths)
         logits = torch.empty(self.num_widths, n, self.spec.num_labels) if widths else None
-        lengths = torch.tensor([len(x) for x in enc.ids], dtype=torch.int64)
+        lengths = enc.lengths()
         try:
             for batch in tqdm(eval_batches(enc, batch_size, self.spec.encoder.pad_token_id),
                               total=math.ceil(n / batch_size), desc="sharcs widths", disable=not progress, leave=False):
