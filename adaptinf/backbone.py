@@ -53,9 +53,11 @@ from torch import nn
 
 # fields added after BERT's; `to_dict` leaves them out at their defaults, so a BERT config is written as before
 FAMILY_FIELDS = ("position_offset", "embedding_size", "pre_norm", "image_size", "patch_size", "num_channels",
-                 "image_mean", "image_std", "pooler")
+                 "image_mean", "image_std", "pooler", "hidden_act")
 _NON_NEGATIVE = ("pad_token_id", "type_vocab_size", "position_offset", "image_size", "patch_size", "num_channels")
 _VISION_INTS = ("image_size", "patch_size", "num_channels")
+# FeedForward's activation: "gelu" is the exact (erf) GELU of BERT and ViT, "gelu_new" GPT-2's tanh approximation
+HIDDEN_ACTS = {"gelu": "none", "gelu_new": "tanh"}  # name -> F.gelu's `approximate`
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class EncoderConfig:
     `type_vocab_size` 0 means no token-type embeddings (DistilBERT); `position_offset` is the row of
     the position table the first token uses (RoBERTa: pad_token_id + 1); `embedding_size` (None:
     hidden_size) is the embeddings' width, projected to hidden_size by a Linear when it differs (ELECTRA).
+    `hidden_act` is the FFN's activation: "gelu" (the exact, erf GELU of BERT and ViT; the default,
+    left out of `to_dict`) or "gelu_new" (GPT-2's tanh approximation; the blocks of `adaptinf.decoder`).
     """
 
     vocab_size: int = 30522
@@ -87,8 +91,12 @@ class EncoderConfig:
     image_mean: tuple[float, ...] = ()
     image_std: tuple[float, ...] = ()
     pooler: bool = True
+    hidden_act: str = "gelu"
 
     def __post_init__(self) -> None:
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"EncoderConfig.hidden_act must be one of {', '.join(map(repr, HIDDEN_ACTS))}, "
+                             f"got {self.hidden_act!r}")
         for name in ("pre_norm", "pooler"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EncoderConfig.{name} must be true or false, got {getattr(self, name)!r}")
@@ -485,8 +493,9 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """d -> intermediate (GELU, erf form) -> d with a post-LayerNorm (BERT) or pre-LayerNorm (ViT)
-    residual; `inp` / `residual` as in `Attention`."""
+    """d -> intermediate (GELU: erf form, or GPT-2's tanh form with cfg.hidden_act "gelu_new") -> d
+    with a post-LayerNorm (BERT) or pre-LayerNorm (ViT, GPT-2) residual; `inp` / `residual` as in
+    `Attention`, `act` the activation."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -495,6 +504,11 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.pre_norm = cfg.pre_norm
+        self.approximate = HIDDEN_ACTS[cfg.hidden_act]
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation between `up` and `down` (code that runs the FFN in pieces calls this)."""
+        return F.gelu(x, approximate=self.approximate)
 
     def inp(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """The input `up` is applied to: pre-LN (norm or self.norm)(h); post-LN h itself."""
@@ -505,7 +519,7 @@ class FeedForward(nn.Module):
         return _sublayer_residual(self, h, delta, norm)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.residual(h, self.down(F.gelu(self.up(self.inp(h)))))
+        return self.residual(h, self.down(self.act(self.up(self.inp(h)))))
 
 
 class Block(nn.Module):

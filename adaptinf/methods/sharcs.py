@@ -261,7 +261,7 @@ def sliced_attention(att: Attention, h: torch.Tensor, bias: torch.Tensor, heads:
 def sliced_ffn(ffn: FeedForward, h: torch.Tensor, neurons: int, norm: nn.LayerNorm) -> torch.Tensor:
     """`FeedForward.forward` on the first `neurons` intermediate neurons and h.shape[-1] residual dims."""
     d = h.shape[-1]
-    u = F.gelu(linear_slice(ffn.up, ffn.inp(h, norm), neurons, d))  # [b, s, neurons]
+    u = ffn.act(linear_slice(ffn.up, ffn.inp(h, norm), neurons, d))  # [b, s, neurons]
     return ffn.residual(h, linear_slice(ffn.down, u, d, neurons), norm)
 
 
