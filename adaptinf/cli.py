@@ -19,7 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from adaptinf.settings import (DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_VISION_MODEL, IMAGE_TASKS, TaskSettings, TrainConfig,
-                               default_model, is_image_data)
+                               default_model)
 
 
 # --- shared helpers -----------------------------------------------------------------------------------
@@ -427,20 +427,22 @@ def cmd_run(args) -> int:
     override them. Every stage is cached in OUT: rerunning with the same settings resumes where it
     stopped, a changed setting reruns that stage and the later ones.
     """
-    from adaptinf.preset import resolve
+    from adaptinf.preset import check_modality, default_preset, read_preset, resolve
     from adaptinf.run import run
 
     if args.model is not None:
         _check_pretrained(args.model, "run")
     _set_threads(args.threads)
-    kwargs = dict(methods=args.methods, data=args.data, text_column=args.text_column,
+    # no --preset: vision-quick for an image task (built-in or a folder), else quick
+    preset = args.preset if args.preset is not None else default_preset(args.data)
+    cfg = resolve(preset, model=args.model, methods=args.methods, data=args.data, text_column=args.text_column,
                   label_column=args.label_column, group_column=args.group_column, seed=args.seed,
                   max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
                   epochs=args.epochs)
-    cfg = resolve(args.preset, model=args.model, **kwargs)
-    if args.model is None and cfg.model == DEFAULT_MODEL and is_image_data(cfg.task.data):
-        # an image task with the preset's default text model: the default vision model instead
-        cfg = resolve(args.preset, model=DEFAULT_VISION_MODEL, **kwargs)
+    # a text preset on images (or a vision preset on text) is an error naming the preset to use
+    note = check_modality(cfg, read_preset(preset).get("model"), model_given=args.model is not None)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     result = run(cfg, args.out, progress=not args.no_progress, restart=args.restart)
     print(f"report: {result.report}")
     if result.failed:
@@ -642,8 +644,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 def _run_args(p: argparse.ArgumentParser) -> None:
     from adaptinf.preset import builtin_presets
 
-    p.add_argument("--preset", default="quick",
-                   help=f"built-in preset ({', '.join(builtin_presets())}) or a path to a preset .yaml file")
+    p.add_argument("--preset", default=None,
+                   help=f"built-in preset ({', '.join(builtin_presets())}) or a path to a preset .yaml file "
+                   "(default: quick; vision-quick for an image task: --task fashion-mnist or a folder of images)")
     p.add_argument("--methods", default="all",
                    help="'all' (the preset's methods that are registered) or comma-separated method names, e.g. ee,acm")
     p.add_argument("--model", default=None, help="built-in model name or HF checkpoint directory (default: the preset's)")

@@ -22,16 +22,81 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from adaptinf.settings import DEFAULT_MODEL, TaskSettings
+from adaptinf.settings import DEFAULT_MODEL, TaskSettings, default_model, is_image_data
 from adaptinf.settings import TrainConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "quick"  # `adaptinf run` without --preset on a text task
+DEFAULT_VISION_PRESET = "vision-quick"  # ... and on an image task (fashion-mnist, a folder of images)
+# per modality: the quick and the full preset, named in the error of a preset run on the other modality
+PRESETS_FOR = {"text": ("quick", "full"), "image": ("vision-quick", "vision-full")}
 PENDING_METHODS: tuple[str, ...] = ()  # may appear in a preset before they are registered; the run skips them
 SOURCES = ("dense", "pretrained")
 
 
 def builtin_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def default_preset(data: str | None) -> str:
+    """The preset `adaptinf run` uses without --preset: vision-quick for an image task (a built-in
+    one or a folder of images), else quick (also when no task is given: the preset's own)."""
+    return DEFAULT_VISION_PRESET if data is not None and is_image_data(data) else DEFAULT_PRESET
+
+
+def model_modality(name: str) -> str | None:
+    """What a model takes, "image" or "text", for a name as `adaptinf run --model` takes it (a built-in
+    name, or a Hugging Face checkpoint directory, by its config.json's model_type); None when it cannot
+    be told without loading it (an unknown name or an unreadable directory: the loader's error says why)."""
+    from adaptinf.hf import BUILTIN_CONFIGS, BUILTIN_MODELS, SUPPORTED_MODEL_TYPES
+
+    if name in BUILTIN_CONFIGS:
+        return "image" if BUILTIN_CONFIGS[name].get("image_size") else "text"
+    if name in BUILTIN_MODELS:
+        return "text"
+    try:
+        model_type = json.loads((Path(name) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if model_type == "vit":
+        return "image"
+    return "text" if model_type in SUPPORTED_MODEL_TYPES else None
+
+
+def check_modality(cfg: RunConfig, preset_model: str | None, model_given: bool) -> str | None:
+    """Refuse a run whose model and task do not go together: ValueError naming the preset to use.
+
+    `preset_model` is the model the preset itself names (None: it names none, so it fits either
+    modality), `model_given` whether --model replaced it.
+    A text preset's recipe (a short fine-tuning of pretrained weights, early exits from the pretrained
+    model) cannot train a from-scratch ViT, and a vision preset's a text model: a preset run on the
+    other modality's task is an error naming the presets of that modality (or leaving --preset out).
+    With an explicit --model of the task's modality that has pretrained weights (a ViT checkpoint
+    with a text preset), the preset's recipe is used as asked: the returned note says so (None: no
+    note)."""
+    from adaptinf.hf import BUILTIN_CONFIGS
+
+    data_kind = "image" if is_image_data(cfg.task.data) else "text"
+    model_kind = model_modality(cfg.model)
+    preset_kind = model_modality(preset_model) if preset_model else None
+    quick, full = PRESETS_FOR[data_kind]
+    use = f"use --preset {quick} (or {full}), or leave --preset out to get {quick} for this task"
+    what = "images" if data_kind == "image" else "text"
+    if model_kind is not None and model_kind != data_kind:
+        if model_given:
+            raise ValueError(f"--model {cfg.model} is {'a vision' if model_kind == 'image' else 'a text'} model but "
+                             f"task {cfg.task.data} is {what}; pass a {'vision' if data_kind == 'image' else 'text'} "
+                             f"model (e.g. {default_model(cfg.task.data)}) or leave --model out")
+        raise ValueError(f"preset {cfg.preset!r} is a {'vision' if model_kind == 'image' else 'text'} preset "
+                         f"(model {cfg.model}) but task {cfg.task.data} is {what}; {use}")
+    if preset_kind is not None and preset_kind != data_kind:  # a model of the task's kind given to the other kind's preset
+        if cfg.model in BUILTIN_CONFIGS:
+            raise ValueError(f"preset {cfg.preset!r} is a {'text' if preset_kind == 'text' else 'vision'} preset: its "
+                             f"recipe does not train {cfg.model}, which starts from random weights (trained from "
+                             f"scratch); {use}")
+        return (f"preset {cfg.preset!r} was written for {'text' if preset_kind == 'text' else 'images'} "
+                f"(model {preset_model}); running its recipe with {cfg.model} on {cfg.task.data} as asked")
+    return None
 
 
 # --- field readers ----------------------------------------------------------------------------------
@@ -456,7 +521,7 @@ def select_methods(cfg: RunConfig, requested: str | list[str] | None = "all") ->
 
 
 def resolve(
-    preset: str = "quick",
+    preset: str | None = DEFAULT_PRESET,
     methods: str | list[str] | None = "all",
     model: str | None = None,
     data: str | None = None,
@@ -468,7 +533,10 @@ def resolve(
     max_eval_samples: int | None = None,
     epochs: int | None = None,
 ) -> RunConfig:
-    """The run's settings: the preset, then the given overrides (None leaves the preset's value)."""
+    """The run's settings: the preset (None: `default_preset(data)`), then the given overrides (None
+    leaves the preset's value). A preset that names no model gets the task's default model
+    (`adaptinf.settings.default_model`: vit-tiny for images, else MiniLM-L6)."""
+    preset = default_preset(data) if preset is None else preset
     raw = read_preset(preset)
     cfg = parse_preset(raw, name=Path(preset).name if Path(preset).suffix else preset)
     task = cfg.task
@@ -483,6 +551,8 @@ def resolve(
     )
     if model is not None:
         cfg.model = model
+    elif "model" not in raw:
+        cfg.model = default_model(cfg.task.data)
     if max_train_samples is not None:
         cfg.max_train_samples = _int(max_train_samples, "--max-train-samples", 1)
     if max_eval_samples is not None:
