@@ -98,6 +98,9 @@ def read_config(directory: str | os.PathLike) -> dict:
             f"{d} has checkpoint format version {version!r}; this adaptinf reads version {FORMAT_VERSION}. "
             "Re-create it with this version of adaptinf."
         )
+    if cfg.get("kind", "classifier") != "classifier":  # e.g. "causal-lm": adaptinf.lm reads those
+        raise ValueError(f"{d} holds a language model ({cfg['kind']}), not a classifier; use `adaptinf generate` "
+                         "or adaptinf.lm.load_lm")
     for key, kind in (("method", str), ("method_config", dict), ("spec", dict)):
         if key not in cfg:
             raise ValueError(f"{d / CONFIG_FILE} is missing {key!r}; the checkpoint is corrupt")

@@ -1,4 +1,5 @@
-"""The `adaptinf` command: run | select | predict | finetune | convert | evaluate | bench | report.
+"""The `adaptinf` command: run | select | predict | finetune | convert | evaluate | bench | report |
+train-lm | generate.
 
 Every command takes its inputs from flags or saved model directories and writes its outputs to
 `--out`; nothing goes to the network. User errors (bad flags, paths, settings or data: a ValueError,
@@ -18,8 +19,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from adaptinf.settings import (DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_VISION_MODEL, IMAGE_TASKS, TaskSettings, TrainConfig,
-                               default_model)
+from adaptinf.settings import (DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_VISION_MODEL, IMAGE_TASKS, LM_TASKS, TaskSettings,
+                               TrainConfig, default_model)
 
 
 # --- shared helpers -----------------------------------------------------------------------------------
@@ -111,14 +112,14 @@ def _parse_ints(s: str, flag: str) -> list[int]:
 # the integer flags that count something and the least value each takes (argparse takes any integer)
 _LEAST = {"samples": 1, "repeats": 1, "latency_samples": 1, "warmup": 0, "max_samples": 1, "refine": 0,
           "batch_size": 1, "chunk_size": 1, "epochs": 1, "save_every": 1, "max_train_samples": 1,
-          "max_eval_samples": 1, "threads": 1, "max_length": 2}
+          "max_eval_samples": 1, "threads": 1, "max_length": 2, "max_new_tokens": 1, "top_k": 1, "vocab_size": 257}
 
 
 def _check_counts(args) -> None:
     for dest, least in _LEAST.items():
         v = getattr(args, dest, None)
         if v is not None and v < least:
-            why = " ([CLS] and [SEP])" if dest == "max_length" else ""
+            why = {"max_length": " ([CLS] and [SEP])", "vocab_size": " (256 bytes and <|endoftext|>)"}.get(dest, "")
             raise ValueError(f"--{dest.replace('_', '-')} must be at least {least}{why}, got {v}")
 
 
@@ -159,6 +160,17 @@ def _check_pretrained(model: str, command: str) -> None:
                          f"`adaptinf convert {model} --method M`")
 
 
+def _not_lm_task(data: str | None, command: str) -> None:
+    """A classification command refuses a language-modelling corpus, naming `adaptinf train-lm`."""
+    if data in LM_TASKS:
+        raise ValueError(f"{data} is a language-modelling corpus; {command} trains classifiers. Train a language "
+                         f"model with `adaptinf train-lm --task {data} --out DIR` (issue 19: `adaptinf run` on it is "
+                         "not there yet)")
+    if data is not None and data.lower().endswith(".txt"):
+        raise ValueError(f"{data}: {command} reads a labelled .csv, .tsv or .jsonl file; a plain text file is a "
+                         f"language-modelling corpus: `adaptinf train-lm --task {data} --out DIR`")
+
+
 # --- finetune -----------------------------------------------------------------------------------------
 
 
@@ -173,6 +185,7 @@ def cmd_finetune(args) -> int:
     from adaptinf.steps import finetune_dense
 
     settings = _task_settings(args)
+    _not_lm_task(settings.data, "finetune")
     model = args.model or default_model(settings.data)
     _check_pretrained(model, "finetune")
     _set_threads(args.threads)
@@ -430,6 +443,7 @@ def cmd_run(args) -> int:
     from adaptinf.preset import check_modality, default_preset, read_preset, resolve
     from adaptinf.run import run
 
+    _not_lm_task(args.data, "run")
     if args.model is not None:
         _check_pretrained(args.model, "run")
     _set_threads(args.threads)
@@ -511,6 +525,73 @@ def cmd_predict(args) -> int:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"{counts['written']} records written to {counts['output']}: {counts['predicted']} predictions, "
           f"{counts['errors']} errors, {counts['truncated']} truncated")
+    return 0
+
+
+# --- language models ----------------------------------------------------------------------------------
+
+
+def cmd_train_lm(args) -> int:
+    """train the built-in language model from scratch on a text corpus
+
+    Train a byte-level BPE tokenizer (--vocab-size) on the corpus's training split, then the built-in
+    gpt-tiny decoder (hidden 128, 4 layers, 4 heads, FFN 512, context 256; --set FIELD=VALUE changes
+    its DecoderConfig, e.g. --set num_hidden_layers=6) from scratch: AdamW, linear warm-up then cosine
+    (or linear) decay, gradient clipping, validation perplexity every --eval-every steps, the best
+    model kept in OUT/best (use it with `adaptinf generate OUT/best --prompt ...`), its test perplexity
+    in OUT/summary.json. Corpora: austen (Jane Austen's novels: four to train on, Persuasion for
+    validation, Northanger Abbey for test) or a UTF-8 text file (cut 80/10/10 in reading order at
+    paragraph starts). Resumable: rerun the same command after an interruption.
+    """
+    from adaptinf.lm import builtin_lm_config
+    from adaptinf.recipes.lm import LMTrainConfig, train_lm_from_scratch
+
+    cfg = LMTrainConfig(seed=args.seed, **{name: getattr(args, name) for name in LMTrainConfig.flags()})
+    overrides = _parse_sets(args.set or [])
+    decoder = builtin_lm_config(args.model, args.vocab_size, cfg.dropout, 0, overrides)  # a bad --set fails here
+    if cfg.seq_len > decoder.max_positions:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context of {decoder.max_positions} tokens; lower it "
+                         "or raise the context with --set max_position_embeddings=N")
+    if args.data not in LM_TASKS and not Path(args.data).is_file():
+        raise ValueError(f"--task {args.data!r} is neither a built-in corpus ({', '.join(LM_TASKS)}) nor a text file"
+                         + (" (it is a folder)" if Path(args.data).is_dir() else ""))
+    _set_threads(args.threads)
+    result, summary = train_lm_from_scratch(args.data, cfg, args.out, model_name=args.model, vocab_size=args.vocab_size,
+                                            overrides=overrides, progress=not args.no_progress, restart=args.restart)
+    test = f", test perplexity {summary['test_perplexity']:.2f}" if "test_perplexity" in summary else ""
+    print(f"{summary['parameters']:,} parameters, {summary['tokens']['train']:,} training tokens: best validation "
+          f"perplexity {result.best_val_perplexity:.2f} at step {result.best_step} of {result.steps}{test} "
+          f"({result.seconds:.0f} s); model saved to {Path(args.out) / 'best'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """continue a prompt with a language model
+
+    Load a language model directory (OUT/best of `adaptinf train-lm`) and print the prompt followed by
+    its continuation: up to --max-new-tokens tokens, drawn at --temperature from the --top-k most
+    likely tokens by a generator seeded with --seed (the same command prints the same text), or the
+    most likely token at each step with --greedy. The prompt starts a document (it follows an
+    end-of-text token, as every document in training); generation stops at an end-of-text token or at
+    the end of the model's context (a note on stderr says so).
+    """
+    from adaptinf.lm import load_lm
+
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give some text to continue")
+    if args.greedy and (args.temperature is not None or args.top_k is not None):
+        raise ValueError("--greedy takes the most likely token; --temperature and --top-k are for sampling: drop one")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ValueError(f"--temperature must be a positive number, got {args.temperature}")
+    _set_threads(args.threads)
+    model = load_lm(args.model)
+    g = model.generate_text(args.prompt, args.max_new_tokens, greedy=args.greedy,
+                            temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
+                            seed=args.seed)
+    print(g.text)
+    if g.cut_by_context:
+        print(f"note: {g.new_tokens} new tokens: the prompt and --max-new-tokens {args.max_new_tokens} exceed the "
+              f"model's context of {model.cfg.max_positions} tokens", file=sys.stderr)
     return 0
 
 
@@ -687,6 +768,41 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     _add_common_args(p, out=None)
 
 
+def _train_lm_args(p: argparse.ArgumentParser) -> None:
+    from adaptinf.corpus import DEFAULT_VOCAB_SIZE
+    from adaptinf.lm import BUILTIN_LMS, DEFAULT_LM
+    from adaptinf.recipes.lm import LMTrainConfig
+
+    g = p.add_argument_group("corpus and model")
+    g.add_argument("--task", "--data", dest="data", default=LM_TASKS[0],
+                   help=f"built-in corpus ({', '.join(LM_TASKS)}) or a UTF-8 text file (split 80/10/10 in reading order)")
+    g.add_argument("--model", default=DEFAULT_LM, choices=list(BUILTIN_LMS), help="built-in language model (trained from scratch)")
+    g.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help="tokens of the byte-level BPE tokenizer trained on the training split (the model's vocabulary)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a DecoderConfig field of the model (repeatable), e.g. --set hidden_size=256 --set num_hidden_layers=6")
+    g.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    t = p.add_argument_group("training (rerun the same command to resume)")
+    defaults = LMTrainConfig()
+    for name, text in LMTrainConfig.flags().items():
+        default = getattr(defaults, name)
+        t.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=text,
+                       **({"choices": ["cosine", "linear"]} if name == "schedule" else {}))
+    _add_common_args(p, out="output directory (best/, last/, metrics.csv, summary.json)",
+                     restart="discard a previous run in --out instead of resuming it")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_DIR", help="a language model directory (OUT/best of `adaptinf train-lm`)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--greedy", action="store_true", help="take the most likely token at each step instead of sampling")
+    _add_common_args(p, out=None)
+
+
 # sub-command -> (what it runs: its docstring's first line is its summary, the rest its description; its flags)
 _COMMANDS = {
     "finetune": (cmd_finetune, _finetune_args),
@@ -697,6 +813,8 @@ _COMMANDS = {
     "run": (cmd_run, _run_args),
     "select": (cmd_select, _select_args),
     "predict": (cmd_predict, _predict_args),
+    "train-lm": (cmd_train_lm, _train_lm_args),
+    "generate": (cmd_generate, _generate_args),
 }
 
 

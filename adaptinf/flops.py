@@ -14,6 +14,11 @@ Convention (the same for dense and every adaptive method):
   whatever the padded batch length was.
 - The pooler (d→d on the first token; none when the encoder has `pooler` False) and every
   classifier / exit head / router / gate that ran are counted.
+- A causal decoder (`adaptinf.decoder`) counts the attention it needs, not a square: the token at
+  position p (0-based) scores p + 1 keys, so a sequence of L tokens costs 2·2·d·L(L+1)/2 in Q·Kᵀ and
+  P·V per block (`causal_attention_core`), the same whether it runs in one pass or token by token
+  through a KV cache (`decoder_token` summed over positions equals `dense_decoder`). The tied LM
+  head (d -> vocab) is counted on every token that gets logits.
 
 All functions take lengths as tensors and return tensors, so a model can compute its cost inside
 `forward` without a host sync.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from adaptinf.backbone import EncoderConfig
+from adaptinf.decoder import DecoderConfig
 
 
 def linear(tokens: torch.Tensor | int, d_in: int, d_out: int) -> torch.Tensor | int:
@@ -78,3 +84,42 @@ def dense_model(lengths: torch.Tensor, cfg: EncoderConfig, num_labels: int, laye
 def lengths_of(attention_mask: torch.Tensor) -> torch.Tensor:
     """Real length of every sample [b] (int64) from a [b, s] padding mask."""
     return attention_mask.sum(dim=1, dtype=torch.int64)
+
+
+# --- causal decoders (adaptinf.decoder) ---------------------------------------------------------------
+
+
+def causal_attention_core(length: torch.Tensor | int, d_attn: int) -> torch.Tensor | int:
+    """Q·Kᵀ and P·V of causal self-attention over `length` tokens: query i scores keys 0..i, so
+    L(L+1)/2 query-key pairs (2·2·d_attn FLOPs each) instead of the encoder's L²."""
+    return 2 * length * (length + 1) * d_attn
+
+
+def decoder_block(length, cfg: DecoderConfig):
+    """One causal block over a sequence of `length` tokens: q/k/v, causal scores and sum, output, FFN."""
+    d = cfg.hidden_size
+    return (linear(length, d, 3 * d) + causal_attention_core(length, d) + linear(length, d, d)
+            + ffn_block(length, d, cfg.intermediate_size))
+
+
+def lm_head(tokens, cfg: DecoderConfig):
+    """The tied LM head (d -> vocab) on `tokens` tokens."""
+    return linear(tokens, cfg.hidden_size, cfg.vocab_size)
+
+
+def dense_decoder(lengths, cfg: DecoderConfig, layers: int | None = None):
+    """FLOPs of scoring sequences of `lengths` tokens in one pass: `layers` causal blocks (default
+    all) and the LM head on every token (embedding lookups cost 0)."""
+    n = cfg.num_hidden_layers if layers is None else layers
+    return n * decoder_block(lengths, cfg) + lm_head(lengths, cfg)
+
+
+def decoder_token(position, cfg: DecoderConfig, layers: int | None = None):
+    """FLOPs of one token at 0-based `position` after `position` cached tokens (a generation step):
+    per block its projections and attention over position + 1 keys, then the LM head on it.
+    Summed over positions 0..L-1 it equals `dense_decoder(L)`."""
+    d = cfg.hidden_size
+    n = cfg.num_hidden_layers if layers is None else layers
+    per_block = (linear(1, d, 3 * d) + 2 * 2 * (position + 1) * d + linear(1, d, d)
+                 + ffn_block(1, d, cfg.intermediate_size))
+    return n * per_block + lm_head(1, cfg)

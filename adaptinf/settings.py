@@ -16,6 +16,7 @@ DEFAULT_MODEL = "minilm-l6"
 DEFAULT_DATA = "rotten-tomatoes"
 DEFAULT_VISION_MODEL = "vit-tiny"  # the default model of an image task
 IMAGE_TASKS = ("fashion-mnist",)  # built-in image tasks (adaptinf.data.BUILTIN_TASKS has every built-in task)
+LM_TASKS = ("austen",)  # built-in language-modelling corpora (`adaptinf train-lm`; adaptinf.corpus.lm_corpus)
 BUILTIN_TASK_NAMES = (DEFAULT_DATA, *IMAGE_TASKS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test
