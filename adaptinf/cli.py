@@ -160,6 +160,16 @@ def _check_pretrained(model: str, command: str) -> None:
                          f"`adaptinf convert {model} --method M`")
 
 
+def _warn_scratch_recipe(model: str, cfg: TrainConfig) -> None:
+    """A model with random weights (vit-tiny) fine-tuned with the text defaults is under-trained: say so."""
+    default = TrainConfig()
+    if model == DEFAULT_VISION_MODEL and cfg.lr == default.lr and cfg.epochs == default.epochs:
+        print(f"warning: {model} starts from random weights; the fine-tuning defaults (lr {default.lr:g}, "
+              f"{default.epochs} epochs) are for a pretrained text model and will under-train it. Train it from "
+              "scratch with e.g. --lr 1e-3 --epochs 12 --batch-size 64 --weight-decay 0.05 (the vision-quick "
+              "preset's dense recipe), or run `adaptinf run --preset vision-quick`", file=sys.stderr)
+
+
 def _not_lm_task(data: str | None, command: str) -> None:
     """A classification command refuses a language-modelling corpus, naming `adaptinf train-lm`."""
     if data in LM_TASKS:
@@ -189,7 +199,9 @@ def cmd_finetune(args) -> int:
     model = args.model or default_model(settings.data)
     _check_pretrained(model, "finetune")
     _set_threads(args.threads)
-    finetune_dense(model, settings, _train_config(args, settings.seed), args.out, max_length=args.max_length,
+    cfg = _train_config(args, settings.seed)
+    _warn_scratch_recipe(model, cfg)
+    finetune_dense(model, settings, cfg, args.out, max_length=args.max_length,
                    max_train_samples=args.max_train_samples, classifier_dropout=args.classifier_dropout,
                    progress=not args.no_progress, restart=args.restart)
     return 0

@@ -251,3 +251,17 @@ def test_bad_preset_files_are_one_line_errors(change, message, tmp_path, capsys)
     assert main(["run", "--preset", str(preset), "--out", str(out), *QUIET]) == 2
     assert message in _error(capsys)
     assert preset.read_text() == before and sorted(out.iterdir()) == [kept] and kept.read_text() == "keep me"
+
+
+def test_finetune_warns_when_a_scratch_model_gets_the_text_recipe(tmp_path, capsys, monkeypatch):
+    """vit-tiny has random weights: the text defaults (lr 5e-5, 2 epochs) get a loud warning; a
+    from-scratch recipe does not."""
+    import adaptinf.steps
+
+    calls = []
+    monkeypatch.setattr(adaptinf.steps, "finetune_dense", lambda *a, **k: calls.append(a[2]))
+    assert main(["finetune", "--task", "fashion-mnist", "--out", str(tmp_path / "a")]) == 0
+    assert "starts from random weights" in capsys.readouterr().err
+    assert main(["finetune", "--task", "fashion-mnist", "--lr", "1e-3", "--epochs", "12", "--out", str(tmp_path / "b")]) == 0
+    assert "random weights" not in capsys.readouterr().err
+    assert calls[1].lr == 1e-3 and calls[1].epochs == 12
