@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from adaptinf.settings import DEFAULT_FRACTIONS, check_fractions
+from adaptinf.settings import DEFAULT_FRACTIONS, check_fractions, find_asset_dir
 
 EOS = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
@@ -285,19 +285,10 @@ def austen_candidates() -> list[Path]:
 
 def austen_dir() -> Path:
     """The first candidate folder holding Rdata.rdb and Rdata.rdx (ValueError saying how to get them)."""
-    env = os.environ.get(AUSTEN_ENV)
-    if env and not all((Path(env) / n).is_file() for n in AUSTEN_FILES):
-        missing = [n for n in AUSTEN_FILES if not (Path(env) / n).is_file()]
-        raise ValueError(f"{AUSTEN_ENV}={env} lacks {missing}; point it to the data folder of the Debian package "
-                         f"r-cran-janeaustenr ({AUSTEN_DEB_DIR} below where it is extracted), or unset it")
-    candidates = austen_candidates()
-    for d in candidates:
-        if all((d / n).is_file() for n in AUSTEN_FILES):
-            return d
-    raise ValueError(
-        "the Austen corpus needs the Debian package r-cran-janeaustenr; `make setup` fetches it (apt-get download "
-        "r-cran-janeaustenr, then dpkg -x into .venv/deb-root; do not apt-get install it, that pulls all of R), or "
-        f"set {AUSTEN_ENV} to a folder holding {list(AUSTEN_FILES)}; looked in " + ", ".join(map(str, candidates)))
+    return find_asset_dir(AUSTEN_ENV, AUSTEN_FILES, austen_candidates(),
+                          "the Austen corpus needs the Debian package r-cran-janeaustenr; `make setup` fetches it "
+                          "(apt-get download r-cran-janeaustenr, then dpkg -x into .venv/deb-root; do not apt-get "
+                          f"install it, that pulls all of R): its data folder is {AUSTEN_DEB_DIR} below where it is extracted")
 
 
 def austen_novels(directory: str | os.PathLike | None = None) -> dict[str, str]:

@@ -395,6 +395,24 @@ def image_normalisation(path: Path, num_channels: int) -> tuple[tuple[float, ...
     return per_channel("image_mean"), per_channel("image_std")
 
 
+def _hf_weights(model_class, path: Path, **kwargs) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds, read by `model_class.from_pretrained` (local files only, its
+    loading chatter silenced): the state dict less what transformers initialised because the file
+    lacks it. Any failure to read is a ValueError naming the checkpoint."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report of missing weights: the callers handle those
+    try:
+        hf_model, info = model_class.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    except Exception as e:  # transformers raises many types for corrupt files
+        raise ValueError(f"cannot load the weights of checkpoint {path}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])  # initialised by transformers, not read from the checkpoint
+    return {k: v for k, v in hf_model.state_dict().items() if k not in missing}
+
+
 def load_encoder(name_or_path: str | os.PathLike) -> tuple[Encoder, Path | None]:
     """Our Encoder with the weights of a Hugging Face checkpoint of a supported family (directory or
     built-in name), and the checkpoint's directory (None for a built-in model made from a config,
@@ -415,17 +433,7 @@ def load_encoder(name_or_path: str | os.PathLike) -> tuple[Encoder, Path | None]
         raise ValueError(f"cannot read the config of checkpoint {path}: {e}") from e
     # checks the options before the weights are read (a ViT's pooler: once we know whether it has one)
     cfg = encoder_config_from_hf(hf_config, pooler=model_type != "vit")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its report of missing weights: handled below
-    try:
-        model_class = getattr(transformers, HF_MODEL_CLASSES[model_type])
-        hf_model, info = model_class.from_pretrained(path, local_files_only=True, output_loading_info=True)
-    except Exception as e:  # transformers raises many types for corrupt files
-        raise ValueError(f"cannot load the weights of checkpoint {path}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = set(info["missing_keys"])  # initialised by transformers, not read from the checkpoint
-    sd = {k: v for k, v in hf_model.state_dict().items() if k not in missing}
+    sd = _hf_weights(getattr(transformers, HF_MODEL_CLASSES[model_type]), path)
     if model_type == "vit":
         mean, std = image_normalisation(path, cfg.num_channels)
         cfg = encoder_config_from_hf(hf_config, mean, std, pooler="pooler.dense.weight" in sd)
@@ -629,15 +637,9 @@ def load_decoder(name_or_path: str | os.PathLike) -> tuple[Decoder, Path]:
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the config of checkpoint {path}: {e}") from e
         cfg = decoder_config_from_hf(hf_config)  # options checked before the weights are read
-        try:
-            hf_model, info = GPT2Model.from_pretrained(path, config=hf_config, local_files_only=True,
-                                                       output_loading_info=True)
-        except Exception as e:  # transformers raises many types for corrupt files
-            raise ValueError(f"cannot load the weights of checkpoint {path}: {e}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
-    missing = set(info["missing_keys"])  # initialised by transformers, not read from the checkpoint
-    sd = {k: v for k, v in hf_model.state_dict().items() if k not in missing}
+    sd = _hf_weights(GPT2Model, path, config=hf_config)
     decoder = Decoder(cfg)
     copy_decoder_weights_from_hf(decoder, sd)
     return decoder, path

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adaptinf.settings import DEFAULT_FRACTIONS, check_fractions, image_folder_files
+from adaptinf.settings import DEFAULT_FRACTIONS, check_fractions, find_asset_dir, image_folder_files
 
 PROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_TYPE = "adaptinf"
@@ -262,20 +262,10 @@ def fashion_mnist_candidates() -> list[Path]:
 def fashion_mnist_dir() -> Path:
     """The first candidate folder holding all four IDX files (ValueError saying how to get them)."""
     names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
-    env = os.environ.get(FASHION_MNIST_ENV)
-    if env and not all((Path(env) / n).is_file() for n in names):
-        missing = [n for n in names if not (Path(env) / n).is_file()]
-        raise ValueError(f"{FASHION_MNIST_ENV}={env} lacks the Fashion-MNIST files {missing}; point it to the folder "
-                         "holding all four (the Debian package's usr/share/datasets/fashion-mnist), or unset it")
-    candidates = fashion_mnist_candidates()
-    for d in candidates:
-        if all((d / n).is_file() for n in names):
-            return d
-    raise ValueError(
-        "the built-in task fashion-mnist needs the Debian package dataset-fashion-mnist; `make setup` fetches it "
-        "(apt-get download dataset-fashion-mnist, then dpkg -x into .venv/deb-root), or install it with "
-        f"`apt-get install dataset-fashion-mnist`, or set {FASHION_MNIST_ENV} to a folder holding {names}; looked in "
-        + ", ".join(str(d) for d in candidates))
+    return find_asset_dir(FASHION_MNIST_ENV, names, fashion_mnist_candidates(),
+                          "the built-in task fashion-mnist needs the Debian package dataset-fashion-mnist; `make setup` "
+                          "fetches it (apt-get download dataset-fashion-mnist, then dpkg -x into .venv/deb-root; its "
+                          "files are in usr/share/datasets/fashion-mnist), or `apt-get install dataset-fashion-mnist`")
 
 
 _IDX_TYPES = {0x08: np.uint8}

@@ -27,6 +27,24 @@ def check_fractions(fractions) -> None:
         raise ValueError(f"split fractions must be three positive numbers summing to 1, got {list(fractions)}")
 
 
+def find_asset_dir(env: str, names, candidates, how_to_get: str) -> Path:
+    """The folder holding every file in `names` for an offline data package: `$env` when set (a
+    ValueError when it lacks one), else the first of `candidates` that has them all; else a
+    ValueError of `how_to_get` and the folders looked in."""
+    given = os.environ.get(env)
+    if given:
+        missing = [n for n in names if not (Path(given) / n).is_file()]
+        if missing:
+            raise ValueError(f"{env}={given} lacks {missing}; {how_to_get}, or unset {env}")
+        return Path(given)
+    candidates = list(candidates)
+    for d in candidates:
+        if all((Path(d) / n).is_file() for n in names):
+            return Path(d)
+    raise ValueError(f"{how_to_get}, or set {env} to a folder holding {list(names)}; looked in "
+                     + ", ".join(map(str, candidates)))
+
+
 def is_image_data(data: str) -> bool:
     """Whether a task (its --data) is made of images: a built-in image task or a folder."""
     return data in IMAGE_TASKS or (data not in BUILTIN_TASK_NAMES and os.path.isdir(data))
