@@ -16,44 +16,38 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-image
 # data, read in Python by adaptinf/corpus.py), extracted the same way; never apt-get install it (that pulls all of R)
 AUSTEN_PKG := $(DEB_ROOT)/usr/lib/R/site-library/janeaustenr
 AUSTEN_FILES := Rdata.rdb Rdata.rdx
+comma := ,
 
 .PHONY: setup demo test test-fast clean fashion-mnist austen
 
 setup: $(STAMP) fashion-mnist austen
 
-fashion-mnist:
-	@for d in "$$ADAPTINF_FASHION_MNIST" $(FMNIST_DIR) /usr/share/datasets/fashion-mnist; do \
-	  found=yes; for f in $(FMNIST_FILES); do [ -n "$$d" ] && [ -f "$$d/$$f" ] || found=no; done; \
-	  if [ $$found = yes ]; then echo "Fashion-MNIST: $$d"; exit 0; fi; \
+# fetch an offline data package: use the first folder holding every file, else `apt-get download` the .deb
+# (retried after `apt-get update`) and `dpkg -x` it into $(DEB_ROOT), never a half-extracted copy.
+# $(1) label, $(2) folders to look in, $(3) files, $(4) package, $(5) folder inside the package, $(6) where it goes,
+# $(7) advice when the download fails
+define fetch_deb
+	@for d in $(2); do \
+	  found=yes; for f in $(3); do [ -n "$$d" ] && [ -f "$$d/$$f" ] || found=no; done; \
+	  if [ $$found = yes ]; then echo "$(1): $$d"; exit 0; fi; \
 	done; \
-	tmp=$(VENV)/deb-tmp; rm -rf $$tmp && mkdir -p $$tmp && \
-	if ! (cd $$tmp && { apt-get download -q dataset-fashion-mnist || { apt-get update -q && apt-get download -q dataset-fashion-mnist; }; }); then \
+	tmp=$(VENV)/deb-tmp-$(4); rm -rf $$tmp && mkdir -p $$tmp && \
+	if ! (cd $$tmp && { apt-get download -q $(4) || { apt-get update -q && apt-get download -q $(4); }; }); then \
 	  rm -rf $$tmp; \
-	  echo "error: cannot fetch Fashion-MNIST: 'apt-get download dataset-fashion-mnist' failed (run 'apt-get update'" \
-	       "first, or install it: 'apt-get install dataset-fashion-mnist', or set ADAPTINF_FASHION_MNIST to a folder" \
-	       "holding $(FMNIST_FILES))" >&2; \
+	  echo "error: cannot fetch $(1): 'apt-get download $(4)' failed ($(7))" >&2; \
 	  exit 1; \
 	fi; \
-	dpkg -x $$tmp/dataset-fashion-mnist_*.deb $$tmp/root && mkdir -p $$(dirname $(FMNIST_DIR)) && \
-	rm -rf $(FMNIST_DIR) && mv $$tmp/root/usr/share/datasets/fashion-mnist $(FMNIST_DIR) && rm -rf $$tmp && \
-	echo "Fashion-MNIST: extracted to $(FMNIST_DIR)"
+	dpkg -x $$tmp/$(4)_*.deb $$tmp/root && mkdir -p $$(dirname $(6)) && \
+	rm -rf $(6) && mv $$tmp/root/$(5) $(6) && rm -rf $$tmp && \
+	echo "$(1): extracted to $(6)"
+endef
 
+fashion-mnist:
+	$(call fetch_deb,Fashion-MNIST,"$$ADAPTINF_FASHION_MNIST" $(FMNIST_DIR) /usr/share/datasets/fashion-mnist,$(FMNIST_FILES),dataset-fashion-mnist,usr/share/datasets/fashion-mnist,$(FMNIST_DIR),run 'apt-get update' first or 'apt-get install dataset-fashion-mnist'$(comma) or set ADAPTINF_FASHION_MNIST to a folder holding $(FMNIST_FILES))
+
+# never `apt-get install` the Austen package: that pulls all of R
 austen:
-	@for d in "$$ADAPTINF_AUSTEN" $(AUSTEN_PKG)/data /usr/lib/R/site-library/janeaustenr/data; do \
-	  found=yes; for f in $(AUSTEN_FILES); do [ -n "$$d" ] && [ -f "$$d/$$f" ] || found=no; done; \
-	  if [ $$found = yes ]; then echo "Austen corpus: $$d"; exit 0; fi; \
-	done; \
-	tmp=$(VENV)/deb-tmp-austen; rm -rf $$tmp && mkdir -p $$tmp && \
-	if ! (cd $$tmp && { apt-get download -q r-cran-janeaustenr || { apt-get update -q && apt-get download -q r-cran-janeaustenr; }; }); then \
-	  rm -rf $$tmp; \
-	  echo "error: cannot fetch the Austen corpus: 'apt-get download r-cran-janeaustenr' failed (run 'apt-get update'" \
-	       "first, or set ADAPTINF_AUSTEN to a folder holding $(AUSTEN_FILES): the package's" \
-	       "usr/lib/R/site-library/janeaustenr/data; do not 'apt-get install' it, that pulls all of R)" >&2; \
-	  exit 1; \
-	fi; \
-	dpkg -x $$tmp/r-cran-janeaustenr_*.deb $$tmp/root && mkdir -p $$(dirname $(AUSTEN_PKG)) && \
-	rm -rf $(AUSTEN_PKG) && mv $$tmp/root/usr/lib/R/site-library/janeaustenr $(AUSTEN_PKG) && rm -rf $$tmp && \
-	echo "Austen corpus: extracted to $(AUSTEN_PKG)/data"
+	$(call fetch_deb,Austen corpus,"$$ADAPTINF_AUSTEN" $(AUSTEN_PKG)/data /usr/lib/R/site-library/janeaustenr/data,$(AUSTEN_FILES),r-cran-janeaustenr,usr/lib/R/site-library/janeaustenr,$(AUSTEN_PKG),run 'apt-get update' first$(comma) or set ADAPTINF_AUSTEN to the package's usr/lib/R/site-library/janeaustenr/data; do not 'apt-get install' it)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
