@@ -477,6 +477,28 @@ def _epoch(loop: _Loop, train: Encoded, ctrl_c: dict) -> bool:
     return False
 
 
+def run_epochs(epoch, pos, total: int, model, opt, out: Path, bar, log, save_on_ctrl_c: bool = True,
+               save_on_stop: bool = True) -> None:
+    """Run `epoch(ctrl_c) -> interrupted` until `total` steps, early stopping or an interruption at a
+    step boundary, then close the bar and log. A Ctrl-C (`save_on_ctrl_c`) or a stop asked for
+    between steps (`save_on_stop`) saves the resume point first; shared by `finetune` and the LM recipe."""
+    interrupted = False
+    with interrupt_at_step_boundary() as ctrl_c:
+        try:
+            while pos.global_step < total and not pos.stopped and not interrupted:
+                interrupted = epoch(ctrl_c)
+        except KeyboardInterrupt:
+            if save_on_ctrl_c and ctrl_c["hit"]:
+                bar.write("interrupted: saving the resume point; rerun the same command to continue")
+                save_state(out, model, opt, pos.to_dict())
+            raise
+        finally:
+            bar.close()
+            log.close()
+    if interrupted and save_on_stop:
+        save_state(out, model, opt, pos.to_dict())
+
+
 def finetune(
     model: AdaptiveClassifier,
     train: Encoded,
@@ -503,22 +525,13 @@ def finetune(
     bar = tqdm(total=total, initial=pos.global_step, desc="finetune", disable=not progress or rank != 0, unit="step")
     loop = _Loop(model, forward, opt, pos, cfg, out, rank, world, total, steps_per_epoch(len(train), cfg.batch_size),
                  _Log(out, rank), bar, stop_after_steps, val, save_extra, t0=time.time())
-    interrupted = False
-    with interrupt_at_step_boundary() as ctrl_c:
-        try:
-            while pos.global_step < total and not pos.stopped and not interrupted:
-                interrupted = _epoch(loop, train, ctrl_c)
-                barrier()
-        except KeyboardInterrupt:
-            if rank == 0 and world == 1 and ctrl_c["hit"]:
-                bar.write("interrupted: saving the resume point; rerun the same command to continue")
-                save_state(out, model, opt, pos.to_dict())
-            raise
-        finally:
-            bar.close()
-            loop.log.close()
-    if interrupted and rank == 0:
-        save_state(out, model, opt, pos.to_dict())
+    def epoch(ctrl_c) -> bool:
+        interrupted = _epoch(loop, train, ctrl_c)
+        barrier()
+        return interrupted
+
+    run_epochs(epoch, pos, total, model, opt, out, bar, loop.log, save_on_ctrl_c=rank == 0 and world == 1,
+               save_on_stop=rank == 0)
     barrier()
     return TrainResult(pos.best_acc, pos.best_epoch + 1, pos.epoch, pos.global_step, resumed_from, time.time() - loop.t0,
                        out, best_step=pos.best_step, total_steps=total, stopped_early=pos.stopped)

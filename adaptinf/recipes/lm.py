@@ -39,8 +39,8 @@ from adaptinf.checkpoint import write_json_atomic
 from adaptinf.corpus import DEFAULT_VOCAB_SIZE, LMData, lm_batches, lm_corpus, lm_steps_per_epoch, train_tokenizer
 from adaptinf.decoder import Decoder
 from adaptinf.lm import DEFAULT_LM, LanguageModel, LMScore, builtin_lm_config, evaluate_perplexity, load_lm
-from adaptinf.recipes.finetune import (_Log, guard_settings, interrupt_at_step_boundary, load_state, lr_schedule,
-                                       make_optimizer, save_state, set_lr)
+from adaptinf.recipes.finetune import (_Log, guard_settings, load_state, lr_schedule, make_optimizer,
+                                       run_epochs, save_state, set_lr)
 from adaptinf.settings import LM_TASKS
 
 SCHEDULES = ("cosine", "linear")
@@ -312,21 +312,7 @@ def train_lm(model: LanguageModel, data: LMData, cfg: LMTrainConfig, out_dir: st
     bar = tqdm(total=total, initial=pos.global_step, desc="train-lm", disable=not progress, unit="step")
     loop = _Loop(model, opt, pos, cfg, data, out, seq_len, per_epoch, total, _LMLog(out, 0), bar, save_extra,
                  time.time())
-    interrupted = False
-    with interrupt_at_step_boundary() as ctrl_c:
-        try:
-            while pos.global_step < total and not pos.stopped and not interrupted:
-                interrupted = _epoch(loop, ctrl_c, stop_after_steps)
-        except KeyboardInterrupt:
-            if ctrl_c["hit"]:
-                bar.write("interrupted: saving the resume point; rerun the same command to continue")
-                save_state(out, model, opt, pos.to_dict())
-            raise
-        finally:
-            bar.close()
-            loop.log.close()
-    if interrupted:
-        save_state(out, model, opt, pos.to_dict())
+    run_epochs(lambda ctrl_c: _epoch(loop, ctrl_c, stop_after_steps), pos, total, model, opt, out, bar, loop.log)
     best = math.exp(pos.best_loss) if math.isfinite(pos.best_loss) else math.inf
     return LMTrainResult(pos.best_loss, best, pos.best_step, pos.global_step, total, resumed_from,
                          time.time() - loop.t0, out, pos.stopped, pos.epoch)
