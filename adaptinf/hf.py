@@ -395,6 +395,25 @@ def image_normalisation(path: Path, num_channels: int) -> tuple[tuple[float, ...
     return per_channel("image_mean"), per_channel("image_std")
 
 
+def image_size_of(name_or_path: str | os.PathLike) -> int | None:
+    """A vision model's image size from its config alone (a built-in name, or a ViT checkpoint's
+    config.json), without reading weights; None for a text model."""
+    name = str(name_or_path)
+    if name in BUILTIN_CONFIGS:
+        return BUILTIN_CONFIGS[name].get("image_size") or None
+    if name in BUILTIN_MODELS:
+        return None
+    path = resolve_model_path(name)
+    if _model_type(path) != "vit":
+        return None
+    from transformers import AutoConfig
+
+    try:  # the config alone (transformers fills the defaults a saved config.json leaves out)
+        return _square(AutoConfig.from_pretrained(path, local_files_only=True).image_size, "image_size")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the config of checkpoint {path}: {e}") from e
+
+
 def _hf_weights(model_class, path: Path, **kwargs) -> dict[str, torch.Tensor]:
     """The weights a checkpoint holds, read by `model_class.from_pretrained` (local files only, its
     loading chatter silenced): the state dict less what transformers initialised because the file

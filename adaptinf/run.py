@@ -202,9 +202,9 @@ def _folder_image_size(cfg: RunConfig) -> int | None:
 
     if cfg.task.data in BUILTIN_TASK_NAMES or not is_image_data(cfg.task.data):
         return None
-    from adaptinf.hf import load_encoder
+    from adaptinf.hf import image_size_of
 
-    return load_encoder(cfg.model)[0].cfg.image_size or None
+    return image_size_of(cfg.model)
 
 
 def run(cfg: RunConfig, out: str | Path, progress: bool = True, restart: bool = False) -> RunResult:

@@ -329,3 +329,15 @@ def test_vision_flops_count_the_patch_projection_and_no_pooler():
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
             head(enc(x, ones_mask(x))[1])
         assert counter.get_total_flops() == flops.dense_model(n, c, C).item()
+
+
+def test_image_size_of_reads_the_config_only(tmp_path):
+    """`hf.image_size_of`: a built-in or a ViT checkpoint's image size without its weights; None for text."""
+    from transformers import ViTConfig, ViTModel
+
+    from adaptinf.hf import image_size_of
+
+    assert image_size_of("vit-tiny") == 28 and image_size_of("minilm-l6") is None
+    ViTModel(ViTConfig(image_size=12, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32)).save_pretrained(tmp_path)
+    assert image_size_of(tmp_path) == 12
