@@ -14,7 +14,21 @@ writers and weight checks it uses; never pickle):
                        embedding, stored once)
     tokenizer.json, tokenizer_config.json (`save_pretrained` of the tokenizer)
 `kind` tells a language model from a classifier (a classifier's config has no `kind`); `method` is
-the method applied to the decoder ("dense": none yet).
+the method applied to the decoder ("dense": none), `method_config` its settings and `knob` the
+operating point it was saved at (`LanguageModel.knob`; None: the method's full-compute default).
+
+Adaptive language models (issue 19: PLANER, per-token early exit, ACM on the decoder;
+`adaptinf.lm_methods`) subclass `LanguageModel` and keep this contract, so training
+(`adaptinf.recipes.lm.train_lm`), perplexity, generation, save/load and `adaptinf run --task austen`
+treat every method alike:
+    method                 its registry name (`adaptinf.lm_methods.LM_METHODS`)
+    method_config()        its settings as a JSON object (saved; `from_config` rebuilds the structure)
+    from_config(decoder, method_config, name, seq_len)   the unconverted structure, for `load_lm`
+    knob_values()          the operating points a sweep evaluates, cheapest first (dense: [None])
+    check_knob(v)          a ValueError for a knob the method does not take; `knob` / `using_knob(v)`
+    training_loss(inputs, targets)   what training minimises (dense: next-token cross-entropy)
+    score(inputs, targets) (summed NLL, executed FLOPs) at the current knob, as tensors (no sync)
+    generate(...)          `Decoder.generate`'s signature, at the current knob
 
 Perplexity (`evaluate_perplexity`): exp of the mean next-token NLL over a split's token stream in
 `adaptinf.corpus.lm_eval_batches` windows of the model's `seq_len` (every token after the first is
@@ -25,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +86,17 @@ def builtin_lm_config(name: str, vocab_size: int, dropout: float = 0.0, eos_toke
 
 @dataclass(frozen=True)
 class LMScore:
-    """A summed next-token NLL (nats) over `tokens` predicted tokens; `loss` is its mean."""
+    """A summed next-token NLL (nats) over `tokens` predicted tokens; `loss` is its mean. `flops`:
+    the FLOPs the model executed scoring them (at its knob), so `flops_per_token` is comparable
+    across methods (0.0 where not counted)."""
 
     nll_sum: float
     tokens: int
+    flops: float = 0.0
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.flops / self.tokens if self.tokens else 0.0
 
     @property
     def loss(self) -> float:
@@ -120,6 +142,61 @@ class LanguageModel(nn.Module):
         if tokenizer is not None and len(tokenizer) > decoder.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the decoder's vocabulary {decoder.cfg.vocab_size}")
         self.decoder, self.tokenizer, self.name, self.seq_len = decoder, tokenizer, name, seq_len
+        self.knob: float | None = None
+
+    # --- the method contract (see the module docstring); dense: no method, one operating point ---------
+
+    def method_config(self) -> dict:
+        """This method's settings as a JSON object (saved in config.json)."""
+        return {}
+
+    @classmethod
+    def from_config(cls, decoder: Decoder, method_config: dict, name: str = "custom",
+                    seq_len: int | None = None) -> LanguageModel:
+        """The model's structure from a saved `method_config` (weights not loaded): `load_lm` uses it."""
+        if method_config:
+            raise ValueError(f"a dense language model takes no method settings, got {sorted(method_config)}")
+        return cls(decoder, None, name, seq_len)
+
+    def knob_values(self) -> list[float | None]:
+        """The operating points a sweep evaluates, cheapest first; None is the method's full compute."""
+        return [None]
+
+    def check_knob(self, value: float | None) -> float | None:
+        if value is not None:
+            raise ValueError(f"a {self.method!r} language model has no knob (got {value!r}); use None")
+        return None
+
+    def set_knob(self, value: float | None) -> None:
+        self.knob = self.check_knob(value)
+
+    @contextmanager
+    def using_knob(self, value: float | None):
+        """Run at knob `value` inside the block; the previous knob is restored after it."""
+        old = self.knob
+        self.set_knob(value)
+        try:
+            yield self
+        finally:
+            self.knob = old
+
+    def training_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """What `adaptinf.recipes.lm.train_lm` minimises (a scalar with grad): the mean next-token
+        cross-entropy here; a method adds its exits', distillation or budget terms."""
+        return self.loss(inputs, targets)
+
+    def score(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token NLL, FLOPs executed) of one batch of windows inputs/targets [b, s], at
+        the current knob, as fp64 scalar tensors (no host sync). Dense: every token runs every block."""
+        nll = self.loss(inputs, targets, reduction="sum").double()
+        b, s = inputs.shape
+        cost = torch.as_tensor(float(flops.dense_decoder(s, self.cfg)) * b, dtype=torch.float64, device=nll.device)
+        return nll, cost
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """`Decoder.generate` (the same arguments), at the current knob."""
+        return self.decoder.generate(input_ids, max_new_tokens, attention_mask, **kwargs)
 
     @property
     def cfg(self) -> DecoderConfig:
@@ -176,7 +253,7 @@ class LanguageModel(nn.Module):
         ids = self.encode_prompt(prompt)
         n = min(max_new_tokens, self.cfg.max_positions - ids.shape[1])
         gen = None if greedy else torch.Generator(device=ids.device).manual_seed(seed)
-        out = self.decoder.generate(ids, n, do_sample=not greedy, temperature=temperature, top_k=top_k,
+        out = self.generate(ids, n, do_sample=not greedy, temperature=temperature, top_k=top_k,
                                     generator=gen, eos_token_id=self.eos_id)
         new = out[0, ids.shape[1]:].tolist()
         stopped = self.eos_id in new
@@ -197,8 +274,9 @@ class LanguageModel(nn.Module):
             self.tokenizer.save_pretrained(out)
         write_json_atomic(out / CONFIG_FILE, {
             "format": FORMAT, "format_version": LM_FORMAT_VERSION, "adaptinf_version": __version__,
-            "kind": LM_KIND, "method": self.method, "method_config": {}, "decoder": self.cfg.to_dict(),
-            "lm": {"name": self.name, "seq_len": self.seq_len}, **({"extra": extra} if extra else {}),
+            "kind": LM_KIND, "method": self.method, "method_config": self.method_config(), "knob": self.knob,
+            "decoder": self.cfg.to_dict(), "lm": {"name": self.name, "seq_len": self.seq_len},
+            **({"extra": extra} if extra else {}),
         })
         return out
 
@@ -237,12 +315,16 @@ def read_lm_config(directory: str | os.PathLike) -> dict:
     if cfg.get("format_version") != LM_FORMAT_VERSION:
         raise ValueError(f"{d} has language-model format version {cfg.get('format_version')!r}; this adaptinf reads "
                          f"version {LM_FORMAT_VERSION}. Re-create it with this version of adaptinf.")
-    if cfg.get("method") != LanguageModel.method:
+    from adaptinf.lm_methods import LM_METHODS
+
+    if cfg.get("method") not in LM_METHODS:
         raise ValueError(f"{d} holds a language model with method {cfg.get('method')!r}; this adaptinf loads "
-                         f"{LanguageModel.method!r} language models")
+                         f"{', '.join(map(repr, LM_METHODS))} language models")
     for key in ("decoder", "lm"):
         if not isinstance(cfg.get(key), dict):
             raise _corrupt(path, f"{key!r} is missing or not a JSON object")
+    if not isinstance(cfg.get("method_config", {}), dict):
+        raise _corrupt(path, "'method_config' is not a JSON object")
     return cfg
 
 
@@ -250,9 +332,14 @@ def load_lm(directory: str | os.PathLike, with_tokenizer: bool = True) -> Langua
     """The language model saved in `directory` (eval mode), its tokenizer attached."""
     d = Path(directory)
     cfg = read_lm_config(d)
+    from adaptinf.lm_methods import lm_method
+
     try:
         dcfg = DecoderConfig.from_dict(cfg["decoder"])
-        model = LanguageModel(Decoder(dcfg), None, str(cfg["lm"].get("name", "custom")), cfg["lm"].get("seq_len"))
+        cls = lm_method(cfg["method"])
+        model = cls.from_config(Decoder(dcfg), cfg.get("method_config") or {}, str(cfg["lm"].get("name", "custom")),
+                                cfg["lm"].get("seq_len"))
+        model.set_knob(cfg.get("knob"))
     except (TypeError, ValueError) as e:
         raise _corrupt(d / CONFIG_FILE, str(e)) from e
     load_weights(model, d, f"{LM_KIND} ({cfg['method']})")
@@ -275,9 +362,10 @@ def load_lm(directory: str | os.PathLike, with_tokenizer: bool = True) -> Langua
 @torch.no_grad()
 def evaluate_perplexity(model: LanguageModel, stream: torch.Tensor, batch_size: int = 32, seq_len: int | None = None,
                         max_tokens: int | None = None) -> LMScore:
-    """The summed next-token NLL of a token stream (a split of `adaptinf.corpus.LMData`) in
-    `lm_eval_batches` windows of `seq_len` (default the model's), in eval mode (the mode is restored).
-    `max_tokens`: score only the stream's first max_tokens + 1 tokens. One host sync at the end."""
+    """The summed next-token NLL, and the FLOPs executed, of a token stream (a split of
+    `adaptinf.corpus.LMData`) in `lm_eval_batches` windows of `seq_len` (default the model's), at the
+    model's current knob, in eval mode (the mode is restored). `max_tokens`: score only the stream's
+    first max_tokens + 1 tokens. One host sync at the end."""
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be None or a positive int, got {max_tokens!r}")
@@ -289,12 +377,15 @@ def evaluate_perplexity(model: LanguageModel, stream: torch.Tensor, batch_size: 
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    cost = torch.zeros((), dtype=torch.float64, device=device)
     try:
         for batch in lm_eval_batches(stream, batch_size, seq_len):
-            total += model.loss(batch.inputs.to(device), batch.targets.to(device), reduction="sum").double()
+            nll, c = model.score(batch.inputs.to(device), batch.targets.to(device))
+            total += nll
+            cost += c
     finally:
         model.train(was_training)
     nll = float(total)
     if not math.isfinite(nll):
         raise ValueError("the model's loss is not finite (NaN or inf weights?)")
-    return LMScore(nll, eval_token_count(stream))
+    return LMScore(nll, eval_token_count(stream), float(cost))

@@ -222,7 +222,7 @@ class _Loop:
 def _train_step(model: LanguageModel, opt: torch.optim.Optimizer, inputs, targets, max_grad_norm: float) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
     device = model.decoder.embeddings.word.weight.device
-    loss = model.loss(inputs.to(device), targets.to(device))  # mean over the batch's tokens
+    loss = model.training_loss(inputs.to(device), targets.to(device))  # mean over the batch's tokens (+ a method's terms)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     opt.step()
