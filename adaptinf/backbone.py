@@ -362,6 +362,13 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(n, 1, c * p * p), x], dim=1)
 
 
+def unpatchify(x: torch.Tensor, image_size: int, patch_size: int, num_channels: int) -> torch.Tensor:
+    """The inverse of `patchify`: [N, 1 + P, C*p*p] (row 0, the CLS slot, dropped) -> [N, C, H, W]."""
+    p, c, g = patch_size, num_channels, image_size // patch_size
+    n = x.shape[0]
+    return x[:, 1:].reshape(n, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, image_size, image_size)
+
+
 class PatchEmbeddings(nn.Module):
     """ViT embeddings of `patchify`d uint8 input [b, 1 + P, C*p*p] -> [b, 1 + P, d].
 

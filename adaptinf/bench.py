@@ -186,8 +186,22 @@ def model_case(model: torch.nn.Module, knob: float | None = None) -> Case:
 
 
 def hf_case(hf_model: torch.nn.Module) -> Case:
-    """A case that runs a `transformers` sequence classifier (e.g. from `DenseClassifier.to_hf`)."""
+    """A case that runs a `transformers` sequence classifier (e.g. from `DenseClassifier.to_hf`).
+    A ViT (`ViTForImageClassification`) gets `pixel_values` made from the batch's uint8 patch rows
+    (un-patchified, / 255, normalised per channel: its image processor's work, timed with it)."""
     hf_model.eval()
+    c = hf_model.config
+    if getattr(c, "model_type", None) == "vit":
+        from adaptinf.backbone import unpatchify
+
+        mean = torch.tensor(hf_model.image_mean).view(1, -1, 1, 1)
+        std = torch.tensor(hf_model.image_std).view(1, -1, 1, 1)
+
+        def run_vit(batch: Batch) -> torch.Tensor:
+            images = unpatchify(batch.input_ids, c.image_size, c.patch_size, c.num_channels)
+            return hf_model(pixel_values=(images.float() / 255 - mean) / std).logits
+
+        return run_vit
 
     def run(batch: Batch) -> torch.Tensor:
         return hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -4,7 +4,7 @@ A user who wants a cheaper model compares against the best dense model they can 
 one. `dense_references` builds, for one dense model, the cases a latency table times beside the
 methods (all on the same samples, in one interleaved run):
 
-- "transformers": the dense model as a `transformers` BertForSequenceClassification, as loaded,
+- "transformers": the dense model as a `transformers` BertForSequenceClassification (a ViT: ViTForImageClassification), as loaded,
   on the batches in their drawn order (padded to each batch's longest);
 - "dense padded": adaptinf's dense model with padded execution, same unsorted batches;
 - "dense": adaptinf's dense model at its best, padding-free (`model.packed`) on length-bucketed

@@ -422,3 +422,27 @@ def test_sliced_blocks_at_full_width_are_the_pre_ln_blocks():
         full = WidthShape(1.0, HEADS, D, D, FF)
         torch.testing.assert_close(sliced_block(block, h, bias, full, block.attention.norm, block.ffn.norm), block(h, bias))
         assert not torch.allclose(attention_heads(block.attention, h, bias, HEADS // 2, 0.0), ref_a)
+
+
+def test_dense_vit_exports_to_transformers_with_equal_logits(dense):
+    """`DenseClassifier.to_hf` of a ViT is a `ViTForImageClassification` whose logits, fed by
+    `bench.hf_case` from the same uint8 patch rows, equal ours (the "transformers" latency reference)."""
+    from transformers import ViTForImageClassification
+
+    from adaptinf.backbone import unpatchify
+    from adaptinf.bench import hf_case
+    from adaptinf.data import Batch
+
+    imgs = images(5, seed=3)
+    assert torch.equal(unpatchify(patchify(imgs, PATCH), IMAGE, PATCH, 1), imgs)
+    hf_model = dense.to_hf()
+    assert isinstance(hf_model, ViTForImageClassification)
+    b = image_batch(5, seed=3)
+    with torch.no_grad():
+        want = dense(**b).logits
+        zeros = torch.zeros(5, dtype=torch.long)
+        got = hf_case(hf_model)(Batch(b["input_ids"], b["attention_mask"], zeros, zeros))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want.std() > 0.1
+    with pytest.raises(ValueError, match="pooler"):
+        vit_dense(pooler=True).to_hf()
