@@ -174,11 +174,12 @@ def _not_lm_task(data: str | None, command: str) -> None:
     """A classification command refuses a language-modelling corpus, naming `adaptinf train-lm`."""
     if data in LM_TASKS:
         raise ValueError(f"{data} is a language-modelling corpus; {command} trains classifiers. Train a language "
-                         f"model with `adaptinf train-lm --task {data} --out DIR` (issue 19: `adaptinf run` on it is "
-                         "not there yet)")
+                         f"model with `adaptinf train-lm --task {data} --out DIR`, or run the whole language-model job "
+                         f"with `adaptinf run --task {data} --out DIR`")
     if data is not None and data.lower().endswith(".txt"):
         raise ValueError(f"{data}: {command} reads a labelled .csv, .tsv or .jsonl file; a plain text file is a "
-                         f"language-modelling corpus: `adaptinf train-lm --task {data} --out DIR`")
+                         f"language-modelling corpus: `adaptinf train-lm --task {data} --out DIR` or "
+                         f"`adaptinf run --task {data} --out DIR`")
 
 
 # --- finetune -----------------------------------------------------------------------------------------
@@ -450,12 +451,19 @@ def cmd_run(args) -> int:
     validation and test, time each method's chosen point against dense, and write one report folder
     (OUT/report). Settings come from a preset (YAML, saved resolved as OUT/resolved.yaml); flags
     override them. Every stage is cached in OUT: rerunning with the same settings resumes where it
-    stopped, a changed setting reruns that stage and the later ones.
+    stopped, a changed setting reruns that stage and the later ones. On a language-modelling corpus
+    (--task austen or a .txt file; presets lm-quick, the default there, and lm-full) the decoder is
+    trained from scratch and perplexity replaces accuracy (adaptinf.run_lm).
     """
+    from adaptinf.lm_preset import lm_run_requested
     from adaptinf.preset import check_modality, default_preset, read_preset, resolve
     from adaptinf.run import run
 
-    _not_lm_task(args.data, "run")
+    if lm_run_requested(args.preset, args.data):  # a language-modelling corpus or an LM preset (lm-quick, lm-full)
+        from adaptinf.run_lm import cli_run
+
+        _set_threads(args.threads)
+        return cli_run(args)
     if args.model is not None:
         _check_pretrained(args.model, "run")
     _set_threads(args.threads)
@@ -597,6 +605,8 @@ def cmd_generate(args) -> int:
         raise ValueError(f"--temperature must be a positive number, got {args.temperature}")
     _set_threads(args.threads)
     model = load_lm(args.model)
+    if args.knob is not None:
+        model.set_knob(args.knob)  # a ValueError naming the method for a knob it does not take
     g = model.generate_text(args.prompt, args.max_new_tokens, greedy=args.greedy,
                             temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
                             seed=args.seed)
@@ -739,7 +749,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--preset", default=None,
                    help=f"built-in preset ({', '.join(builtin_presets())}) or a path to a preset .yaml file "
-                   "(default: quick; vision-quick for an image task: --task fashion-mnist or a folder of images)")
+                   "(default: quick; vision-quick for an image task: --task fashion-mnist or a folder of images; "
+                   "lm-quick for a language-modelling corpus: --task austen or a .txt file)")
     p.add_argument("--methods", default="all",
                    help="'all' (the preset's methods that are registered) or comma-separated method names, e.g. ee,acm")
     p.add_argument("--model", default=None, help="built-in model name or HF checkpoint directory (default: the preset's)")
@@ -812,6 +823,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--greedy", action="store_true", help="take the most likely token at each step instead of sampling")
+    p.add_argument("--knob", type=float, default=None,
+                   help="an adaptive model's operating point (default: the one it was saved at; dense has none)")
     _add_common_args(p, out=None)
 
 

@@ -359,7 +359,8 @@ class Decoder(nn.Module):
 
         `bias`: the additive mask `causal_bias` gives (`Decoder.attention_bias`); None: causal with
         no padding. With a cache, these s tokens' K/V are written at slots length..length+s-1 of each
-        block run; the cache's length is not advanced (`KVCache.advance`, once every block ran)."""
+        block run; the cache's length is not advanced (`KVCache.advance`, once every block ran). A
+        block whose `skip_attention` / `skip_ffn` attribute is true runs without that piece."""
         end = self.num_layers if end is None else end
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"block range {start}..{end} outside 0..{self.num_layers}")
@@ -370,8 +371,12 @@ class Decoder(nn.Module):
         is_causal = bias is None and past == 0 and s > 1
         for i in range(start, end):
             blk = self.blocks[i]
-            h = self_attention(blk.attention, h, bias, is_causal, cache, i)
-            h = blk.ffn(h)
+            # an architecture may drop a block's attention or FFN (PLANER sets these block attributes);
+            # a skipped attention writes no cache entries: the same layers are skipped for every token
+            if not getattr(blk, "skip_attention", False):
+                h = self_attention(blk.attention, h, bias, is_causal, cache, i)
+            if not getattr(blk, "skip_ffn", False):
+                h = blk.ffn(h)
         return h
 
     def attention_bias(self, s: int, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,

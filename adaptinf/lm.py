@@ -24,7 +24,9 @@ treat every method alike:
     method                 its registry name (`adaptinf.lm_methods.LM_METHODS`)
     method_config()        its settings as a JSON object (saved; `from_config` rebuilds the structure)
     from_config(decoder, method_config, name, seq_len)   the unconverted structure, for `load_lm`
-    knob_values()          the operating points a sweep evaluates, cheapest first (dense: [None])
+    knob_values()          the operating points a sweep evaluates, cheapest first (dense: [None]); None is
+                           the method's default point (dense and early exit: full compute; ACM: its
+                           gate as trained; PLANER: the searched architecture)
     check_knob(v)          a ValueError for a knob the method does not take; `knob` / `using_knob(v)`
     training_loss(inputs, targets)   what training minimises (dense: next-token cross-entropy)
     score(inputs, targets) (summed NLL, executed FLOPs) at the current knob, as tensors (no sync)
@@ -159,7 +161,7 @@ class LanguageModel(nn.Module):
         return cls(decoder, None, name, seq_len)
 
     def knob_values(self) -> list[float | None]:
-        """The operating points a sweep evaluates, cheapest first; None is the method's full compute."""
+        """The operating points a sweep evaluates, cheapest first; None is the method's default point."""
         return [None]
 
     def check_knob(self, value: float | None) -> float | None:

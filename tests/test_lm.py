@@ -297,8 +297,11 @@ def test_lm_tasks_and_bad_model_settings_are_refused_before_any_work(tmp_path, c
     assert main(["finetune", "--task", "austen", "--out", str(out), *QUIET]) == 2
     assert "train-lm --task austen" in _one_error(capsys)
     (tmp_path / "book.txt").write_text("Some text.\n")
-    assert main(["run", "--task", str(tmp_path / "book.txt"), "--out", str(out), *QUIET]) == 2
+    assert main(["finetune", "--task", str(tmp_path / "book.txt"), "--out", str(out), *QUIET]) == 2
     assert "a plain text file is a language-modelling corpus" in _one_error(capsys)
+    assert main(["run", "--task", str(tmp_path / "book.txt"), "--out", str(tmp_path / "r"), *QUIET]) == 2  # LM run: too short
+    err = capsys.readouterr().err  # the run's header line, then one error line
+    assert "error: " in err and "too short to split" in err and "Traceback" not in err
     assert main(["train-lm", "--set", "hidden_size=30", "--set", "num_attention_heads=4", "--out", str(out), *QUIET]) == 2
     assert "divisible by num_attention_heads" in _one_error(capsys)
     assert main(["train-lm", "--seq-len", "512", "--out", str(out), *QUIET]) == 2
