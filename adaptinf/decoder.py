@@ -395,7 +395,7 @@ class Decoder(nn.Module):
         """Blocks' output h [..., d] -> logits [..., vocab]: final LayerNorm, then the tied LM head."""
         return F.linear(self.final_norm(h), self.embeddings.word.weight)
 
-    def _check_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    def check_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      cache: KVCache | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
@@ -418,7 +418,7 @@ class Decoder(nn.Module):
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                cache: KVCache | None = None) -> torch.Tensor:
         """The blocks' output [b, s, d] (before the final LayerNorm); the cache, if any, is advanced."""
-        self._check_input(input_ids, attention_mask, cache)
+        self.check_input(input_ids, attention_mask, cache)
         s = input_ids.shape[1]
         offset = 0 if cache is None else cache.positions
         pos = self.positions(s, attention_mask, offset)
@@ -450,7 +450,7 @@ class Decoder(nn.Module):
         With `eos_token_id`, a row that produced it is finished: it gets `pad_token_id` (default: eos)
         after that, and generation stops early once every row is finished (n < max_new_tokens).
         Runs in eval mode (dropout off) and restores the module's mode."""
-        self._check_generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
+        self.check_generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
                              eos_token_id, pad_token_id)
         if max_new_tokens == 0:
             return input_ids
@@ -465,7 +465,7 @@ class Decoder(nn.Module):
             h = self.hidden(input_ids, attention_mask, cache)  # the prompt, once
             for step in range(max_new_tokens):
                 logits = self.head(h[:, -1])  # [b, V]
-                nxt = _pick(logits, do_sample, temperature, top_k, generator)  # [b]
+                nxt = pick_token(logits, do_sample, temperature, top_k, generator)  # [b]
                 if eos_token_id is not None:
                     nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
                     finished |= nxt == eos_token_id
@@ -477,11 +477,11 @@ class Decoder(nn.Module):
             self.train(was_training)
         return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)
 
-    def _check_generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
+    def check_generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
                         eos_token_id, pad_token_id) -> None:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        self._check_input(input_ids, attention_mask, None)
+        self.check_input(input_ids, attention_mask, None)
         if input_ids.shape[1] + max_new_tokens > self.cfg.max_positions:
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceeds "
                              f"the decoder's {self.cfg.max_positions} positions")
@@ -506,7 +506,7 @@ class Decoder(nn.Module):
                                  "got a mask with pads after real tokens")
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+def pick_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
           generator: torch.Generator | None) -> torch.Tensor:
     """Next tokens [b] from last-position logits [b, V]: argmax, or a draw after temperature and top-k."""
     if not do_sample:

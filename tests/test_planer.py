@@ -669,7 +669,7 @@ def test_search_candidates_are_distinct_and_fit_the_aim(monkeypatch):
 def test_the_table_never_times_a_narrower_block_above_a_wider_one():
     table = fake_table({"attn:full": 3.0, "attn:half": 3.4, "attn:quarter": 1.0, "ffn:dense": 2.4, "ffn:3quarter": 2.1,
                         "ffn:half": 2.7, "ffn:quarter": 2.0, "ffn:moe1": 4.0})
-    fixed = recipe._monotone(table)
+    fixed = recipe.monotone_table(table)
     assert fixed.blocks["attn:half"] == 3.0 and fixed.blocks["attn:quarter"] == 1.0
     assert fixed.blocks["ffn:half"] == 2.1 and fixed.blocks["ffn:quarter"] == 2.0 and fixed.blocks["ffn:moe1"] == 4.0
     assert fixed.extra["raw_blocks"]["ffn:half"] == 2.7

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.decoder import Decoder, KVCache, _pick, project_kv
+from adaptinf.decoder import Decoder, KVCache, pick_token, project_kv
 from adaptinf.lm import LanguageModel
 
 CONFIDENCES = ("max-prob", "margin", "classifier")
@@ -392,7 +392,7 @@ class EarlyExitLM(LanguageModel):
     def decode_exits(self, input_ids: torch.Tensor) -> ExitPass:
         """Feed input_ids [b, s] token by token through a KV cache (what generation does), at the
         current knob: the logits [b, s, V] and exit [b, s] of every token (knob None: the dense model)."""
-        self.decoder._check_input(input_ids, None, None)
+        self.decoder.check_input(input_ids, None, None)
         b, s = input_ids.shape
         knob = math.inf if self.knob is None else self.knob
         cache = KVCache.empty(self.cfg, b, s, self.decoder.embeddings.word.weight.dtype, input_ids.device)
@@ -459,7 +459,7 @@ class EarlyExitLM(LanguageModel):
         per new token: one per exit checked (at most num_exits - 1: "has every row exited?", which
         lets the remaining layers write K/V only), plus one for `eos_token_id` as `Decoder.generate`."""
         dec = self.decoder
-        dec._check_generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
+        dec.check_generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
                             eos_token_id, pad_token_id)
         b, s = input_ids.shape
         if max_new_tokens == 0:
@@ -474,7 +474,7 @@ class EarlyExitLM(LanguageModel):
             new, exits = [], []
             res = self._cached_step(input_ids, attention_mask, cache, knob)  # the prompt, once
             for step in range(max_new_tokens):
-                nxt = _pick(res.picked[:, -1], do_sample, temperature, top_k, generator)  # [b]
+                nxt = pick_token(res.picked[:, -1], do_sample, temperature, top_k, generator)  # [b]
                 exits.append(res.exit_index[:, -1])
                 if eos_token_id is not None:
                     nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)

@@ -223,7 +223,7 @@ def _worker(rank: int, procs: int, model: AcmClassifier, phase: str, names: list
 
 
 @dataclass
-class _ModuleRun:
+class ModuleRun:
     """One module's training in a module-wise phase: its own Adam and gradient clipping, so the
     result does not depend on which other modules train beside it."""
 
@@ -235,7 +235,7 @@ class _ModuleRun:
     per_k: torch.Tensor | None = None  # phase 1, this epoch: [3, N] squared error, relative error, tokens within 0.1
 
     @classmethod
-    def start(cls, mod: AdaptiveModule, phase: str, lr: float) -> _ModuleRun:
+    def start(cls, mod: AdaptiveModule, phase: str, lr: float) -> ModuleRun:
         opt = torch.optim.Adam(_part(mod, phase).parameters(), lr=lr)
         return cls(mod, phase, opt, torch.zeros(len(mod.choices), dtype=torch.int64))
 
@@ -304,14 +304,14 @@ def _teacher_pass(teacher: DenseClassifier, batch: Batch, depth: int) -> None:
 def train_modules(model: AcmClassifier, phase: str, names: list[str], train: Encoded, cfg: TrainConfig, out: Path,
                   progress: bool = False) -> None:
     """Train the learners ("distill") or the gates ("gates") of the ACMs `names` on the dense
-    model's captured inputs and outputs, each module on its own (`_ModuleRun`). Writes out/<name>.*."""
+    model's captured inputs and outputs, each module on its own (`ModuleRun`). Writes out/<name>.*."""
     if not names:  # more workers than modules left
         return
     c, teacher = model.config, model.teacher
     epochs, lr = (c.distill_epochs, c.distill_lr) if phase == "distill" else (c.gate_epochs, c.gate_lr)
     sched = TrainConfig(epochs=epochs, lr=lr, warmup_ratio=cfg.warmup_ratio, batch_size=cfg.batch_size)
     total = steps_per_epoch(len(train), cfg.batch_size) * epochs
-    runs = {n: _ModuleRun.start(model.module(n), phase, lr) for n in names}
+    runs = {n: ModuleRun.start(model.module(n), phase, lr) for n in names}
     points = {}
     for n in names:
         first, last = dense_counterpart(teacher, n)

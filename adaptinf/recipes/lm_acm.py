@@ -45,7 +45,7 @@ from adaptinf.checkpoint import load_weights, write_json_atomic
 from adaptinf.corpus import LMData, lm_batches, lm_eval_batches, lm_steps_per_epoch, perplexity_from
 from adaptinf.lm import LanguageModel
 from adaptinf.lm_methods.acm import AcmLM
-from adaptinf.recipes.acm import _ModuleRun, budget_target
+from adaptinf.recipes.acm import ModuleRun, budget_target
 from adaptinf.recipes.finetune import guard_settings
 from adaptinf.recipes.lm import LMTrainConfig, LMTrainResult, lm_lr_at, train_lm
 
@@ -236,12 +236,12 @@ def ffn_io(teacher: LanguageModel, inputs: torch.Tensor) -> tuple[list[torch.Ten
 
 def train_layers(model: AcmLM, phase: str, data: LMData, cfg: LMTrainConfig, out: Path, progress: bool) -> None:
     """`phase`'s steps on every layer at once (one teacher pass per step feeds all), each layer with
-    its own Adam and clipping (`_ModuleRun`); writes out/<layer>.ffn.safetensors and .json."""
+    its own Adam and clipping (`ModuleRun`); writes out/<layer>.ffn.safetensors and .json."""
     c = model.config
     steps, lr = (c.distill_steps, c.distill_lr) if phase == "distill" else (c.gate_steps, c.gate_lr)
     sched = LMTrainConfig(lr=lr, warmup_ratio=cfg.warmup_ratio, schedule="linear")
     window, device = cfg.window(model), model.decoder.embeddings.word.weight.device
-    runs = [_ModuleRun.start(ffn.acm, phase, lr) for ffn in model.ffns()]
+    runs = [ModuleRun.start(ffn.acm, phase, lr) for ffn in model.ffns()]
     step, epoch = 0, 0
     with tqdm(total=steps, desc=f"acm {phase}", disable=not progress, unit="step") as bar:
         while step < steps:

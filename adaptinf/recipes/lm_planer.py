@@ -4,14 +4,14 @@
 `fit` (each step kept in out_dir and resumed when rerun; `restart` clears them):
 1. routers (routers.json + routers.safetensors): each layer's router fitted to its experts' output
    norms on the dense model's FFN inputs (`router_steps` Adam steps on training windows; the
-   classifier recipe's `_router_step`: targets relative to the token's mean norm, MSE);
+   classifier recipe's `router_step`: targets relative to the token's mean norm, MSE);
 2. latency tables (latency_generate.json, latency_score.json; `adaptinf.recipes.latency_table.LatencyTable`):
    every candidate block timed on this machine as a stack (that block in every layer, the other slot
    skipped, minus the all-skipped overhead), interleaved rounds, median; "generate" is one decoding
    step at batch 1 (one new token after `cache_tokens` cached ones, then the LM head), "score" one
    window of the model's seq_len at batch 1. Re-profiled when taken under other conditions. The
    target is `latency_target` x the dense model's generation step (the "generate" table);
-3. search (search.json): greedy descents (the classifier recipe's `_descend` / `_refine`: the
+3. search (search.json): greedy descents (the classifier recipe's `descend` / `refine_search`: the
    downgrade with the least proxy increase per millisecond saved until the estimate meets
    (1 - search_margin) * target, then the best upgrades that still fit), proxy = mean KL(dense ||
    candidate) of the next-token distributions on `proxy_windows` validation windows (zero-shot);
@@ -55,7 +55,7 @@ from adaptinf.lm_methods.planer import PlanerLM, teacher_states
 from adaptinf.recipes.finetune import Stage
 from adaptinf.recipes.latency_table import LatencyTable, conditions
 from adaptinf.recipes.lm import LMTrainConfig, train_lm
-from adaptinf.recipes.planer import _descend, _monotone, _options, _Point, _refine, _router_step
+from adaptinf.recipes.planer import descend, monotone_table, block_options, SearchPoint, refine_search, router_step
 
 STAGES = ("routers", "latency_generate", "latency_score", "search", "candidates", "refit_search", "refit_final", "final",
           "summary")
@@ -210,7 +210,7 @@ def train_routers(model: PlanerLM, data: LMData, seq_len: int, steps: int, batch
             for b in lm_batches(data.train, batch, seq_len, seed, epoch):
                 sums = [[0.0, 0.0, 0.0, 0] for _ in range(layers)] if done % 10 == 0 else sums
                 for i, x in ffn_inputs(source, b.inputs).items():
-                    _router_step(model, i, x, opts[i], sums[i])
+                    router_step(model, i, x, opts[i], sums[i])
                 done += 1
                 bar.update(1)
                 if done >= steps:
@@ -340,7 +340,7 @@ def _table(model: PlanerLM, mode: str, window: int, out: Path) -> LatencyTable:
     path = out / f"latency_{mode}.json"
     table = LatencyTable.load(path) if path.is_file() else None
     if table is None or table.mismatches(1, 1 if mode == "generate" else window, _shape(model, mode, window)):
-        table = _monotone(profile(model, mode, window))
+        table = monotone_table(profile(model, mode, window))
         table.save(path)
     return table
 
@@ -360,10 +360,10 @@ class _LMProxy:
             self.ref = F.log_softmax(model._teacher[0](windows).logits.float(), -1)  # [b, s, V]
         self.tokens = windows.numel()
         dense = ["full/dense"] * self.layers
-        self.dense = self.point(dense, 0, _Point(dense, [[h0]], 0.0))
+        self.dense = self.point(dense, 0, SearchPoint(dense, [[h0]], 0.0))
 
     @torch.no_grad()
-    def point(self, arch: list[str], start: int, base: _Point) -> _Point:
+    def point(self, arch: list[str], start: int, base: SearchPoint) -> SearchPoint:
         states = [list(s) for s in base.states[: start + 1]]
         with self.model.using_architecture(arch):
             h = states[start][0]
@@ -372,7 +372,7 @@ class _LMProxy:
                 states.append([h])
             logp = F.log_softmax(self.model.decoder.head(h).float(), -1)
         kl = F.kl_div(logp, self.ref, log_target=True, reduction="sum") / self.tokens
-        return _Point(list(arch), states, float(kl))
+        return SearchPoint(list(arch), states, float(kl))
 
 
 def search(model: PlanerLM, table: LatencyTable, aim: float, windows: torch.Tensor, progress: bool = False) -> list[dict]:
@@ -388,8 +388,8 @@ def search(model: PlanerLM, table: LatencyTable, aim: float, windows: torch.Tens
         for name, only in VARIANTS:
             if len(found) >= model.config.candidates:
                 break
-            options, path = _options(model, table, only), []
-            cur = _refine(ev, _descend(ev, ev.dense, table, aim, options, bar, path), table, aim, options, bar, path)
+            options, path = block_options(model, table, only), []
+            cur = refine_search(ev, descend(ev, ev.dense, table, aim, options, bar, path), table, aim, options, bar, path)
             est = table.estimate(cur.arch)
             if (found and est > aim) or any(f["architecture"] == cur.arch for f in found):
                 continue

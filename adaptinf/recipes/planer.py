@@ -139,7 +139,7 @@ def _latency_table(model: PlanerClassifier, path: Path, rank: int) -> latency.La
         table = latency.LatencyTable.load(path) if path.is_file() else None
         if (table is None or table.mismatches(c.latency_batch_size, c.latency_seq_len, model.latency_shape())
                 or any(b not in table.blocks for b in model.block_choices() if not b.endswith(":skip"))):
-            _monotone(latency.profile(model, c.latency_batch_size, c.latency_seq_len, c.latency_repeats)).save(path)
+            monotone_table(latency.profile(model, c.latency_batch_size, c.latency_seq_len, c.latency_repeats)).save(path)
     barrier()
     return latency.LatencyTable.load(path)
 
@@ -147,7 +147,7 @@ def _latency_table(model: PlanerClassifier, path: Path, rank: int) -> latency.La
 NARROWING = {"attn": ("full", "half", "quarter"), "ffn": ("dense", "3quarter", "half", "quarter")}
 
 
-def _monotone(table: latency.LatencyTable) -> latency.LatencyTable:
+def monotone_table(table: latency.LatencyTable) -> latency.LatencyTable:
     """A static block that runs a subset of a wider one's heads or neurons is never timed above it:
     on a loaded machine single timings invert (a half FFN above the dense one), which would send the
     search's "next cheaper block" the wrong way. Each narrower block is capped at the wider one's
@@ -362,7 +362,7 @@ def train_routers(model: PlanerClassifier, train: Encoded, cfg: TrainConfig, pro
                             teacher(batch.input_ids, batch.attention_mask)
                             inputs = {i: captured[str(i)] for i in range(layers)}
                     for i, x in inputs.items():
-                        _router_step(model, i, x, opts[i], sums[i])
+                        router_step(model, i, x, opts[i], sums[i])
                     bar.update(1)
     finally:
         bar.close()
@@ -381,7 +381,7 @@ def _student_ffn_inputs(model: PlanerClassifier, input_ids: torch.Tensor, attent
     return ctx.ffn_inputs
 
 
-def _router_step(model: PlanerClassifier, layer: int, x: torch.Tensor, opt: torch.optim.Optimizer, sums: list) -> None:
+def router_step(model: PlanerClassifier, layer: int, x: torch.Tensor, opt: torch.optim.Optimizer, sums: list) -> None:
     """One Adam step of layer `layer`'s router on tokens x [T, d]; adds to sums (loss * T, target
     variance * T, top-1 hits, T)."""
     with torch.no_grad():
@@ -452,7 +452,7 @@ def _search_measured(model: PlanerClassifier, table: latency.LatencyTable, aim: 
 
 
 @dataclass
-class _Point:
+class SearchPoint:
     """An architecture on the search's path, with its per-layer hidden states and proxy."""
 
     arch: list[str]
@@ -470,7 +470,7 @@ class _Proxy:
         batches = eval_batches(proxy, batch_size, model.spec.encoder.pad_token_id)
         self.prepared = [model.prepare(b.input_ids, b.attention_mask, knob=None) for b in batches]
         dense = ["full/dense"] * self.layers
-        self.dense = _Point(dense, self.states(dense, 0, [[p[0] for p in self.prepared]]), 0.0)
+        self.dense = SearchPoint(dense, self.states(dense, 0, [[p[0] for p in self.prepared]]), 0.0)
         self.ref = self.heads(self.dense.states[-1])
         self.ref_power = max(sum(float(p.pow(2).sum()) for p, _ in self.ref), 1e-30)
 
@@ -497,13 +497,13 @@ class _Proxy:
             n += p.shape[0]
         return kl / max(n, 1) + err / self.ref_power
 
-    def point(self, arch: list[str], start: int, base: _Point) -> _Point:
+    def point(self, arch: list[str], start: int, base: SearchPoint) -> SearchPoint:
         """`arch` evaluated from `base`'s states (which agree with it below layer `start`)."""
         states = self.states(arch, start, base.states)
-        return _Point(arch, states, self.score(states[-1]))
+        return SearchPoint(arch, states, self.score(states[-1]))
 
 
-def _options(model: PlanerClassifier, table: latency.LatencyTable, only=None) -> dict[str, list[str]]:
+def block_options(model: PlanerClassifier, table: latency.LatencyTable, only=None) -> dict[str, list[str]]:
     """The blocks a search may choose per slot kind: the model's choices that the table has (skips
     always), filtered by `only` (a predicate on block names) when given."""
     names = [n for n in model.block_choices() if (n.endswith(":skip") or n in table.blocks) and (only is None or only(n))]
@@ -513,7 +513,7 @@ def _options(model: PlanerClassifier, table: latency.LatencyTable, only=None) ->
 def search_uniform(model: PlanerClassifier, table: latency.LatencyTable, target_ms: float) -> dict:
     """The uniform architecture (the same attention and FFN block in every layer, neither skipped) with
     the highest estimate that meets `target_ms`; the cheapest one when none does. No proxy."""
-    options = _options(model, table, lambda b: not b.endswith(":skip"))
+    options = block_options(model, table, lambda b: not b.endswith(":skip"))
     layers = model.spec.encoder.num_hidden_layers
     archs = [[f"{a.split(':')[1]}/{f.split(':')[1]}"] * layers for a in options["attn"] for f in options["ffn"]]
     fits = [a for a in archs if table.estimate(a) <= target_ms]
@@ -551,7 +551,7 @@ def _moves(arch: list[str], table: latency.LatencyTable, options: dict[str, list
                 yield from ((l, _with_slot(arch, l, o)) for o in opts if table.block_ms(o) > now)
 
 
-def _descend(ev: _Proxy, cur: _Point, table, target_ms: float, options: dict, bar, path: list) -> _Point:
+def descend(ev: _Proxy, cur: SearchPoint, table, target_ms: float, options: dict, bar, path: list) -> SearchPoint:
     """While the estimate misses the target: the downgrade with the least proxy increase per ms saved."""
     est = table.estimate(cur.arch)
     while est > target_ms:
@@ -570,7 +570,7 @@ def _descend(ev: _Proxy, cur: _Point, table, target_ms: float, options: dict, ba
     return cur
 
 
-def _refine(ev: _Proxy, cur: _Point, table, target_ms: float, options: dict, bar, path: list) -> _Point:
+def refine_search(ev: _Proxy, cur: SearchPoint, table, target_ms: float, options: dict, bar, path: list) -> SearchPoint:
     """While the estimate meets the target: the upgrade that still fits it and lowers the proxy most."""
     est = table.estimate(cur.arch)
     while est <= target_ms:
@@ -605,7 +605,7 @@ def search(model: PlanerClassifier, table: latency.LatencyTable, target_ms: floa
     """
     was_training = model.training
     model.eval()
-    options = _options(model, table, only)
+    options = block_options(model, table, only)
     bar = tqdm(desc="planer search", disable=not progress, unit="candidate")
     path: list[dict] = []
     try:
@@ -613,8 +613,8 @@ def search(model: PlanerClassifier, table: latency.LatencyTable, target_ms: floa
         cur = ev.dense
         if start is not None and list(start) != cur.arch:
             cur = ev.point(list(start), 0, cur)
-        cur = _descend(ev, cur, table, target_ms, options, bar, path)
-        cur = _refine(ev, cur, table, target_ms, options, bar, path)
+        cur = descend(ev, cur, table, target_ms, options, bar, path)
+        cur = refine_search(ev, cur, table, target_ms, options, bar, path)
     finally:
         bar.close()
         model.train(was_training)
