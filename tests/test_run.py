@@ -63,7 +63,15 @@ def tiny_run(tiny_hf_dir, user_csv, tmp_path_factory):
 # --- presets --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", builtin_presets())
+CLASSIFIER_PRESETS = [n for n in builtin_presets() if read_preset(n).get("kind") != "language-model"]  # lm-*: test_run_lm
+
+
+def test_language_model_presets_are_told_apart():
+    assert {"quick", "full", "vision-quick", "vision-full"} <= set(CLASSIFIER_PRESETS)
+    assert {"lm-quick", "lm-full"} == set(builtin_presets()) - set(CLASSIFIER_PRESETS)
+
+
+@pytest.mark.parametrize("name", CLASSIFIER_PRESETS)
 def test_builtin_presets_are_valid(name):
     raw = read_preset(name)
     cfg = parse_preset(raw, name)  # every key known, every type checked, every `set` a valid method config
