@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 
@@ -24,29 +23,19 @@ from adaptinf.decoder import DecoderConfig
 from adaptinf.lm import (BUILTIN_LMS, LM_KIND, LanguageModel, builtin_lm_config, evaluate_perplexity, load_lm,
                          read_lm_config)
 from adaptinf.recipes.lm import LMTrainConfig, build_lm, lm_lr_at, train_lm
+from lm_text import random_text
 
 QUIET = ["--no-progress", "--threads", "1"]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=48)
 TINY_SETS = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
-WORDS = ("the", "lady", "said", "that", "she", "would", "not", "walk", "to", "house", "of", "Mr.", "Darcy", "and",
-         "her", "sister", "was", "very", "happy", "with", "letter", "morning", "evening", "a", "in", "garden")
 
-
-def _text(seed: int = 0, paragraphs: int = 60) -> str:
-    rng = random.Random(seed)
-    paras = []
-    for _ in range(paragraphs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(rng.randint(1, 3))]
-        paras.append(" ".join(sentences))
-    return "\n\n".join(paras) + "\n"
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "novel.txt"
-    path.write_text(_text())
+    path.write_text(random_text())
     assert 3_000 < path.stat().st_size < 10_000
     return path
 

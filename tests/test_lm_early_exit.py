@@ -10,40 +10,27 @@ GPT-2 init is near uniform, where every confidence ties)."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaptinf import flops
-from adaptinf.corpus import LMData, text_file_corpus, train_tokenizer
 from adaptinf.lm import LanguageModel, load_lm
 from adaptinf.lm_methods import lm_method
 from adaptinf.lm_methods.early_exit import THRESHOLDS, EarlyExitLM, EarlyExitLMConfig
 from adaptinf.recipes.lm import LMTrainConfig, build_lm
 from adaptinf.recipes.lm_early_exit import fit
+from lm_text import tiny_lm_data
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=48)
-WORDS = ("the", "lady", "said", "that", "she", "would", "not", "walk", "to", "house", "of", "Mr.", "Darcy", "and",
-         "her", "sister", "was", "very", "happy", "with", "letter", "morning", "evening", "a", "in", "garden")
 
-
-def _text(seed: int = 0, paragraphs: int = 60) -> str:
-    rng = random.Random(seed)
-    paras = [" ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                      for _ in range(rng.randint(1, 3))) for _ in range(paragraphs)]
-    return "\n\n".join(paras) + "\n"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "novel.txt"
-    path.write_text(_text())
-    corpus = text_file_corpus(path)
-    tok = train_tokenizer(corpus.texts("train"), vocab_size=300)
-    return tok, LMData.from_corpus(corpus, tok)
+    return tiny_lm_data(tmp_path_factory.mktemp("corpus"))
 
 
 def _dense(tok, seed: int = 0) -> LanguageModel:

@@ -6,44 +6,28 @@ text file, a 300-token tokenizer, a decoder of hidden 32 with 2 layers and an FF
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
 from adaptinf import flops
-from adaptinf.corpus import LMData, text_file_corpus, train_tokenizer
 from adaptinf.lm import evaluate_perplexity, load_lm
 from adaptinf.lm_methods import lm_method
 from adaptinf.lm_methods.planer import PlanerLM, PlanerLMConfig
 from adaptinf.methods.planer import expert_flops, router_flops
 from adaptinf.recipes.lm import LMTrainConfig, build_lm
+from lm_text import tiny_lm_data
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=48)
-WORDS = ("the", "lady", "said", "that", "she", "would", "not", "walk", "to", "house", "of", "Mr.", "Darcy", "and",
-         "her", "sister", "was", "very", "happy", "with", "letter", "morning", "evening", "a", "in", "garden")
 SMALL = dict(num_experts=4, router_hidden=8, moe_ks=(1, 2), cache_tokens=8, latency_repeats=1, proxy_windows=2,
              candidates=2, candidate_steps=2, router_steps=3, router_batch=2, refit_steps=2)
 
 
-def _text(seed: int = 0, paragraphs: int = 60) -> str:
-    rng = random.Random(seed)
-    paras = []
-    for _ in range(paragraphs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(rng.randint(1, 3))]
-        paras.append(" ".join(sentences))
-    return "\n\n".join(paras) + "\n"
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "novel.txt"
-    path.write_text(_text())
-    corpus = text_file_corpus(path)
-    tok = train_tokenizer(corpus.texts("train"), vocab_size=300)
-    return tok, LMData.from_corpus(corpus, tok)
+    return tiny_lm_data(tmp_path_factory.mktemp("corpus"))
 
 
 def _dense(tok, seed: int = 0):

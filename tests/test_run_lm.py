@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import shutil
 import sys
 import types
@@ -27,10 +26,9 @@ from adaptinf.cli import main
 from adaptinf.lm import LanguageModel
 from adaptinf.lm_report import LMPoint, add_relative, choose_points
 from adaptinf.recipes.lm import train_lm
+from lm_text import random_text
 
 QUIET = ["--no-progress", "--threads", "1"]
-WORDS = ("the", "lady", "said", "that", "she", "would", "not", "walk", "to", "house", "of", "Mr.", "Darcy", "and",
-         "her", "sister", "was", "very", "happy", "with", "letter", "morning", "evening", "a", "in", "garden")
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=48)
 
 
@@ -125,15 +123,6 @@ def test_method():
         yield
 
 
-def _text(seed: int = 0, paragraphs: int = 80) -> str:
-    rng = random.Random(seed)
-    paras = []
-    for _ in range(paragraphs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(rng.randint(1, 3))]
-        paras.append(" ".join(sentences))
-    return "\n\n".join(paras) + "\n"
-
 
 def _preset(text_file: Path, **methods) -> dict:
     return {
@@ -161,7 +150,7 @@ def _run(preset: Path, out: Path, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "novel.txt"
-    path.write_text(_text())
+    path.write_text(random_text(paragraphs=80))
     return path
 
 
