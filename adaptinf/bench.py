@@ -539,18 +539,24 @@ def _rows_for_size(
 # --- output ---------------------------------------------------------------------------------------
 
 
-def write_bench(rows: list[BenchRow], out_dir: Path, stem: str = "bench") -> tuple[Path, Path]:
-    """Write rows to `out_dir/<stem>.csv` (with a header; None as an empty cell) and `<stem>.json` (a list of dicts)."""
+def write_rows(rows: list, row_type: type, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """Write dataclass rows (each with `to_dict`) to `out_dir/<stem>.csv` (a header of `row_type`'s
+    fields; None as an empty cell) and `<stem>.json` (a list of dicts)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
     dicts = [r.to_dict() for r in rows]
     with csv_path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(BenchRow)])
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(row_type)])
         writer.writeheader()
         writer.writerows(dicts)
     json_path.write_text(json.dumps(dicts, indent=2) + "\n", encoding="utf-8")
     return csv_path, json_path
+
+
+def write_bench(rows: list[BenchRow], out_dir: Path, stem: str = "bench") -> tuple[Path, Path]:
+    """Write rows to `out_dir/<stem>.csv` and `<stem>.json` (`write_rows`)."""
+    return write_rows(rows, BenchRow, out_dir, stem)
 
 
 def format_table(rows: list[BenchRow]) -> str:

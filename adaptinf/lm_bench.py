@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adaptinf.bench import interleaved_rounds, machine_name, matmul_rate, time_call, warm_up
+from adaptinf.bench import interleaved_rounds, machine_name, matmul_rate, time_call, warm_up, write_rows
 
 WORKLOADS = ("score", "generate")
 
@@ -188,15 +187,4 @@ def _time_one(cases, stream, workload, b, window, prompt_tokens, n_new, repeats,
 
 def write_lm_bench(rows: list[LMBenchRow], out_dir: Path, stem: str = "bench") -> tuple[Path, Path]:
     """`out_dir/<stem>.csv` and `<stem>.json` (a list of row dicts)."""
-    import csv
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dicts = [r.to_dict() for r in rows]
-    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    with csv_path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(LMBenchRow)])
-        writer.writeheader()
-        writer.writerows(dicts)
-    json_path.write_text(json.dumps(dicts, indent=2) + "\n", encoding="utf-8")
-    return csv_path, json_path
+    return write_rows(rows, LMBenchRow, out_dir, stem)

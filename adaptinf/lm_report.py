@@ -13,7 +13,6 @@ generation latency (timed points). matplotlib is imported only when a plot is dr
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -46,16 +45,10 @@ class LMPoint:
 
 
 def write_points(points: list[LMPoint], out_dir: Path, stem: str = "points") -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [p.to_dict() for p in points]
-    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    with csv_path.open("w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(LMPoint)])
-        w.writeheader()
-        w.writerows(rows)
-    json_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    return csv_path, json_path
+    """`out_dir/<stem>.csv` and `<stem>.json` of the points."""
+    from adaptinf.bench import write_rows
+
+    return write_rows(points, LMPoint, out_dir, stem)
 
 
 def read_points(paths: list[Path]) -> list[LMPoint]:
