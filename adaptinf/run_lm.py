@@ -256,6 +256,9 @@ def _method_stage(job: _LMJob, ms: LMMethodSettings, folder: Path, deps: list[st
 # --- latency and the report ----------------------------------------------------------------------------
 
 
+DEFAULT_SUFFIX = " (default)"  # a method's knob-None point, timed beside its chosen point
+
+
 def case_name(name: str, knob: float | None) -> str:
     return name if knob is None else f"{name}@{knob:g}"
 
@@ -266,12 +269,16 @@ def latency_picks(points, max_pct: float) -> list[tuple[str, float | None, str, 
 
     dense = next(p for p in points if p.method == "dense" and p.split == "validation")
     picks = [("dense", None, dense.model_dir, "reference")]
+    defaults = {p.name: p for p in points if p.split == "validation" and p.knob is None and p.method != "dense"}
     for name, pick in choose_points(points, max_pct).items():
         if pick is not None:
             picks.append((name, pick[0].knob, pick[0].model_dir, f"cheapest within {max_pct:g}% of dense (validation)"))
         else:
-            fb = fallback_point(points, name)
-            picks.append((name, fb.knob, fb.model_dir, f"lowest validation perplexity (none within {max_pct:g}%)"))
+            pick = (fallback_point(points, name),)
+            picks.append((name, pick[0].knob, pick[0].model_dir, f"lowest validation perplexity (none within {max_pct:g}%)"))
+        if pick[0].knob is not None and name in defaults:  # also the method's own point (PLANER: the searched
+            picks.append((name + DEFAULT_SUFFIX, None, defaults[name].model_dir,  # architecture at its latency target)
+                          "the method's default operating point (knob None)"))
     return picks
 
 
@@ -294,7 +301,7 @@ def _latency_stage(job: _LMJob, points) -> tuple[list[dict], dict[str, tuple[str
 
     job.total = job.count + 1
     settings = {**vars(lat), "picks": [[n, k, why] for n, k, _, why in picks]}
-    deps = [job.evals[n][0] for n, _, _, _ in picks]
+    deps = list(dict.fromkeys(job.evals[n.removesuffix(DEFAULT_SUFFIX)][0] for n, _, _, _ in picks))
     _, info = job.stage("latency: dense and the chosen points", folder, settings, deps, time_points,
                         outputs=("bench.json",))
     bench = json.loads((folder / "bench.json").read_text())

@@ -212,7 +212,7 @@ def test_latency_rows_are_stamped_and_interleaved_against_dense(tiny_run):
             assert r["new_tokens"] == 8 and r["prompt_tokens"] == 4 and r["flops_per_token"] is None
         else:
             assert r["tokens"] == 16 and r["flops_per_token"] > 0
-    assert {r["case"] for r in rows} >= {"dense"} and len({r["case"] for r in rows}) == 3
+    assert {r["case"] for r in rows} == {"dense", "trunc@1", "trunc (default)", "trunc-b"}  # the chosen points + own point
 
 
 def test_a_rerun_reuses_every_stage(tiny_run):
@@ -287,6 +287,21 @@ def test_the_selection_rule_takes_the_cheapest_point_within_n_percent_on_validat
     assert t.ppl_vs_dense_pct == pytest.approx(100 * (200 / 110 - 1))
     with pytest.raises(ValueError, match="exactly one dense point"):
         choose_points([p for p in pts if p.method != "dense"], 5.0)
+
+
+def test_latency_times_each_chosen_point_and_the_methods_own_point():
+    """Dense, each method's chosen point, and (where that is not the method's default) its knob-None
+    point too: PLANER's searched architecture is what its latency target is about."""
+    from adaptinf.run_lm import latency_picks
+
+    pts = [_pt("dense", None, "validation", 100.0, 10.0), _pt("dense", None, "test", 100.0, 10.0)]
+    for name, knob, ppl, fpt in [("a", 1, 104.0, 5.0), ("a", None, 103.0, 6.0), ("b", None, 101.0, 7.0),
+                                 ("c", 2, 120.0, 4.0), ("c", None, 110.0, 9.0)]:
+        pts += [_pt(name, knob, "validation", ppl, fpt), _pt(name, knob, "test", ppl, fpt)]
+    add_relative(pts)
+    picks = [(n, k, why.split(" ")[0]) for n, k, _, why in latency_picks(pts, 5.0)]
+    assert picks == [("dense", None, "reference"), ("a", 1, "cheapest"), ("a (default)", None, "the"),
+                     ("b", None, "cheapest"), ("c", None, "lowest")]
 
 
 # --- errors --------------------------------------------------------------------------------------------

@@ -23,16 +23,13 @@ Exit policies (`EarlyExitConfig.policy`), each with its own knob:
   threshold 0 never exits early (entropy is never negative) and log(C) exits almost everything.
 - "patience": stop when the last k exits (this one included) predict the same class, k = knob
   (PABEE's patience t is k = t + 1); k = 1 always takes the first exit.
+- "learned" (CALM's learned confidence): stop when a per-exit logistic model (`decider` [n_exits,
+  F + 1], saved with the weights) on cheap features of the logits already computed
+  (`decider_features`: calibrated max-prob, margin, entropy, agreement with exit i-1 and the length
+  of the agreeing run, exit i-1's max-prob) gives P(exit i predicts what the last exit would) >=
+  threshold; fitted post hoc on the calibration split (`adaptinf.recipes.early_exit.fit_decider`).
 The last exit takes every sample still running, so every sample gets a prediction.
-
-Exit placement (`EarlyExitConfig.exits`): layer numbers, or "every" (an exit after every layer),
-or "paper" (the SWEET paper's exits 1, 4, 6, 12 of 12 layers as fractions of depth, scaled to the
-model: ceil(f * L), repeats dropped; L=6 -> 1, 2, 3, 6), or "auto" (the default: "paper" for
-`sweet`, whose segments need more than one layer each to train, "every" for `ee` and `multi-model`).
-
-Distillation (`EarlyExitConfig.distill_weight` w, `distill_temperature` t): every exit but the last
-adds w * t^2 * KL(softmax(z_last / t) || softmax(z_i / t)) to its cross-entropy, the last exit's
-prediction detached (a target only), so in SWEET each segment is still trained only by its own exit.
+(Exit placement and distillation: `EarlyExitConfig`.)
 
 Cost (adaptinf.flops convention): a sample that stops at exit i paid for the blocks it ran at its
 real length plus every exit head evaluated for it (`flops.head`: pooler d x d where the encoder has
@@ -60,13 +57,14 @@ from adaptinf.data import Encoded, eval_batches
 from adaptinf.methods.dense import DenseClassifier, DenseConfig
 from adaptinf.model import AT_DEFAULT, AdaptiveClassifier, ClassifierOutput, MethodConfig, ModelSpec, SweepPoint
 
-POLICIES = ("max-softmax", "entropy", "patience")
+POLICIES = ("max-softmax", "entropy", "patience", "learned")
 POOLINGS = ("cls", "mean")
 PLACEMENTS = ("auto", "every", "paper")  # exits chosen from the model's depth
 CALIBRATIONS = ("holdout", "validation")
 # SWEET's exits (after layers 1, 4, 6 and 12 of BERT-base's 12), as twelfths of the depth
 PAPER_EXITS_TWELFTHS = (1, 4, 6, 12)
-MAX_SOFTMAX_NEVER = 1.01  # a max-softmax threshold that no probability reaches: never exit early
+MAX_SOFTMAX_NEVER = 1.01  # a max-softmax (or learned) threshold that no probability reaches: never exit early
+DECIDER_FEATURES = ("max_prob", "margin", "entropy", "agrees", "run", "previous_max_prob")  # `decider_features`
 ENTROPY_NEVER = 0.0  # entropy < 0 never holds: never exit early
 
 
@@ -105,7 +103,9 @@ class EarlyExitConfig(MethodConfig):
         one of them); or a placement from the model's depth: "every" (stored as (): every layer),
         "paper" (SWEET's 1, 4, 6, 12 of 12 scaled to the depth, `paper_exits`), "auto" (the
         method's own: "paper" for sweet, every layer for ee and multi-model).
-    policy: "max-softmax" (knob: threshold), "entropy" (knob: threshold) or "patience" (knob: k).
+    policy: "max-softmax" or "learned" (knob: a probability threshold), "entropy" (knob: threshold)
+        or "patience" (knob: k). "learned" needs its decider fitted (the recipe does, after the
+        temperatures, on the same split).
     classifier_dropout: dropout before each exit's classifier in training (the dense model's 0.1).
     pooling: what an exit's pooler reads: "cls" (the first token, BERT's pooler, as the dense
         model) or "mean" (the mask-aware mean of the token states). A shallow layer's first token
@@ -146,24 +146,17 @@ class EarlyExitConfig(MethodConfig):
         elif list(self.exits) != sorted(set(self.exits)):
             raise ValueError(f"EarlyExitConfig.exits must be increasing without repeats, got {list(self.exits)}; "
                              f"did you mean {sorted(set(self.exits))}?")
-        if self.policy not in POLICIES:
-            raise ValueError(f"EarlyExitConfig.policy must be one of {list(POLICIES)}, got {self.policy!r}")
-        if not 0.0 <= self.classifier_dropout < 1.0:
-            raise ValueError(f"EarlyExitConfig.classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"EarlyExitConfig.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
-        if not (isinstance(self.distill_weight, (int, float)) and 0.0 <= self.distill_weight < math.inf):
-            raise ValueError(f"EarlyExitConfig.distill_weight must be a number >= 0 (0: no distillation), "
-                             f"got {self.distill_weight!r}")
-        if not (isinstance(self.distill_temperature, (int, float)) and 0.0 < self.distill_temperature < math.inf):
-            raise ValueError(f"EarlyExitConfig.distill_temperature must be a number > 0 (1: the plain softmax), "
-                             f"got {self.distill_temperature!r}")
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"EarlyExitConfig.calibration must be one of {list(CALIBRATIONS)}, "
-                             f"got {self.calibration!r}")
-        if not (isinstance(self.calibration_fraction, (int, float)) and 0.0 < self.calibration_fraction < 0.5):
-            raise ValueError(f"EarlyExitConfig.calibration_fraction must be in (0, 0.5), e.g. 0.05, "
-                             f"got {self.calibration_fraction!r}")
+        for name, allowed in (("policy", POLICIES), ("pooling", POOLINGS), ("calibration", CALIBRATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"EarlyExitConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name, ok, want in (  # a value of the wrong type fails the comparison: `check_field_types` names it
+            ("classifier_dropout", 0.0 <= self.classifier_dropout < 1.0, "in [0, 1)"),
+            ("distill_weight", 0.0 <= self.distill_weight < math.inf, "a number >= 0 (0: no distillation)"),
+            ("distill_temperature", 0.0 < self.distill_temperature < math.inf, "a number > 0 (1: the plain softmax)"),
+            ("calibration_fraction", 0.0 < self.calibration_fraction < 0.5, "in (0, 0.5), e.g. 0.05"),
+        ):
+            if not ok:
+                raise ValueError(f"EarlyExitConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
 
 def paper_exits(num_layers: int) -> tuple[int, ...]:
@@ -240,7 +233,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     """The temperature T minimising the mean NLL of softmax(logits / T) on (logits [n, C], labels [n]).
 
     NLL is convex in 1/T, hence unimodal in log T: a grid over T in [0.01, 100] (T = 1 included, so
-    the result is never worse than no scaling) locates the minimum, golden-section search refines it.
+    the result is never worse than no scaling) locates the minimum, ternary search refines it.
     Returns (T, NLL at T = 1, NLL at T).
     """
     z, y = logits.double(), labels.long()
@@ -251,23 +244,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     grid = math.log(100.0) * np.arange(-40, 41) / 40  # log T, step 0.115, exactly 0 in the middle
     values = [nll(t) for t in grid]
     k = int(np.argmin(values))
-    best_t, best = float(grid[k]), values[k]
     lo, hi = float(grid[max(k - 1, 0)]), float(grid[min(k + 1, len(grid) - 1)])
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(40):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(b)
-    for t, v in ((a, fa), (b, fb)):
-        if v < best:
-            best_t, best = t, v
+    for _ in range(60):  # ternary search in the grid minimum's bracket: its width times (2/3)^60
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
+    best, best_t = min((values[k], float(grid[k])), (nll((lo + hi) / 2), (lo + hi) / 2))
     return math.exp(best_t), nll(0.0), best
 
 
@@ -299,21 +280,29 @@ class MultiExitClassifier(AdaptiveClassifier):
         self.exit_layers = resolve_exits(self.config.exits, spec.encoder.num_hidden_layers, self.auto_exits)
         # per-exit temperatures, fitted by `calibrate` (never on test) and saved with the weights
         self.register_buffer("temperature", torch.ones(len(self.exit_layers)))
-        self.register_buffer(
-            "layers_run", torch.tensor(self._layers_per_exit(), dtype=torch.int64), persistent=False
-        )
-        # times the embeddings ran for a sample stopping at exit i: once, or once per cascade model
+        # policy "learned": per exit the weights over `DECIDER_FEATURES` and a bias (0 until fitted: P = 0.5)
+        self.register_buffer("decider", torch.zeros(len(self.exit_layers), len(DECIDER_FEATURES) + 1),
+                             persistent=self.config.policy == "learned")
+        # blocks run and times the embeddings ran (once, or once per cascade model) for a sample stopping at exit i
+        self.register_buffer("layers_run", torch.tensor(self._layers_per_exit(), dtype=torch.int64), persistent=False)
         self.register_buffer("embeddings_run", torch.tensor(self._embeddings_per_exit(), dtype=torch.int64),
                              persistent=False)
 
     @property
     def knob_name(self) -> str:
-        """"threshold" (max-softmax, entropy), or "patience": the number of agreeing exits k."""
+        """"threshold" (max-softmax, entropy, learned), or "patience": the number of agreeing exits k."""
         return "patience" if self.config.policy == "patience" else "threshold"
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_layers)
+
+    def set_policy(self, policy: str) -> None:
+        """Switch a built (e.g. trained) model to another exit policy; the knob is cleared (its
+        meaning changes). With "learned" the decider is saved with the weights (fit it first)."""
+        self.config = dataclasses.replace(self.config, policy=policy)  # validated
+        self.register_buffer("decider", self.decider, persistent=policy == "learned")
+        self.set_knob(None)
 
     # --- to define per variant ------------------------------------------------------------------
     def _layers_per_exit(self) -> list[int]:
@@ -341,8 +330,9 @@ class MultiExitClassifier(AdaptiveClassifier):
         if self.config.policy == "patience":
             return [float(k) for k in range(1, n + 1)]
         u = 1.0 - np.geomspace(1.0, 1e-4, 24)  # 0 .. 0.9999, dense near 1
-        if self.config.policy == "max-softmax":
-            grid = 1.0 / c + (1.0 - 1.0 / c) * u  # 1/C (everything exits first) .. near 1
+        if self.config.policy in ("max-softmax", "learned"):
+            low = 1.0 / c if self.config.policy == "max-softmax" else 0.0
+            grid = low + (1.0 - low) * u  # everything exits first .. near 1
             return sorted({round(float(v), 6) for v in grid} | {1.0, MAX_SOFTMAX_NEVER})
         grid = math.log(c) * (1.0 - u)  # log C (nearly everything exits first) .. near 0
         return sorted({round(float(v), 6) for v in grid} | {ENTROPY_NEVER}, reverse=True)
@@ -375,9 +365,13 @@ class MultiExitClassifier(AdaptiveClassifier):
         """Which rows stop at exit i: (done [m] bool, policy state to carry to exit i+1).
 
         Row-wise only, so a row's decision never depends on the other rows of its batch.
-        `memo` is the patience state (previous prediction, length of the agreeing run) [m] each.
+        `memo` is the patience state (previous prediction, length of the agreeing run) [m] each
+        (and, for "learned", the previous max-prob: `decider_features`).
         """
         policy = self.config.policy
+        if policy == "learned":
+            x, memo = self.decider_features(i, logits, memo)  # [m, F]
+            return torch.sigmoid(x @ self.decider[i, :-1] + self.decider[i, -1]) >= knob, memo
         if policy == "patience":
             pred = logits.argmax(dim=-1)  # [m]
             run = torch.ones_like(pred) if memo is None else torch.where(pred == memo[0], memo[1] + 1, 1)
@@ -389,6 +383,21 @@ class MultiExitClassifier(AdaptiveClassifier):
         entropy = -(logp.exp() * logp).sum(dim=-1)  # [m], >= 0
         return entropy < knob, None
 
+    def decider_features(self, i: int, logits: torch.Tensor, memo: tuple | None) -> tuple[torch.Tensor, tuple]:
+        """The learned decider's features at exit i, `DECIDER_FEATURES` [m, F] float32, and the state
+        to carry to exit i+1 (prediction, agreeing run, max-prob) [m] each; `memo`: exit i-1's state
+        (None at the first exit). Probabilities are softmax(logits / T_i)."""
+        p = (logits.float() / self.temperature[i]).softmax(dim=-1)  # [m, C]
+        top = p.topk(min(2, p.shape[-1]), dim=-1).values  # [m, 2]
+        pred = p.argmax(dim=-1)  # [m]
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)  # [m]
+        if memo is None:
+            run, previous = torch.ones_like(pred), torch.zeros_like(top[:, 0])
+        else:
+            run, previous = torch.where(pred == memo[0], memo[1] + 1, 1), memo[2]
+        x = torch.stack([top[:, 0], top[:, 0] - top[:, -1], entropy, (run > 1).float(), run.float(), previous], -1)
+        return x, (pred, run, top[:, 0])
+
     # --- cost -----------------------------------------------------------------------------------
     def cost(self, exit_index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """FLOPs [b] (float64) of samples of real lengths [b] that stop at exits `exit_index` [b]:
@@ -399,6 +408,8 @@ class MultiExitClassifier(AdaptiveClassifier):
         if self.config.pooling == "mean":
             per_head = per_head + lengths * cfg.hidden_size  # one add per token state element (the divide is d more)
         heads = (exit_index + 1) * per_head
+        if self.config.policy == "learned":  # a dot product over the features per decision taken
+            heads = heads + 2 * len(DECIDER_FEATURES) * (exit_index + 1).clamp(max=self.num_exits - 1)
         embed = self.embeddings_run[exit_index] * flops.embeddings(lengths, cfg)  # a projection, if any
         return (self.layers_run[exit_index] * per_block + heads + embed).to(torch.float64)
 
