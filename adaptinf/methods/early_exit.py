@@ -23,11 +23,10 @@ Exit policies (`EarlyExitConfig.policy`), each with its own knob:
   threshold 0 never exits early (entropy is never negative) and log(C) exits almost everything.
 - "patience": stop when the last k exits (this one included) predict the same class, k = knob
   (PABEE's patience t is k = t + 1); k = 1 always takes the first exit.
-- "learned" (CALM's learned confidence): stop when a per-exit logistic model (`decider` [n_exits,
-  F + 1], saved with the weights) on cheap features of the logits already computed
-  (`decider_features`: calibrated max-prob, margin, entropy, agreement with exit i-1 and the length
-  of the agreeing run, exit i-1's max-prob) gives P(exit i predicts what the last exit would) >=
-  threshold; fitted post hoc on the calibration split (`adaptinf.recipes.early_exit.fit_decider`).
+- "learned" (CALM's learned confidence): stop when a logistic model per exit (`decider`, saved with
+  the weights) on cheap features of the logits (`decider_features`: calibrated max-prob, margin,
+  entropy, agreement with exit i-1, PABEE's agreeing run, exit i-1's max-prob) gives P(exit i predicts
+  what the last exit would) >= threshold; fitted post hoc (`adaptinf.recipes.early_exit.fit_decider`).
 The last exit takes every sample still running, so every sample gets a prediction.
 (Exit placement and distillation: `EarlyExitConfig`.)
 
@@ -371,7 +370,7 @@ class MultiExitClassifier(AdaptiveClassifier):
         policy = self.config.policy
         if policy == "learned":
             x, memo = self.decider_features(i, logits, memo)  # [m, F]
-            return torch.sigmoid(x @ self.decider[i, :-1] + self.decider[i, -1]) >= knob, memo
+            return torch.sigmoid((x * self.decider[i, :-1]).sum(-1) + self.decider[i, -1]) >= knob, memo  # per row
         if policy == "patience":
             pred = logits.argmax(dim=-1)  # [m]
             run = torch.ones_like(pred) if memo is None else torch.where(pred == memo[0], memo[1] + 1, 1)
@@ -391,17 +390,15 @@ class MultiExitClassifier(AdaptiveClassifier):
         top = p.topk(min(2, p.shape[-1]), dim=-1).values  # [m, 2]
         pred = p.argmax(dim=-1)  # [m]
         entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)  # [m]
-        if memo is None:
-            run, previous = torch.ones_like(pred), torch.zeros_like(top[:, 0])
-        else:
-            run, previous = torch.where(pred == memo[0], memo[1] + 1, 1), memo[2]
+        run = torch.ones_like(pred) if memo is None else torch.where(pred == memo[0], memo[1] + 1, 1)  # [m]
+        previous = torch.zeros_like(top[:, 0]) if memo is None else memo[2]  # [m] exit i-1's max-prob
         x = torch.stack([top[:, 0], top[:, 0] - top[:, -1], entropy, (run > 1).float(), run.float(), previous], -1)
         return x, (pred, run, top[:, 0])
 
     # --- cost -----------------------------------------------------------------------------------
     def cost(self, exit_index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """FLOPs [b] (float64) of samples of real lengths [b] that stop at exits `exit_index` [b]:
-        the blocks they ran at their length plus one head per exit evaluated for them."""
+        """FLOPs [b] (float64) of samples of real lengths [b] that stop at exits `exit_index` [b]: the blocks
+        they ran at their length, one head per exit evaluated for them (and "learned": the decider's)."""
         cfg = self.spec.encoder
         per_block = flops.block(lengths, cfg)  # [b] int64
         per_head = flops.head(cfg, self.spec.num_labels)
@@ -427,8 +424,7 @@ class MultiExitClassifier(AdaptiveClassifier):
 
     def all_exit_logits(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """Every exit's logits for every sample, [n_exits, b, C] (what training uses)."""
-        state = self._start(input_ids, attention_mask, token_type_ids)
-        out = []
+        state, out = self._start(input_ids, attention_mask, token_type_ids), []
         for i in range(self.num_exits):
             logits, state = self._stage(i, state, detach=i > 0 and self.detach_between_exits)
             out.append(logits)
@@ -575,15 +571,11 @@ class MultiExitClassifier(AdaptiveClassifier):
         if y.shape != (len(calib),) or bool(((y < 0) | (y >= self.spec.num_labels)).any()):
             raise ValueError("calibration needs every sample labelled with one of the model's labels")
         z, _ = self.exit_logits(calib, batch_size)
-        fitted = [fit_temperature(z[i], y) for i in range(self.num_exits)]
+        t, before, after = (list(v) for v in zip(*(fit_temperature(z[i], y) for i in range(self.num_exits))))
         with torch.no_grad():
-            self.temperature.copy_(torch.tensor([t for t, _, _ in fitted]))
-        return {
-            "temperature": [t for t, _, _ in fitted],
-            "nll_before": [b for _, b, _ in fitted],
-            "nll_after": [a for _, _, a in fitted],
-            "exit_accuracy": (z.argmax(dim=-1) == y).double().mean(dim=1).tolist(),
-        }
+            self.temperature.copy_(torch.tensor(t))
+        return {"temperature": t, "nll_before": before, "nll_after": after,
+                "exit_accuracy": (z.argmax(dim=-1) == y).double().mean(dim=1).tolist()}
 
 
 # --- EE and SWEET: one backbone, a head after each exit layer ---------------------------------------
