@@ -314,7 +314,7 @@ def write_lm_report(points: list[LMPoint], out: Path, *, title: str, notes: list
              "timed point in one run; speed-ups are dense's time / the point's, measured in that run. *score*: "
              "one window of the model's context; *generate*: greedy new tokens after a short prompt.", "",
              *chosen_table(summary, sizes), ""]
-    fallbacks = [c for c, (n, _) in cases.items() if summary["methods"].get(n) is None and n != "dense"]
+    fallbacks = [c for c, (n, _) in cases.items() if n in summary["methods"] and summary["methods"][n] is None]
     if fallbacks:
         lines += ["Methods with no point within the rule were timed at their lowest validation perplexity "
                   f"({', '.join(fallbacks)}; see the benchmark rows).", ""]

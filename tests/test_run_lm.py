@@ -194,6 +194,8 @@ def test_tiny_run_writes_the_report_summary_and_plots(tiny_run):
                  "## Stages", "perplexity_vs_flops.png"):
         assert text in md, text
     assert "accuracy" not in md.lower()
+    fallback_line = next((line for line in md.splitlines() if line.startswith("Methods with no point")), "")
+    assert "(default)" not in fallback_line  # a method's own point is timed beside its chosen one, not as a fallback
 
 
 def test_latency_rows_are_stamped_and_interleaved_against_dense(tiny_run):
