@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.decoder import Decoder, KVCache, pick_token, project_kv
+from adaptinf.decoder import Decoder, DecoderOutput, KVCache, pick_token, project_kv
 from adaptinf.lm import LanguageModel
 
 CONFIDENCES = ("max-prob", "margin", "classifier")
@@ -366,6 +366,19 @@ class EarlyExitLM(LanguageModel):
         return (j * block + (n_layers - j) * kv + checks).to(torch.float64)
 
     # --- scoring --------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> DecoderOutput:
+        """Logits [b, s, V] at the current knob, each token's from the exit it took (knob None: the
+        dense decoder's); with a cache, the tokens go through it as generation feeds them."""
+        if self.knob is None:
+            return self.decoder(input_ids, attention_mask, cache)
+        self.decoder.check_input(input_ids, attention_mask, cache)
+        if cache is not None:
+            return DecoderOutput(self._cached_step(input_ids, attention_mask, cache, self.knob).picked, cache)
+        h = self.decoder.embed(input_ids, attention_mask=attention_mask)
+        bias = self.decoder.attention_bias(input_ids.shape[1], attention_mask, None, h.dtype)
+        return DecoderOutput(self._exit_pass(h, self.knob, bias=bias).picked)
 
     def score_tokens(self, inputs: torch.Tensor, targets: torch.Tensor) -> ExitScore:
         """Per-token NLL, exit and FLOPs of windows inputs/targets [b, s] at the current knob (knob None:
