@@ -13,6 +13,10 @@ holds the defaults, `dense` and each method's `train` override them), and the me
         train: {epochs: 2}        # LMTrainConfig overrides
         knobs: null               # the knob values to evaluate (default: the model's knob_values())
 
+`dense_continue` (default true): after the dense stage, the dense best also trains on with `train`'s
+settings for the most-trained method's epochs, and the reference dense model is whichever of the two
+has the lower validation perplexity (false: the dense stage's best, as before).
+
 `max_ppl_increase_pct` is the selection rule: each method's cheapest point (FLOPs/token) whose
 validation perplexity is within that many percent of dense's. Every unknown key is an error naming
 where it is and what is allowed.
@@ -30,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adaptinf.preset import _check_keys, _float, _int, _str, _text, did_you_mean, read_preset
+from adaptinf.preset import _bool, _check_keys, _float, _int, _str, _text, did_you_mean, read_preset
 from adaptinf.settings import LM_TASKS
 
 LM_PRESET_KIND = "language-model"
 DEFAULT_LM_PRESET = "lm-quick"
 LM_PRESETS = ("lm-quick", "lm-full")
 TOP_KEYS = ("kind", "name", "description", "note", "estimated_minutes", "model", "decoder", "vocab_size", "data",
-            "train", "dense", "methods", "evaluate", "max_ppl_increase_pct", "latency")
+            "train", "dense", "dense_continue", "methods", "evaluate", "max_ppl_increase_pct", "latency")
 DATA_KEYS = ("name", "seed", "max_train_tokens", "max_eval_tokens")
 METHOD_KEYS = ("method", "set", "train", "knobs")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -145,6 +149,7 @@ class LMRunConfig:
     data: LMDataSettings = field(default_factory=LMDataSettings)
     train: dict[str, Any] = field(default_factory=lm_train_fields)
     dense: dict[str, Any] = field(default_factory=lm_train_fields)
+    dense_continue: bool = True  # also train the dense best on with `train` for the methods' epochs (run_lm)
     methods: list[LMMethodSettings] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     eval_batch_size: int = 16
@@ -281,6 +286,7 @@ def parse_lm_preset(raw: dict, name: str = "preset") -> LMRunConfig:
                       vocab_size=_int(raw.get("vocab_size", 4096), f"{name}: vocab_size", 257),
                       data=_read_data(raw.get("data"), f"{name}: data"), train=train,
                       dense=_train(train, raw.get("dense"), f"{name}: dense"),
+                      dense_continue=_bool(raw.get("dense_continue", True), f"{name}: dense_continue"),
                       methods=_read_methods(raw.get("methods"), train, name),
                       eval_batch_size=_int(_check_keys(raw.get("evaluate"), f"{name}: evaluate", ["batch_size"])
                                            .get("batch_size", 16), f"{name}: evaluate.batch_size", 1),

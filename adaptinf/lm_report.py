@@ -4,7 +4,9 @@ An `LMPoint` is one model (the dense LM or a method's entry) at one knob value o
 perplexity, mean NLL and FLOPs per token (`adaptinf.lm.evaluate_perplexity`). The selection rule
 (`choose_points`): per method, its cheapest point (FLOPs/token; ties to the lower perplexity) whose
 VALIDATION perplexity is within `max_pct` percent of dense's, reported on test; None when no point
-is within. `write_lm_report` writes report/report.md (every method's points; the chosen point per
+is within. The reference is the point named `dense`
+(REFERENCE); another dense model (method `dense` under another name: the run's other dense candidate)
+is listed beside it but is never a method entry. `write_lm_report` writes report/report.md (every method's points; the chosen point per
 method with validation and test perplexity, % vs dense, FLOPs reduction and the latency ratios of
 scoring and generating at each timed batch size; the benchmark rows with their stamp), report/
 points.csv/json, report/summary.json and two plots: perplexity vs FLOPs/token (test) and perplexity vs
@@ -23,12 +25,13 @@ from typing import Any
 from adaptinf.report import markdown_table, method_styles
 
 SUMMARY_VERSION = 1
+REFERENCE = "dense"  # the name of the reference point (every "vs dense" is against it)
 _DASH = "—"
 
 
 @dataclass
 class LMPoint:
-    name: str  # "dense" or the preset entry's name (e.g. planer-0.7)
+    name: str  # "dense" (the reference), another dense model's name, or the preset entry's name (e.g. planer-0.7)
     method: str  # the registry name ("dense", "planer", "early-exit", "acm", ...)
     model_dir: str  # relative to the run folder
     knob: float | None
@@ -60,7 +63,7 @@ def read_points(paths: list[Path]) -> list[LMPoint]:
 
 def add_relative(points: list[LMPoint]) -> list[LMPoint]:
     """Fill % vs dense and FLOPs reduction against the dense point of each split."""
-    dense = {p.split: p for p in points if p.method == "dense"}
+    dense = {p.split: p for p in points if p.name == REFERENCE}
     for p in points:
         d = dense.get(p.split)
         if d is not None:
@@ -77,13 +80,13 @@ def choose_points(points: list[LMPoint], max_pct: float) -> dict[str, tuple[LMPo
     """Per method entry (dense excluded): (validation point, its test twin) of its cheapest point whose
     validation perplexity is at most dense's * (1 + max_pct / 100); None when none is within."""
     val = [p for p in points if p.split == "validation"]
-    dense = [p for p in val if p.method == "dense"]
+    dense = [p for p in val if p.name == REFERENCE]
     if len(dense) != 1:
         raise ValueError(f"the selection needs exactly one dense point on validation, found {len(dense)}")
     limit = dense[0].perplexity * (1.0 + max_pct / 100.0)
     test = {point_key(p): p for p in points if p.split == "test"}
     out: dict[str, tuple[LMPoint, LMPoint | None] | None] = {}
-    for name in dict.fromkeys(p.name for p in val if p.method != "dense"):
+    for name in dict.fromkeys(p.name for p in val if p.method != "dense"):  # other dense models: no entries
         fits = [p for p in val if p.name == name and p.perplexity <= limit * (1 + 1e-12)]
         best = min(fits, key=lambda p: (p.flops_per_token, p.perplexity)) if fits else None
         out[name] = None if best is None else (best, test.get(point_key(best)))
@@ -122,16 +125,24 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 def build_summary(points: list[LMPoint], chosen: dict, bench: list[dict], cases: dict[str, str], max_pct: float,
                   extra: dict | None = None) -> dict[str, Any]:
     """{"dense": {...}, "methods": {name: {...} | null}}: perplexities, FLOPs/token, latency (ms) and
-    speed-ups against dense measured in the same run. `cases`: entry name -> its bench case."""
+    speed-ups against dense measured in the same run; "dense_others": {name: {...}} the other dense
+    models (not the reference; none timed). `cases`: entry name -> its bench case."""
     by = {(p.name, p.knob, p.split): p for p in points}
-    dv, dt = by.get(("dense", None, "validation")), by.get(("dense", None, "test"))
+    dv, dt = by.get((REFERENCE, None, "validation")), by.get((REFERENCE, None, "test"))
     dense_lat = latency_of(bench, "dense")
     out: dict[str, Any] = {"version": SUMMARY_VERSION, "max_ppl_increase_pct": max_pct, **(extra or {}),
                            "dense": {"val_perplexity": _r(dv.perplexity if dv else None),
                                      "test_perplexity": _r(dt.perplexity if dt else None),
                                      "flops_per_token": dt.flops_per_token if dt else None,
+                                     "model_dir": dv.model_dir if dv else None,
                                      "latency_ms": {k: _r(r["median_ms"]) for k, r in dense_lat.items()}},
-                           "methods": {}}
+                           "dense_others": {}, "methods": {}}
+    for v in points:
+        if v.method == "dense" and v.name != REFERENCE and v.split == "validation":
+            t = by.get((v.name, v.knob, "test"))
+            out["dense_others"][v.name] = {
+                "model_dir": v.model_dir, "val_perplexity": _r(v.perplexity), "test_perplexity": _r(t.perplexity if t else None),
+                "val_ppl_vs_dense_pct": _r(v.ppl_vs_dense_pct, 2), "test_ppl_vs_dense_pct": _r(t.ppl_vs_dense_pct if t else None, 2)}
     for name, pick in chosen.items():
         if pick is None:
             out["methods"][name] = None
@@ -169,7 +180,7 @@ def points_table(points: list[LMPoint]) -> list[str]:
     test = {point_key(p): p for p in points if p.split == "test"}
     rows = []
     for p in sorted((p for p in points if p.split == "validation"),
-                    key=lambda p: (p.method != "dense", p.name, p.flops_per_token)):
+                    key=lambda p: (p.name != REFERENCE, p.method != "dense", p.name, p.flops_per_token)):
         t = test.get(point_key(p))
         rows.append([p.name, p.method, _knob(p.knob), f"{p.perplexity:.2f}", _pct(p.ppl_vs_dense_pct),
                      f"{t.perplexity:.2f}" if t else _DASH, _pct(t.ppl_vs_dense_pct if t else None),
@@ -181,8 +192,12 @@ def points_table(points: list[LMPoint]) -> list[str]:
 def chosen_table(summary: dict, sizes: list[int]) -> list[str]:
     cols = [f"{w} b{b}" for w in ("score", "generate") for b in sizes]
     d = summary["dense"]
-    rows = [["dense", "full", _f(d["val_perplexity"]), _f(d["test_perplexity"]), _DASH, "1.00×",
+    label = "dense" if d.get("model_dir") in (None, "dense/best") else f"dense (`{d['model_dir']}`)"
+    rows = [[label, "full", _f(d["val_perplexity"]), _f(d["test_perplexity"]), _DASH, "1.00×",
              *[_lat(d["latency_ms"].get(c.replace(" ", "_")), 1.0) for c in cols]]]
+    for name, o in summary.get("dense_others", {}).items():  # not the reference: not timed
+        rows.append([f"{name} (not the reference)", "full", _f(o["val_perplexity"]), _f(o["test_perplexity"]),
+                     _pct(o["test_ppl_vs_dense_pct"]), "1.00×", *[_DASH for _ in cols]])
     for name, m in summary["methods"].items():
         if m is None:
             rows.append([name, _DASH, f"none within {summary['max_ppl_increase_pct']:g}%", _DASH, _DASH, _DASH,
@@ -239,7 +254,7 @@ def _draw(ax, series: dict[str, list[tuple[float, float]]], styles: dict, dense_
     for name, xy in series.items():
         xy = sorted(xy)
         color, marker = styles[name]
-        if name == "dense":
+        if name == REFERENCE:
             ax.plot(*zip(*xy), linestyle="none", marker="*", markersize=15, color="black", label="dense")
         else:
             ax.plot(*zip(*xy), marker=marker, color=color, markersize=5, linewidth=1.4, label=name)
@@ -255,7 +270,7 @@ def plot_ppl_vs_flops(points: list[LMPoint], path: Path, max_pct: float) -> Path
     series: dict[str, list] = {}
     for p in test:
         series.setdefault(p.name, []).append((p.flops_per_token / 1e6, p.perplexity))
-    dense = next((p.perplexity for p in test if p.method == "dense"), None)
+    dense = next((p.perplexity for p in test if p.name == REFERENCE), None)
     _draw(ax, series, styles, dense, max_pct, "MFLOPs per token (test)")
     ax.legend(fontsize=8, frameon=False)
     fig.suptitle(f"perplexity vs FLOPs (test); dotted: dense + {max_pct:g}%")
@@ -273,7 +288,7 @@ def plot_ppl_vs_latency(points: list[LMPoint], bench: list[dict], cases: dict[st
         return None
     styles = method_styles(dict.fromkeys(n for n, _ in cases.values()))
     fig, axes = _figure(len(sizes))
-    dense = next((p.perplexity for p in test.values() if p.method == "dense"), None)
+    dense = next((p.perplexity for p in test.values() if p.name == REFERENCE), None)
     for ax, b in zip(axes, sizes):
         series: dict[str, list] = {}
         for r in bench:

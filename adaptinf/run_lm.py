@@ -10,7 +10,13 @@ resumes from its last checkpoint):
                      validation perplexity); its budget is at least the most-trained method's (the dense
                      training a method starts from plus the method's own), best kept on validation
     points/dense/    its perplexity and FLOPs/token on validation and test
-    methods/<name>/  each preset entry: `<X>LM.from_dense(dense best, config)`, then its recipe's `fit`
+    dense-continued/ (`dense_continue: true`, the default) the dense best trained on with the preset's `train`
+                     settings for the most-trained method's epochs (`train_lm`: best/ on validation), so that
+                     dense gets the methods' extra training too; points/dense-continued/ its points. The
+                     REFERENCE dense model of the whole report (the selection rule, every "vs dense", the
+                     latency reference, summary.json's "dense") is whichever of the two has the lower
+                     validation perplexity (a tie: the dense stage's); the other is listed beside it
+    methods/<name>/  each preset entry: `<X>LM.from_dense(dense/best, config)`, then its recipe's `fit`
                      (adaptinf.recipes.lm_<method>) into methods/<name>/best
     points/<name>/   every knob value (`knob_values()` or the preset's) on validation and test
     latency/         dense and each method's chosen point (cheapest within `max_ppl_increase_pct` of
@@ -35,6 +41,8 @@ from adaptinf.lm_preset import (LMMethodSettings, LMRunConfig, method_config, re
 from adaptinf.run import RunResult, Stage, StageRecord, _Job, _now, _say
 
 TOKENS_FILE = "tokens.safetensors"
+CONTINUED = "dense-continued"  # the continued dense model's folder and the name of its points
+NOT_CONTINUED = "dense-not-continued"  # the dense stage's points' name when the continued model is the reference
 
 
 class _LMJob(_Job):
@@ -45,6 +53,8 @@ class _LMJob(_Job):
         self.seed = cfg.data.seed
         self.records: list[StageRecord] = []
         self.total = 3 + 2 * len(cfg.methods) + 1  # data, dense + its points, each method + its points, latency
+        self.total += 2 * (continue_fields(cfg) is not None)  # the continued dense model + its points
+        self.continued: dict = {}  # the continued dense stage's info
         self.count = 0
         self.evals: dict[str, tuple[str, Path]] = {}  # entry name -> (eval stage key, points folder)
         self.result = RunResult(out=out, report=None, skipped=dict(cfg.skipped))
@@ -69,9 +79,14 @@ def run_lm(cfg: LMRunConfig, out: str | Path, progress: bool = True, restart: bo
     _say(job.data.summary())
     dense_key = _dense_stage(job, data_key)
     _eval_stage(job, "dense", out / "dense" / "best", [dense_key, data_key], None)
+    continued_key = _continued_stage(job, dense_key)
+    if continued_key is not None:
+        _eval_stage(job, CONTINUED, out / CONTINUED / "best", [continued_key, data_key], None)
     for ms in cfg.methods:
         _method_stages(job, ms, dense_key, data_key)
-    points = add_relative(read_points([folder / "points.json" for _, folder in job.evals.values()]))
+    points = read_points([folder / "points.json" for _, folder in job.evals.values()])
+    _reference_note(job, points, dense_reference(points))
+    points = add_relative(points)
     bench, cases = _latency_stage(job, points)
     return _finish(job, points, bench, cases)
 
@@ -186,6 +201,70 @@ def _dense_stage(job: _LMJob, data_key: str) -> str:
     return key
 
 
+def continue_fields(cfg: LMRunConfig) -> dict | None:
+    """The continued dense training's fields: the preset's `train` with the most-trained method's epochs
+    (None: `dense_continue: false`, or no method to match)."""
+    if not cfg.dense_continue or not cfg.methods:
+        return None
+    return {**cfg.train, "epochs": max(m.train["epochs"] for m in cfg.methods)}
+
+
+def _continued_stage(job: _LMJob, dense_key: str) -> str | None:
+    """The dense best trained on with the methods' settings into dense-continued/ (None: not asked for)."""
+    from adaptinf.lm import load_lm
+    from adaptinf.recipes.lm import train_lm
+
+    cfg, folder, fields = job.cfg, job.out / CONTINUED, continue_fields(job.cfg)
+    if fields is None:
+        return None
+
+    def train(st: Stage):
+        model = load_lm(job.out / "dense" / "best")  # a copy of the dense best; the methods still start from dense/
+        res = train_lm(model, job.data, train_config(fields, job.seed), folder, progress=job.progress,
+                       save_extra={"task": {"data": cfg.data.name, "vocab_size": cfg.vocab_size}})
+        best = res.best_val_perplexity
+        return {"best_val_perplexity": best if math.isfinite(best) else None, "best_step": res.best_step,
+                "steps": res.steps, "train_seconds": round(res.seconds, 1)}
+
+    key, job.continued = job.stage("dense: continued", folder, {"train": fields, "seed": job.seed}, [dense_key], train,
+                                   outputs=("best/config.json", "best/model.safetensors"))
+    return key
+
+
+def dense_reference(points) -> str | None:
+    """Make the continued dense model the reference (its points named `dense`; the dense stage's renamed
+    NOT_CONTINUED) when its validation perplexity is lower than the dense stage's. Returns the name of
+    the dense model that is not the reference (None: no continued model)."""
+    val = {p.name: p.perplexity for p in points if p.split == "validation" and p.name in ("dense", CONTINUED)}
+    if CONTINUED not in val:
+        return None
+    if not val[CONTINUED] < val["dense"]:
+        return CONTINUED
+    for p in points:
+        p.name = {"dense": NOT_CONTINUED, CONTINUED: "dense"}.get(p.name, p.name)
+    return NOT_CONTINUED
+
+
+def _reference_note(job: _LMJob, points, other: str | None) -> None:
+    """Point the latency stage's "dense" at the reference's evaluation, and say which dense is the reference."""
+    if other is None:
+        return
+    val = {p.name: p.perplexity for p in points if p.split == "validation" and p.method == "dense"}
+    steps, epochs = job.continued.get("steps"), continue_fields(job.cfg)["epochs"]
+    how = (f"dense trained {steps} more steps ({epochs} epochs) with the methods' settings (`train`) from the dense "
+           f"stage's best, best on validation (`{CONTINUED}/best`)")
+    if other == NOT_CONTINUED:
+        job.evals["dense"], job.evals[NOT_CONTINUED] = job.evals[CONTINUED], job.evals["dense"]
+        del job.evals[CONTINUED]
+        note = (f"dense reference: {how} (validation perplexity {val['dense']:.2f} vs {val[NOT_CONTINUED]:.2f} for "
+                f"the dense stage's best, listed as `{NOT_CONTINUED}`); the methods start from the dense stage's best")
+    else:
+        note = (f"dense reference: the dense stage's best (validation perplexity {val['dense']:.2f}); {how} reached "
+                f"{val[CONTINUED]:.2f}, not lower (listed as `{CONTINUED}`)")
+    _say(note)
+    job.result.notes.append(note)
+
+
 # --- evaluation and methods ----------------------------------------------------------------------------
 
 
@@ -267,7 +346,7 @@ def latency_picks(points, max_pct: float) -> list[tuple[str, float | None, str, 
     """(entry name, knob, model dir, why) of dense and each method's point to time."""
     from adaptinf.lm_report import choose_points, fallback_point
 
-    dense = next(p for p in points if p.method == "dense" and p.split == "validation")
+    dense = next(p for p in points if p.name == "dense" and p.split == "validation")
     picks = [("dense", None, dense.model_dir, "reference")]
     defaults = {p.name: p for p in points if p.split == "validation" and p.knob is None and p.method != "dense"}
     for name, pick in choose_points(points, max_pct).items():
