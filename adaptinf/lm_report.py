@@ -4,13 +4,14 @@ An `LMPoint` is one model (the dense LM or a method's entry) at one knob value o
 perplexity, mean NLL and FLOPs per token (`adaptinf.lm.evaluate_perplexity`). The selection rule
 (`choose_points`): per method, its cheapest point (FLOPs/token; ties to the lower perplexity) whose
 VALIDATION perplexity is within `max_pct` percent of dense's, reported on test; None when no point
-is within. The reference is the point named `dense`
-(REFERENCE); another dense model (method `dense` under another name: the run's other dense candidate)
-is listed beside it but is never a method entry. `write_lm_report` writes report/report.md (every method's points; the chosen point per
-method with validation and test perplexity, % vs dense, FLOPs reduction and the latency ratios of
-scoring and generating at each timed batch size; the benchmark rows with their stamp), report/
-points.csv/json, report/summary.json and two plots: perplexity vs FLOPs/token (test) and perplexity vs
-generation latency (timed points). matplotlib is imported only when a plot is drawn.
+is within. The reference is the point named `dense` (REFERENCE); another dense model (method
+`dense` under another name: the run's other dense candidate) is listed beside it but is never a
+method entry.
+`write_lm_report` writes report/report.md (every method's points; the chosen point per method with
+validation and test perplexity, % vs dense, FLOPs reduction and the latency ratios of scoring and
+generating at each timed batch size; the benchmark rows with their stamp), report/ points.csv/json,
+report/summary.json and two plots: perplexity vs FLOPs/token (test) and perplexity vs generation latency
+(timed points). matplotlib is imported only when a plot is drawn.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ def build_summary(points: list[LMPoint], chosen: dict, bench: list[dict], cases:
         if v.method == "dense" and v.name != REFERENCE and v.split == "validation":
             t = by.get((v.name, v.knob, "test"))
             out["dense_others"][v.name] = {
-                "model_dir": v.model_dir, "val_perplexity": _r(v.perplexity), "test_perplexity": _r(t.perplexity if t else None),
-                "val_ppl_vs_dense_pct": _r(v.ppl_vs_dense_pct, 2), "test_ppl_vs_dense_pct": _r(t.ppl_vs_dense_pct if t else None, 2)}
+                "model_dir": v.model_dir, "val_perplexity": _r(v.perplexity),
+                "test_perplexity": _r(t.perplexity if t else None), "val_ppl_vs_dense_pct": _r(v.ppl_vs_dense_pct, 2),
+                "test_ppl_vs_dense_pct": _r(t.ppl_vs_dense_pct if t else None, 2)}
     for name, pick in chosen.items():
         if pick is None:
             out["methods"][name] = None

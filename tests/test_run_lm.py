@@ -214,7 +214,9 @@ def test_latency_rows_are_stamped_and_interleaved_against_dense(tiny_run):
             assert r["new_tokens"] == 8 and r["prompt_tokens"] == 4 and r["flops_per_token"] is None
         else:
             assert r["tokens"] == 16 and r["flops_per_token"] > 0
-    assert {r["case"] for r in rows} == {"dense", "trunc@1", "trunc (default)", "trunc-b"}  # the chosen points + own point
+    knob = (json.loads((run / "report" / "summary.json").read_text())["methods"]["trunc"] or {}).get("knob")
+    trunc = {"trunc"} if knob is None else {"trunc@1", "trunc (default)"}  # the chosen point + the method's own point
+    assert {r["case"] for r in rows} == {"dense", "trunc-b"} | trunc
 
 
 def test_a_rerun_reuses_every_stage(tiny_run):
@@ -223,6 +225,7 @@ def test_a_rerun_reuses_every_stage(tiny_run):
     before, calls = weights.stat().st_mtime_ns, _fit.calls
     assert _run(preset, run) == 0
     assert set(_statuses(run).values()) == {"cached"}
+    assert "dense: continued" in _statuses(run)
     assert weights.stat().st_mtime_ns == before and _fit.calls == calls  # nothing retrained
     assert (run / "report" / "report.md").is_file()
 
@@ -262,6 +265,122 @@ def test_the_dense_budget_is_at_least_the_most_trained_methods(tiny_run):
     assert fields["max_steps"] == 2 * own and fields["epochs"] == 2
     md = (run / "report" / "report.md").read_text()
     assert "the budget of the most-trained method" in md
+
+
+# --- the continued dense model: the reference when it is better ------------------------------------------
+
+
+def _val(run: Path, folder: str) -> float:
+    return next(p["perplexity"] for p in json.loads((run / "points" / folder / "points.json").read_text())
+                if p["split"] == "validation")
+
+
+def test_the_dense_model_also_gets_the_methods_training_and_the_better_one_is_the_reference(tiny_run):
+    from adaptinf.lm_preset import resolve_lm
+    from adaptinf.run import STAGE_FILE
+    from adaptinf.run_lm import continue_fields
+
+    preset, run = tiny_run
+    st = _statuses(run)
+    assert st["dense: continued"] in ("ran", "cached") and st["dense-continued: evaluate"] in ("ran", "cached")
+    assert (run / "dense-continued" / "best" / "model.safetensors").is_file()
+    marker = json.loads((run / "dense-continued" / STAGE_FILE).read_text())
+    assert marker["settings"]["train"] == continue_fields(resolve_lm(str(preset)))  # the preset's `train`
+    scratch, continued = _val(run, "dense"), _val(run, "dense-continued")
+    s = json.loads((run / "report" / "summary.json").read_text())
+    ref, other = (("dense-continued", "dense-not-continued") if continued < scratch else ("dense", "dense-continued"))
+    assert s["dense"]["model_dir"] == f"{ref}/best"
+    assert s["dense"]["val_perplexity"] == pytest.approx(min(scratch, continued), abs=1e-3)
+    assert list(s["dense_others"]) == [other]
+    assert "dense reference:" in (run / "report" / "report.md").read_text()
+
+
+def test_continue_fields_are_train_with_the_most_trained_methods_epochs(text_file, tmp_path):
+    from adaptinf.lm_preset import resolve_lm
+    from adaptinf.run_lm import continue_fields
+
+    p = _preset(text_file, a={"method": "test-trunc", "train": {"epochs": 3, "lr": 1e-4}}, b={"method": "test-trunc"})
+    cfg = resolve_lm(str(_write(tmp_path / "p.yaml", p)))
+    assert cfg.dense_continue is True
+    assert continue_fields(cfg) == {**cfg.train, "epochs": 3} and continue_fields(cfg)["lr"] == 3e-3
+    p["dense_continue"] = False
+    assert continue_fields(resolve_lm(str(_write(tmp_path / "q.yaml", p)))) is None
+
+
+def _patch_continued_val(run: Path, ppl: float) -> None:
+    path = run / "points" / "dense-continued" / "points.json"
+    pts = json.loads(path.read_text())
+    for p in pts:
+        if p["split"] == "validation":
+            p["perplexity"] = ppl
+    path.write_text(json.dumps(pts))
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_the_lower_validation_perplexity_decides_the_reference(tiny_run, tmp_path, factor):
+    """Forced both ways: the continued model's validation point patched below / above the dense stage's."""
+    preset, run = tiny_run
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run, copy_dir)
+    scratch = _val(copy_dir, "dense")
+    _patch_continued_val(copy_dir, scratch * factor)
+    assert _run(preset, copy_dir) == 0
+    st = _statuses(copy_dir)
+    assert {v for k, v in st.items() if not k.startswith("latency")} == {"cached"}
+    s = json.loads((copy_dir / "report" / "summary.json").read_text())
+    md = (copy_dir / "report" / "report.md").read_text()
+    points = json.loads((copy_dir / "report" / "points.json").read_text())
+    if factor < 1:
+        assert s["dense"]["model_dir"] == "dense-continued/best"
+        assert s["dense"]["val_perplexity"] == pytest.approx(scratch * factor, abs=1e-3)
+        assert s["dense_others"]["dense-not-continued"]["val_perplexity"] == pytest.approx(scratch, abs=1e-3)
+        assert s["dense_others"]["dense-not-continued"]["val_ppl_vs_dense_pct"] == pytest.approx(100.0, abs=0.01)
+        assert "| dense (`dense-continued/best`) | full |" in md and "dense-not-continued (not the reference)" in md
+        assert "listed as `dense-not-continued`" in md
+        # every method's "vs dense" is against the continued model now, and nothing is within 5% of half
+        assert all(m is None for m in s["methods"].values())
+        rows = json.loads((copy_dir / "latency" / "bench.json").read_text())
+        assert {r["case"] for r in rows} >= {"dense"}
+    else:
+        assert s["dense"]["model_dir"] == "dense/best" and list(s["dense_others"]) == ["dense-continued"]
+        assert s["dense"]["val_perplexity"] == pytest.approx(scratch, abs=1e-3)
+        assert "| dense | full |" in md and "dense-continued (not the reference)" in md
+        assert "not lower (listed as `dense-continued`)" in md
+    val = [p for p in points if p["split"] == "validation" and p["method"] == "dense"]
+    assert sorted(p["name"] for p in val)[0] == "dense" and len(val) == 2
+    ref = next(p for p in val if p["name"] == "dense")
+    assert ref["ppl_vs_dense_pct"] == pytest.approx(0.0)
+
+
+def test_dense_continue_false_skips_the_continued_stage(tiny_run, tmp_path):
+    preset, run = tiny_run
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run, copy_dir)
+    p = yaml.safe_load(preset.read_text())
+    p["dense_continue"] = False
+    assert _run(_write(tmp_path / "off.yaml", p), copy_dir) == 0
+    st = _statuses(copy_dir)
+    assert "dense: continued" not in st and "dense-continued: evaluate" not in st
+    assert {v for k, v in st.items() if not k.startswith("latency")} == {"cached"}
+    s = json.loads((copy_dir / "report" / "summary.json").read_text())
+    assert s["dense"]["model_dir"] == "dense/best" and s["dense_others"] == {}
+    assert "dense reference" not in (copy_dir / "report" / "report.md").read_text()
+    points = json.loads((copy_dir / "report" / "points.json").read_text())
+    assert {p["name"] for p in points if p["method"] == "dense"} == {"dense"}
+
+
+def test_dense_reference_keeps_the_dense_stage_on_a_tie():
+    from adaptinf.run_lm import dense_reference
+
+    pts = [_pt("dense", None, "validation", 100.0, 10.0), _pt("dense", None, "test", 100.0, 10.0)]
+    assert dense_reference(list(pts)) is None  # no continued model
+    tie = pts + [_pt("dense-continued", None, s, 100.0, 10.0, method="dense") for s in ("validation", "test")]
+    assert dense_reference(tie) == "dense-continued" and [p.name for p in tie][:2] == ["dense", "dense"]
+    better = [_pt("dense", None, "validation", 100.0, 10.0),
+              _pt("dense-continued", None, "validation", 99.0, 10.0, method="dense")]
+    assert dense_reference(better) == "dense-not-continued"
+    assert [(p.name, p.perplexity) for p in better] == [("dense-not-continued", 100.0), ("dense", 99.0)]
+    assert choose_points(add_relative(better), 5.0) == {}  # another dense model is no method entry
 
 
 # --- selection -----------------------------------------------------------------------------------------
@@ -328,6 +447,8 @@ def _error(capsys) -> str:
     (lambda p: p.update(max_ppl_increase_pct="five"), "max_ppl_increase_pct must be a number"),
     (lambda p: p["latency"].update(batch_sizes=[]), "batch_sizes must be a non-empty list"),
     (lambda p: p["data"].update(max_train_tokens=3), "at least 16"),
+    (lambda p: p.update(dense_continue="yes"), "dense_continue must be true or false"),
+    (lambda p: p.update(dense_continu=True), "did you mean 'dense_continue'"),
 ])
 def test_bad_presets_are_one_clear_error(text_file, tmp_path, capsys, change, expected):
     p = _preset(text_file)
