@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptinf.settings import from_known_fields
+
 
 # fields added after BERT's; `to_dict` leaves them out at their defaults, so a BERT config is written as before
 FAMILY_FIELDS = ("position_offset", "embedding_size", "pre_norm", "image_size", "patch_size", "num_channels",
@@ -203,11 +205,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_known_fields(cls, d)
 
 
 def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

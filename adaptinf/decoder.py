@@ -30,13 +30,14 @@ it skipped are filled.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adaptinf.backbone import HIDDEN_ACTS, Attention, Block, EncoderConfig
+from adaptinf.settings import from_known_fields
 
 _SIZES = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",
           "intermediate_size")
@@ -129,11 +130,7 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DecoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DecoderConfig fields: {sorted(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        return from_known_fields(cls, d)
 
 
 @dataclass

@@ -22,6 +22,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test
 
 
+def from_known_fields(cls, d: dict):
+    """`cls(**d)` for a dataclass `cls`, refusing a non-object or keys that are not its fields (one
+    ValueError naming them and the known ones): the `from_dict` of every saved config."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}.from_dict takes a JSON object, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown} (known: {', '.join(sorted(known))})")
+    return cls(**d)
+
+
 def check_fractions(fractions) -> None:
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ValueError(f"split fractions must be three positive numbers summing to 1, got {list(fractions)}")

@@ -30,3 +30,16 @@ def tiny_lm_data(folder: Path, seed: int = 0, paragraphs: int = 60, vocab_size: 
     corpus = text_file_corpus(path)
     tok = train_tokenizer(corpus.texts("train"), vocab_size=vocab_size)
     return tok, LMData.from_corpus(corpus, tok)
+
+
+TINY_DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=48)
+
+
+def tiny_dense_lm(tok, seed: int = 0, overrides: dict | None = None, seq_len: int = 16):
+    """A seeded built-in gpt-tiny shrunk to `TINY_DECODER` (or `overrides`), in eval mode."""
+    from adaptinf.recipes.lm import build_lm
+
+    model = build_lm(tok, "gpt-tiny", seed=seed, overrides=overrides or TINY_DECODER)
+    model.seq_len = seq_len
+    return model.eval()

@@ -18,7 +18,7 @@ from adaptinf.lm_methods.acm import AcmLM, AcmLMConfig
 from adaptinf.methods.acm import gate_flops, learner_flops
 from adaptinf.recipes import lm_acm
 from adaptinf.recipes.lm import LMTrainConfig, build_lm
-from lm_text import tiny_lm_data
+from lm_text import tiny_dense_lm, tiny_lm_data
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=48)
@@ -31,9 +31,7 @@ def data(tmp_path_factory):
 
 
 def _dense(tok, seed: int = 0):
-    model = build_lm(tok, "gpt-tiny", seed=seed, overrides=TINY)
-    model.seq_len = 16
-    return model.eval()
+    return tiny_dense_lm(tok, seed, TINY)
 
 
 def _varied(model: AcmLM, seed: int = 0) -> AcmLM:

@@ -15,8 +15,8 @@ from adaptinf.lm import evaluate_perplexity, load_lm
 from adaptinf.lm_methods import lm_method
 from adaptinf.lm_methods.planer import PlanerLM, PlanerLMConfig
 from adaptinf.methods.planer import expert_flops, router_flops
-from adaptinf.recipes.lm import LMTrainConfig, build_lm
-from lm_text import tiny_lm_data
+from adaptinf.recipes.lm import LMTrainConfig
+from lm_text import tiny_dense_lm, tiny_lm_data
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=48)
@@ -31,9 +31,7 @@ def data(tmp_path_factory):
 
 
 def _dense(tok, seed: int = 0):
-    model = build_lm(tok, "gpt-tiny", seed=seed, overrides=TINY)
-    model.seq_len = 16
-    return model.eval()
+    return tiny_dense_lm(tok, seed, TINY)
 
 
 def _planer(tok, arch=None, **kw) -> PlanerLM:

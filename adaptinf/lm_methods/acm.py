@@ -41,7 +41,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ from adaptinf.decoder import Decoder, DecoderOutput, KVCache
 from adaptinf.lm import LanguageModel
 from adaptinf.methods.acm import (DISTILL_MODES, KNOB_VALUES, LABEL_RULES, PREFIX_WASTE, AdaptiveModule, Learners,
                                   ffn_width, gate_flops, learner_flops, split_ffn)
+from adaptinf.settings import from_known_fields
 
 
 def _is_int(v: Any) -> bool:
@@ -142,13 +143,7 @@ class AcmLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> AcmLMConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"AcmLMConfig.from_dict takes a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown AcmLMConfig fields {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return from_known_fields(cls, d)
 
 
 class DecoderLearners(Learners):

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,7 @@ from torch import nn
 from adaptinf import flops
 from adaptinf.decoder import Decoder, DecoderOutput, KVCache, pick_token, project_kv
 from adaptinf.lm import LanguageModel
+from adaptinf.settings import from_known_fields
 
 CONFIDENCES = ("max-prob", "margin", "classifier")
 LOSS_WEIGHTS = ("layer", "uniform")
@@ -149,11 +150,7 @@ class EarlyExitLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EarlyExitLMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown EarlyExitLMConfig fields: {sorted(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        return from_known_fields(cls, d)
 
 
 @dataclass

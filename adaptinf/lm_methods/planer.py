@@ -45,7 +45,7 @@ import contextlib
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ from adaptinf.decoder import Decoder
 from adaptinf.lm import LanguageModel
 from adaptinf.methods.planer import (Router, expert_flops, ffn_width, grouped_experts, router_flops, select_experts,
                                      split_experts)
+from adaptinf.settings import from_known_fields
 
 ATTN = ("full", "skip")
 FFN = ("dense", "half", "quarter", "skip")  # plus "moe<k>", 1 <= k < num_experts
@@ -177,11 +178,7 @@ class PlanerLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PlanerLMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PlanerLMConfig fields {unknown} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        return from_known_fields(cls, d)
 
 
 # --- the FFN that runs as its slot says -----------------------------------------------------------------

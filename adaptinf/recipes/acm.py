@@ -80,8 +80,8 @@ def budget_target(step: int, total: int, beta: float, anneal: float) -> float:
     return 1.0 + (beta - 1.0) * step / span
 
 
-def _resume_step(out: Path) -> int:
-    """The optimizer step phase 3 resumes from (0 on a fresh start)."""
+def resume_step(out: Path) -> int:
+    """The optimizer step an end-to-end phase in `out` resumes from (its last/ resume point; 0 on a fresh start)."""
     for folder in ("last", "last.old"):
         state = out / folder / "state.json"
         if state.is_file():
@@ -130,7 +130,7 @@ def fit(model: AcmClassifier, train: Encoded, val: Encoded, cfg: TrainConfig, ou
         summary["gates_seconds"] = round(time.time() - t0, 1)
     handle = None
     if c.beta_anneal > 0:
-        first = 0 if restart else _resume_step(out / "e2e")
+        first = 0 if restart else resume_step(out / "e2e")
         handle = _anneal_budget(model, cfg.total_steps(len(train)), first)
     try:
         result = finetune_then_load_best(model, train, val, cfg, out / "e2e", progress=progress, restart=restart)

@@ -45,7 +45,7 @@ from adaptinf.checkpoint import load_weights, write_json_atomic
 from adaptinf.corpus import LMData, lm_batches, lm_eval_batches, lm_steps_per_epoch, perplexity_from
 from adaptinf.lm import LanguageModel
 from adaptinf.lm_methods.acm import AcmLM
-from adaptinf.recipes.acm import ModuleRun, budget_target
+from adaptinf.recipes.acm import ModuleRun, budget_target, resume_step
 from adaptinf.recipes.finetune import guard_settings
 from adaptinf.recipes.lm import LMTrainConfig, LMTrainResult, lm_lr_at, train_lm
 
@@ -90,7 +90,7 @@ def fit(model: AcmLM, data: LMData, cfg: LMTrainConfig, out_dir, *, progress: bo
             summary[f"{phase}_seconds"] = round(time.time() - t0, 1)  # ~0 when read back from out_dir
             summary[f"after_{phase}"] = _measure_phase(model, data, cfg, window, measure_tokens, phase)
     total = cfg.total_steps(lm_steps_per_epoch(data.train.numel(), cfg.batch_size, window))
-    handle = _anneal_budget(model, total, 0 if restart else _resume_step(out))
+    handle = _anneal_budget(model, total, 0 if restart else resume_step(out))
     try:
         result = train_lm(model, data, cfg, out, progress=progress, restart=restart, stop_after_steps=stop_after_steps,
                           extra_settings={"acm": c.to_dict(), "phases": _phase_digests(out)})
@@ -267,15 +267,6 @@ def _phase_digests(out: Path) -> dict:
     """The settings phases 1 and 2 were made with (phase 3 resumes only on the same)."""
     return {p: json.loads((out / p / "settings.json").read_text()) if (out / p / "settings.json").is_file() else None
             for p in PHASES}
-
-
-def _resume_step(out: Path) -> int:
-    """The optimizer step phase 3 resumes from (0 on a fresh start)."""
-    for folder in ("last", "last.old"):
-        state = out / folder / "state.json"
-        if state.is_file():
-            return int(json.loads(state.read_text()).get("global_step", 0))
-    return 0
 
 
 def _anneal_budget(model: AcmLM, total: int, first_step: int):

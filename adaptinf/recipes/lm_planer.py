@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
 import os
 import shutil
 import statistics
@@ -51,7 +50,7 @@ from adaptinf.checkpoint import WEIGHTS_FILE, save_tensors_atomic, write_json_at
 from adaptinf.corpus import LMData, lm_batches, lm_eval_batches
 from adaptinf.decoder import KVCache
 from adaptinf.lm import evaluate_perplexity
-from adaptinf.lm_methods.planer import PlanerLM, teacher_states
+from adaptinf.lm_methods.planer import PlanerLM
 from adaptinf.recipes.finetune import Stage
 from adaptinf.recipes.latency_table import LatencyTable, conditions
 from adaptinf.recipes.lm import LMTrainConfig, train_lm
