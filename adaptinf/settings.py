@@ -23,10 +23,11 @@ DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test
 
 
 def from_known_fields(cls, d: dict):
-    """`cls(**d)` for a dataclass `cls`, refusing a non-object or keys that are not its fields (one
-    ValueError naming them and the known ones): the `from_dict` of every saved config."""
+    """`cls(**d)` for a dataclass `cls`, refusing keys that are not its fields (one ValueError naming
+    them and the known ones): the `from_dict` of every saved config. A non-object is a TypeError
+    (as `cls(**d)` gives), which the loaders report as a malformed config."""
     if not isinstance(d, dict):
-        raise ValueError(f"{cls.__name__}.from_dict takes a JSON object, got {type(d).__name__}")
+        raise TypeError(f"{cls.__name__}.from_dict takes a JSON object, got {type(d).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
