@@ -463,7 +463,7 @@ def cmd_run(args) -> int:
         from adaptinf.run_lm import cli_run
 
         _set_threads(args.threads)
-        return cli_run(args)
+        return _run_outcome(cli_run(args))
     if args.model is not None:
         _check_pretrained(args.model, "run")
     _set_threads(args.threads)
@@ -477,7 +477,11 @@ def cmd_run(args) -> int:
     note = check_modality(cfg, read_preset(preset).get("model"), model_given=args.model is not None)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    result = run(cfg, args.out, progress=not args.no_progress, restart=args.restart)
+    return _run_outcome(run(cfg, args.out, progress=not args.no_progress, restart=args.restart))
+
+
+def _run_outcome(result) -> int:
+    """Print where a run's report is; exit status 1 when a method failed (the others' results stand)."""
     print(f"report: {result.report}")
     if result.failed:
         print(f"error: method(s) {', '.join(result.failed)} failed; the others' results are in the report",

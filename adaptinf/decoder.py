@@ -451,28 +451,17 @@ class Decoder(nn.Module):
                              eos_token_id, pad_token_id)
         if max_new_tokens == 0:
             return input_ids
-        pad = eos_token_id if pad_token_id is None else pad_token_id
         b, s = input_ids.shape
         was_training = self.training
         self.eval()
         try:
             cache = KVCache.empty(self.cfg, b, s + max_new_tokens, self.embeddings.word.weight.dtype, input_ids.device)
-            finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-            new: list[torch.Tensor] = []
-            h = self.hidden(input_ids, attention_mask, cache)  # the prompt, once
-            for step in range(max_new_tokens):
-                logits = self.head(h[:, -1])  # [b, V]
-                nxt = pick_token(logits, do_sample, temperature, top_k, generator)  # [b]
-                if eos_token_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-                    finished |= nxt == eos_token_id
-                new.append(nxt)
-                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-                    break
-                h = self.hidden(nxt[:, None], None, cache)  # [b, 1, d]
+            first = self.head(self.hidden(input_ids, attention_mask, cache)[:, -1])  # the prompt, once
+            new = decode_tokens(first, lambda nxt: self.head(self.hidden(nxt[:, None], None, cache)[:, -1]),
+                                max_new_tokens, do_sample, temperature, top_k, generator, eos_token_id, pad_token_id)
         finally:
             self.train(was_training)
-        return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)
+        return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
 
     def check_generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
                         eos_token_id, pad_token_id) -> None:
@@ -501,6 +490,28 @@ class Decoder(nn.Module):
             if not bool((m[:, 1:] >= m[:, :-1]).all() & m[:, -1].all()):
                 raise ValueError("generate needs left-padded prompts (pads first, each row ending in a real token); "
                                  "got a mask with pads after real tokens")
+
+
+def decode_tokens(logits: torch.Tensor, step, max_new_tokens: int, do_sample: bool, temperature: float,
+                  top_k: int | None, generator: torch.Generator | None, eos_token_id: int | None,
+                  pad_token_id: int | None) -> torch.Tensor:
+    """The new tokens [b, n] of a generation: from last-position logits [b, V], pick a token per row
+    (`pick_token`), then `step(tokens [b]) -> the next logits [b, V]` (one cached forward), up to
+    max_new_tokens. With `eos_token_id`, a finished row gets `pad_token_id` (default eos) and the loop
+    ends once every row is finished (one host sync per token for that check)."""
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    new: list[torch.Tensor] = []
+    for i in range(max_new_tokens):
+        nxt = pick_token(logits, do_sample, temperature, top_k, generator)  # [b]
+        if eos_token_id is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            finished |= nxt == eos_token_id
+        new.append(nxt)
+        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            break
+        logits = step(nxt)
+    return torch.stack(new, dim=1)
 
 
 def pick_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,

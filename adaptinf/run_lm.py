@@ -429,20 +429,13 @@ _CLASSIFIER_FLAGS = (("--text-column", "text_column"), ("--label-column", "label
                      ("--max-eval-samples", "max_eval_samples"))
 
 
-def cli_run(args) -> int:
-    """`adaptinf run` on a language-modelling corpus (or with an LM preset)."""
-    import sys
-
+def cli_run(args):
+    """`adaptinf run` on a language-modelling corpus (or with an LM preset): the run's `RunResult`
+    (the command prints it as it does a classifier run's)."""
     for flag, dest in _CLASSIFIER_FLAGS:
         if getattr(args, dest, None) is not None:
             raise ValueError(f"{flag} is for classification tasks; a language-model run reads its corpus whole (cap "
                              "its tokens with data.max_train_tokens / data.max_eval_tokens in an LM preset)")
     cfg = resolve_lm(args.preset, data=args.data, methods=args.methods, model=args.model, seed=args.seed,
                      epochs=args.epochs)
-    result = run_lm(cfg, args.out, progress=not args.no_progress, restart=args.restart)
-    print(f"report: {result.report}")
-    if result.failed:
-        print(f"error: method(s) {', '.join(result.failed)} failed; the others' results are in the report",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_lm(cfg, args.out, progress=not args.no_progress, restart=args.restart)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptinf import flops
-from adaptinf.decoder import Decoder, DecoderOutput, KVCache, pick_token, project_kv
+from adaptinf.decoder import Decoder, DecoderOutput, KVCache, decode_tokens, project_kv
 from adaptinf.lm import LanguageModel
 from adaptinf.settings import from_known_fields
 
@@ -475,25 +475,20 @@ class EarlyExitLM(LanguageModel):
         if max_new_tokens == 0:
             return input_ids, input_ids.new_zeros(b, 0)
         knob = math.inf if self.knob is None else self.knob
-        pad = eos_token_id if pad_token_id is None else pad_token_id
         was_training = self.training
         self.eval()
         try:
             cache = KVCache.empty(self.cfg, b, s + max_new_tokens, dec.embeddings.word.weight.dtype, input_ids.device)
-            finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-            new, exits = [], []
-            res = self._cached_step(input_ids, attention_mask, cache, knob)  # the prompt, once
-            for step in range(max_new_tokens):
-                nxt = pick_token(res.picked[:, -1], do_sample, temperature, top_k, generator)  # [b]
+            exits: list[torch.Tensor] = []
+
+            def last(res: ExitPass) -> torch.Tensor:  # the last position's logits; its exit recorded
                 exits.append(res.exit_index[:, -1])
-                if eos_token_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-                    finished |= nxt == eos_token_id
-                new.append(nxt)
-                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-                    break
-                res = self._cached_step(nxt[:, None], None, cache, knob)  # [b, 1]
+                return res.picked[:, -1]
+
+            first = last(self._cached_step(input_ids, attention_mask, cache, knob))  # the prompt, once
+            new = decode_tokens(first, lambda nxt: last(self._cached_step(nxt[:, None], None, cache, knob)),
+                                max_new_tokens, do_sample, temperature, top_k, generator, eos_token_id, pad_token_id)
         finally:
             self.train(was_training)
-        ids = torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)
+        ids = torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
         return ids, torch.stack(exits, dim=1)
