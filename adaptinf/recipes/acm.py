@@ -194,8 +194,11 @@ def run_phase(model: AcmClassifier, phase: str, train: Encoded, cfg: TrainConfig
     rank, world = dist_info()
     out = Path(out)
     guard_settings(out / "settings.json", phase_settings(model, phase, train, cfg), write=rank == 0)
-    barrier()
+    # every rank lists what is left BEFORE the barrier, while no rank has trained (and written) a module
+    # yet: listed after it, a slower rank would miss a module a faster one just finished and split
+    # the rest differently, leaving some modules to no rank
     todo = [n for n in model.names if not (out / f"{n}.json").is_file()]
+    barrier()
     if todo:
         if model.teacher is None:
             raise ValueError(f"phase {phase!r} needs the dense model: build this model with AcmClassifier.from_dense")
