@@ -20,27 +20,35 @@ from adaptinf.evaluate import add_reductions, read_points
 
 
 def table(points, reductions: list[float]) -> dict:
-    val = {(p.method, p.knob): p for p in points if p.split == "validation"}
-    test = {(p.method, p.knob): p for p in points if p.split == "test"}
-    methods = [m for m in dict.fromkeys(p.method for p in points) if m != "dense"]
+    """Per budget: each model's best validation point at >= R fewer FLOPs, the same knob on test, the leader."""
+    val = {(p.model, p.knob): p for p in points if p.split == "validation"}
+    test = {(p.model, p.knob): p for p in points if p.split == "test"}
+    models = list(dict.fromkeys(p.model for p in points if p.method != "dense"))
     dense = {p.split: p for p in points if p.method == "dense"}
     rows = []
     for r in reductions:
         row = {"reduction_at_least": r, "methods": {}}
-        for m in methods:
+        for m in models:
             ok = [p for (mm, _), p in val.items() if mm == m and (p.flops_reduction or 0) >= r]
-            if not ok:
-                row["methods"][m] = None
-                continue
-            best = max(ok, key=lambda p: (p.accuracy, p.flops_reduction))
-            t = test.get((m, best.knob))
-            row["methods"][m] = {"knob": best.knob, "val_accuracy": best.accuracy, "val_reduction": best.flops_reduction,
-                                 "test_accuracy": t.accuracy if t else None, "test_reduction": t.flops_reduction if t else None}
+            best = max(ok, key=lambda p: (p.accuracy, p.flops_reduction), default=None)
+            t = test.get((m, best.knob)) if best else None
+            row["methods"][m] = best and {
+                "knob": best.knob, "val_accuracy": best.accuracy, "val_reduction": best.flops_reduction,
+                "test_accuracy": t.accuracy if t else None, "test_reduction": t.flops_reduction if t else None}
         ranked = sorted(((v["val_accuracy"], m) for m, v in row["methods"].items() if v), reverse=True)
         row["leader"] = ranked[0][1] if ranked else None
         row["lead_points"] = 100 * (ranked[0][0] - ranked[1][0]) if len(ranked) > 1 else None
         rows.append(row)
     return {"dense": {s: {"accuracy": p.accuracy, "n": p.n} for s, p in dense.items()}, "rows": rows}
+
+
+def _point_files(args: list[str]) -> list[Path]:
+    """A run's points/ folder stands for its per-model folders; anything else is passed on as it is."""
+    found = []
+    for raw in map(Path, args):
+        subs = sorted(x for x in raw.iterdir() if (x / "points.json").is_file()) if raw.is_dir() else []
+        found += [raw] if not subs or (raw / "points.json").is_file() else subs
+    return found
 
 
 def main() -> None:
@@ -49,11 +57,7 @@ def main() -> None:
     p.add_argument("--reductions", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.0])
     p.add_argument("--out", default=None, help="JSON file to write")
     args = p.parse_args()
-    paths = []
-    for raw in args.points:
-        d = Path(raw)
-        paths += sorted(x for x in d.iterdir() if (x / "points.json").is_file()) if d.is_dir() and not (d / "points.json").is_file() else [d]
-    report = table(add_reductions(read_points(paths)), args.reductions)
+    report = table(add_reductions(read_points(_point_files(args.points))), args.reductions)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
